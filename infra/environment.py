@@ -1,0 +1,190 @@
+"""Container Apps managed environment (with its workload profiles) and its Azure Files storage."""
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from pulumi_azure_native import app
+
+from infra.adoption import Adoption, mirror_inputs
+from infra.config import StorageAccessMode
+
+GPU_PROFILE_NAME = "GPU"
+GPU_PROFILE_TYPE = "NC24-A100"
+# Dedicated (NC24-A100, ...) and serverless (Consumption-GPU-NC8as-T4, ...) GPU profile types.
+_GPU_PROFILE_TYPE = re.compile(r"(^|-)NC\d")
+
+
+def default_workload_profiles(maximum_instance_count: int) -> list[app.WorkloadProfileArgs]:
+    """The bicep's profiles: Consumption, and `GPU` of type NC24-A100 scaling 0..maximumInstanceCount."""
+    return [
+        app.WorkloadProfileArgs(name="Consumption", workload_profile_type="Consumption"),
+        app.WorkloadProfileArgs(
+            name=GPU_PROFILE_NAME,
+            workload_profile_type=GPU_PROFILE_TYPE,
+            minimum_count=0,
+            maximum_count=maximum_instance_count,
+        ),
+    ]
+
+
+def is_gpu_profile_type(profile_type: str) -> bool:
+    return bool(_GPU_PROFILE_TYPE.search(profile_type))
+
+
+def _existing_profiles(existing: Any) -> list[app.WorkloadProfileArgs]:
+    return [
+        app.WorkloadProfileArgs(
+            name=profile.name,
+            workload_profile_type=profile.workload_profile_type,
+            minimum_count=profile.minimum_count,
+            maximum_count=profile.maximum_count,
+            enable_fips=profile.enable_fips,
+        )
+        for profile in existing.workload_profiles or []
+    ]
+
+
+def merge_workload_profiles(
+    existing: Any, desired: Sequence[app.WorkloadProfileArgs], gpu_profile_name: str
+) -> tuple[list[app.WorkloadProfileArgs], str]:
+    """Existing profiles are kept as they are; desired ones are added when missing. An existing GPU profile (any
+    GPU type, any name) is reused instead of adding ours. Returns the profiles and the GPU profile's name."""
+    profiles = _existing_profiles(existing)
+    gpu = next((p for p in profiles if is_gpu_profile_type(str(p.workload_profile_type))), None)
+    names = {p.name for p in profiles}
+    for profile in desired:
+        if profile.name in names or (gpu is not None and profile.name == gpu_profile_name):
+            continue
+        profiles.append(profile)
+    return profiles, str(gpu.name) if gpu is not None else gpu_profile_name
+
+
+@dataclass(frozen=True)
+class EnvironmentArgs:
+    resource_group_name: pulumi.Input[str]
+    location: str
+    environment: Adoption
+    environment_storage: Adoption
+    workload_profiles: Sequence[app.WorkloadProfileArgs]
+    logs_customer_id: pulumi.Input[str]
+    logs_shared_key: pulumi.Input[str]
+    storage_account_name: pulumi.Input[str]
+    storage_account_key: pulumi.Input[str]
+    share_name: pulumi.Input[str]
+    storage_access_mode: StorageAccessMode
+    gpu_profile_name: str = GPU_PROFILE_NAME
+
+
+def _logs(customer_id: pulumi.Input[str], shared_key: pulumi.Input[str]) -> app.AppLogsConfigurationArgs:
+    return app.AppLogsConfigurationArgs(
+        destination="log-analytics",
+        log_analytics_configuration=app.LogAnalyticsConfigurationArgs(customer_id=customer_id, shared_key=shared_key),
+    )
+
+
+def _environment_args(args: EnvironmentArgs) -> tuple[dict[str, Any], str | None]:
+    """The environment's inputs and the name of the GPU workload profile the app runs on (None on the run that
+    imports an environment without one: the profile is added on the next run)."""
+    existing = args.environment.existing
+    logs = _logs(args.logs_customer_id, args.logs_shared_key)
+    if existing is None:
+        return (
+            dict(
+                location=args.location,
+                app_logs_configuration=logs,
+                workload_profiles=list(args.workload_profiles),
+                zone_redundant=False,
+                peer_authentication=app.ManagedEnvironmentPeerAuthenticationArgs(mtls=app.MtlsArgs(enabled=False)),
+            ),
+            args.gpu_profile_name,
+        )
+    # Existing environment: everything stays as Azure has it (region, zone redundancy, mTLS, network, profiles)
+    # except the logs, which go to this program's workspace (the shared key cannot be read back, so it is always
+    # declared), and the GPU profile, added after the import run when there is none.
+    kept = mirror_inputs(existing, app.ManagedEnvironmentArgs) | dict(app_logs_configuration=logs)
+    if args.environment.import_now:
+        profiles = _existing_profiles(existing)
+        gpu = next((p for p in profiles if is_gpu_profile_type(str(p.workload_profile_type))), None)
+        return kept | dict(workload_profiles=profiles), str(gpu.name) if gpu is not None else None
+    profiles, gpu_name = merge_workload_profiles(existing, args.workload_profiles, args.gpu_profile_name)
+    return kept | dict(workload_profiles=profiles), gpu_name
+
+
+def _storage_properties(args: EnvironmentArgs) -> app.ManagedEnvironmentStoragePropertiesArgs:
+    existing = args.environment_storage.existing
+    if existing is not None:
+        # An existing environment storage keeps its share and access mode (fine-tuning writes through it); only the
+        # account key, which Azure never returns, is declared.
+        azure_file = existing.properties.azure_file
+        return app.ManagedEnvironmentStoragePropertiesArgs(
+            azure_file=app.AzureFilePropertiesArgs(
+                account_name=azure_file.account_name,
+                account_key=args.storage_account_key,
+                share_name=azure_file.share_name,
+                access_mode=azure_file.access_mode,
+            )
+        )
+    return app.ManagedEnvironmentStoragePropertiesArgs(
+        azure_file=app.AzureFilePropertiesArgs(
+            account_name=args.storage_account_name,
+            account_key=args.storage_account_key,
+            share_name=args.share_name,
+            access_mode=args.storage_access_mode,
+        )
+    )
+
+
+class Environment(pulumi.ComponentResource):
+    environment_id: pulumi.Output[str]
+    storage_name: pulumi.Output[str]
+    gpu_profile_name: str | None  # None until an adopted environment has a GPU profile (the run after its import)
+    location: str  # apps must be in their environment's region
+
+    def __init__(self, name: str, args: EnvironmentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("inference:infra:Environment", name, None, opts)
+        self.resource_ids: dict[str, pulumi.Output[str]] = {}
+        existing = args.environment.existing
+        self.location = existing.location if existing is not None else args.location
+        if args.environment.declared:
+            environment_args, self.gpu_profile_name = _environment_args(args)
+            environment = app.ManagedEnvironment(
+                "environment",
+                environment_name=args.environment.name,
+                resource_group_name=args.resource_group_name,
+                **environment_args,
+                opts=args.environment.options(parent=self),
+            )
+            self.environment_id = environment.id
+            self.resource_ids[args.environment.key] = environment.id
+            environment_name: pulumi.Input[str] = environment.name
+        else:
+            gpu = next(
+                (p for p in existing.workload_profiles or [] if is_gpu_profile_type(p.workload_profile_type)), None
+            )
+            if gpu is None:
+                raise pulumi.RunError(
+                    f"Container Apps environment {args.environment.name!r} has no GPU workload profile, and "
+                    "existingResources is 'reference' so it cannot be added; add one in Azure or use "
+                    "`pulumi config set existingResources adopt`"
+                )
+            self.gpu_profile_name = gpu.name
+            self.environment_id = pulumi.Output.from_input(existing.id)
+            environment_name = args.environment.name
+
+        if args.environment_storage.declared:
+            environment_storage = app.ManagedEnvironmentsStorage(
+                "environment-storage",
+                environment_name=environment_name,
+                resource_group_name=args.resource_group_name,
+                storage_name=args.environment_storage.name,
+                properties=_storage_properties(args),
+                opts=args.environment_storage.options(parent=self),
+            )
+            self.storage_name = environment_storage.name
+            self.resource_ids[args.environment_storage.key] = environment_storage.id
+        else:
+            self.storage_name = pulumi.Output.from_input(args.environment_storage.name)
+        self.register_outputs({"environmentId": self.environment_id, "storageName": self.storage_name})

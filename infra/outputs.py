@@ -1,0 +1,56 @@
+"""Stack outputs: `endpoint`, the bicep's six outputs, the adoption record, and the AI Toolkit's
+`infra/inference.config.json` (written after a real deployment only, never in preview)."""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pulumi
+
+from infra.adoption import ADOPTION_OUTPUT, Adoption
+from infra.app import ContainerApp
+
+TOOLKIT_CONFIG_FILE = Path("infra/inference.config.json")
+
+
+def adoption_record(
+    adoptions: list[Adoption], resource_ids: Mapping[str, pulumi.Output[str]]
+) -> pulumi.Output[dict[str, dict[str, Any]]]:
+    """{resource: {status, id}}: what the next run reads back to know what this stack already manages."""
+    return pulumi.Output.all(
+        **{a.key: resource_ids.get(a.key, pulumi.Output.from_input(a.azure_id or "")) for a in adoptions}
+    ).apply(lambda ids: {a.key: {"status": a.status, "id": ids[a.key]} for a in adoptions})
+
+
+def write_toolkit_config(values: Mapping[str, Any], path: Path = TOOLKIT_CONFIG_FILE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(values), indent=2) + "\n", encoding="utf-8")
+
+
+def export_outputs(
+    *,
+    subscription_id: str,
+    resource_group_name: str,
+    storage_account_name: pulumi.Input[str],
+    file_share_name: pulumi.Input[str],
+    app: ContainerApp | None,
+    adoptions: list[Adoption],
+    resource_ids: Mapping[str, pulumi.Output[str]],
+) -> None:
+    """Exports the outputs; without an app yet (see __main__.py) there is no endpoint and no toolkit file."""
+    bicep_outputs: dict[str, pulumi.Output[Any]] = {
+        "SUBSCRIPTION_ID": pulumi.Output.from_input(subscription_id),
+        "RESOURCE_GROUP_NAME": pulumi.Output.from_input(resource_group_name),
+        "STORAGE_ACCOUNT_NAME": pulumi.Output.from_input(storage_account_name),
+        "FILE_SHARE_NAME": pulumi.Output.from_input(file_share_name),
+    }
+    if app is not None:
+        bicep_outputs["ACA_APP_NAME"] = app.name
+        bicep_outputs["ACA_APP_ENDPOINT"] = app.fqdn  # the bicep's output: the fqdn, no scheme
+        pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
+    for name, value in bicep_outputs.items():
+        pulumi.export(name, value)
+    pulumi.export(ADOPTION_OUTPUT, adoption_record(adoptions, resource_ids))
+    if app is not None and not pulumi.runtime.is_dry_run():
+        pulumi.Output.all(**bicep_outputs).apply(write_toolkit_config)

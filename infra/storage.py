@@ -1,0 +1,129 @@
+"""Storage account, its `default` file service and the file share that holds the base model and the adapters.
+
+The share and the account hold user data: they are never deleted by this program (retain_on_delete), and the share
+is protected so that no change can replace it.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from pulumi_azure_native import storage
+
+from infra.adoption import Adoption, mirror_inputs
+
+SHARE_QUOTA_GIB = 1024
+SHARE_SOFT_DELETE_DAYS = 7
+
+
+@dataclass(frozen=True)
+class StorageArgs:
+    resource_group_name: pulumi.Input[str]
+    location: str
+    account: Adoption
+    file_service: Adoption
+    share: Adoption
+
+
+def _account_args(args: StorageArgs) -> dict[str, Any]:
+    existing = args.account.existing
+    if args.account.import_now:  # exactly what exists, so that the import succeeds
+        return mirror_inputs(existing, storage.StorageAccountArgs)
+    owned = dict(
+        large_file_shares_state=storage.LargeFileSharesState.ENABLED,
+        minimum_tls_version=storage.MinimumTlsVersion.TLS1_2,
+        allow_blob_public_access=False,
+        enable_https_traffic_only=True,
+    )
+    if existing is not None:  # sku, kind, region and the rest stay as Azure has them
+        return mirror_inputs(existing, storage.StorageAccountArgs) | owned
+    return dict(
+        sku=storage.SkuArgs(name=storage.SkuName.STANDARD_LRS),
+        kind=storage.Kind.STORAGE_V2,
+        location=args.location,
+        **owned,
+    )
+
+
+def _file_service_args(adoption: Adoption) -> dict[str, Any]:
+    existing = adoption.existing
+    if existing is not None:  # an existing file service (soft delete, CORS, protocols) is kept as it is
+        return mirror_inputs(existing, storage.FileServicePropertiesArgs)
+    return dict(
+        protocol_settings=storage.ProtocolSettingsArgs(smb=storage.SmbSettingArgs()),
+        cors=storage.CorsRulesArgs(cors_rules=[]),
+        share_delete_retention_policy=storage.DeleteRetentionPolicyArgs(enabled=True, days=SHARE_SOFT_DELETE_DAYS),
+    )
+
+
+def _share_args(adoption: Adoption) -> dict[str, Any]:
+    existing = adoption.existing
+    if existing is None:
+        return dict(share_quota=SHARE_QUOTA_GIB)
+    mirrored = mirror_inputs(existing, storage.FileShareArgs)
+    if adoption.import_now:
+        return mirrored
+    # Adoption adds, it does not shrink: a larger quota someone already set is kept.
+    return mirrored | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
+
+
+class Storage(pulumi.ComponentResource):
+    account_name: pulumi.Output[str]
+    share_name: pulumi.Output[str]
+    account_key: pulumi.Output[str]  # secret
+
+    def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("inference:infra:Storage", name, None, opts)
+        depends_on: list[pulumi.Resource] = []
+        self.resource_ids: dict[str, pulumi.Output[str]] = {}
+
+        if args.account.declared:
+            account = storage.StorageAccount(
+                "account",
+                account_name=args.account.name,
+                resource_group_name=args.resource_group_name,
+                **_account_args(args),
+                opts=args.account.options(always_retain=True, parent=self),
+            )
+            self.account_name = account.name
+            self.resource_ids[args.account.key] = account.id
+            depends_on.append(account)
+        else:
+            self.account_name = pulumi.Output.from_input(args.account.name)
+
+        if args.file_service.declared:
+            file_service = storage.FileServiceProperties(
+                "file-service",
+                account_name=self.account_name,
+                resource_group_name=args.resource_group_name,
+                file_services_name="default",
+                **_file_service_args(args.file_service),
+                opts=args.file_service.options(always_retain=True, parent=self),
+            )
+            self.resource_ids[args.file_service.key] = file_service.id
+            depends_on.append(file_service)
+
+        if args.share.declared:
+            share = storage.FileShare(
+                "share",
+                account_name=self.account_name,
+                resource_group_name=args.resource_group_name,
+                share_name=args.share.name,
+                **_share_args(args.share),
+                opts=pulumi.ResourceOptions.merge(
+                    args.share.options(always_retain=True, protect=True, parent=self),
+                    pulumi.ResourceOptions(depends_on=depends_on),
+                ),
+            )
+            self.share_name = share.name
+            self.resource_ids[args.share.key] = share.id
+        else:
+            self.share_name = pulumi.Output.from_input(args.share.name)
+
+        keys = storage.list_storage_account_keys_output(
+            account_name=self.account_name,
+            resource_group_name=args.resource_group_name,
+            opts=pulumi.InvokeOutputOptions(depends_on=depends_on),
+        )
+        self.account_key = pulumi.Output.secret(keys.keys[0].value)
+        self.register_outputs({"accountName": self.account_name, "shareName": self.share_name})

@@ -1,0 +1,330 @@
+"""Pulumi mocks that behave like Azure: lookups answer from a table of what exists, with Azure's real error shapes
+("not found" is a provider error the program can catch, returned as a check failure, never raised inside the mock),
+and the engine's builtin `readStackOutputs` answers with the previous run's outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import runpy
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pulumi
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROJECT = "aitk-inference"
+STACK = "dev"
+
+SUBSCRIPTION_ID = "3f2a9c4e-8b1d-4e7a-9c2f-5d6e7f8a9b0c"
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+STORAGE_KEY = "c3RvcmFnZS1hY2NvdW50LWtleQ=="
+WORKSPACE_KEY = "d29ya3NwYWNlLXNoYXJlZC1rZXk="
+ARM = "https://management.azure.com"
+# How Pulumi's wire format marks a secret value (pulumi.runtime.rpc's _special_sig_key / _special_secret_sig).
+SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+
+
+def is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(SECRET_SIG_KEY) == SECRET_SIG
+
+
+def reveal(value: Any) -> Any:
+    """The value with secret markers removed (for asserting on what a resource receives)."""
+    if is_secret(value):
+        return reveal(value["value"])
+    if isinstance(value, dict):
+        return {key: reveal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [reveal(item) for item in value]
+    return value
+
+
+def group_id(group: str) -> str:
+    return f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{group}"
+
+
+def storage_account_id(group: str, account: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.Storage/storageAccounts/{account}"
+
+
+def file_service_id(group: str, account: str) -> str:
+    return f"{storage_account_id(group, account)}/fileServices/default"
+
+
+def file_share_id(group: str, account: str, share: str) -> str:
+    return f"{file_service_id(group, account)}/shares/{share}"
+
+
+def workspace_id(group: str, workspace: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.OperationalInsights/workspaces/{workspace}"
+
+
+def environment_id(group: str, environment: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.App/managedEnvironments/{environment}"
+
+
+def environment_storage_id(group: str, environment: str, storage: str) -> str:
+    return f"{environment_id(group, environment)}/storages/{storage}"
+
+
+def container_app_id(group: str, app: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.App/containerApps/{app}"
+
+
+def azure_error(method: str, resource_id: str, status: int, code: str, message: str) -> str:
+    """The shape of azure-native v3's provider errors (azcore's ResponseError)."""
+    reason = {403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}[status]
+    return (
+        f"{method} {ARM}{resource_id}\n"
+        "--------------------------------------------------------------------------------\n"
+        f"RESPONSE {status}: {status} {reason}\n"
+        f"ERROR CODE: {code}\n"
+        "--------------------------------------------------------------------------------\n"
+        f'{{"error": {{"code": "{code}", "message": "{message}"}}}}\n'
+        "--------------------------------------------------------------------------------\n"
+    )
+
+
+def forbidden(resource_id: str, action: str) -> str:
+    return azure_error(
+        "GET",
+        resource_id,
+        403,
+        "AuthorizationFailed",
+        f"The client 'dev@contoso.com' with object id '0b1c2d3e' does not have authorization to perform action "
+        f"'{action}' over scope '{resource_id}' or the scope is invalid.",
+    )
+
+
+def _not_found(resource_id: str, parent_missing: str | None) -> str:
+    if "/resourceGroups/" in resource_id and resource_id.count("/") == 4:
+        name = resource_id.rsplit("/", 1)[1]
+        return azure_error(
+            "GET", resource_id, 404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found."
+        )
+    if parent_missing is not None:
+        return azure_error(
+            "GET",
+            resource_id,
+            404,
+            "ParentResourceNotFound",
+            f"Can not perform requested operation on nested resource. Parent resource '{parent_missing}' not found.",
+        )
+    provider_path = resource_id.split("/providers/", 1)[1]
+    group = resource_id.split("/")[4]
+    return azure_error(
+        "GET",
+        resource_id,
+        404,
+        "ResourceNotFound",
+        f"The Resource '{provider_path}' under resource group '{group}' was not found. For more details please go to "
+        "https://aka.ms/ARMResourceNotFoundFix",
+    )
+
+
+@dataclass
+class Declared:
+    typ: str
+    name: str
+    raw_inputs: dict[str, Any]  # with secret markers
+    import_id: str | None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return reveal(self.raw_inputs)
+
+
+@dataclass
+class FakeAzure(pulumi.runtime.Mocks):
+    """`existing`: ARM id -> the resource as the azure-native lookup invoke returns it (camelCase properties)."""
+
+    subscription_id: str = (
+        SUBSCRIPTION_ID  # what the client-config invoke answers (the table's ids use SUBSCRIPTION_ID)
+    )
+    existing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # ARM id -> error text for its lookup (403, 429...)
+    taken_storage_account_names: set[str] = field(default_factory=set)  # global names owned by someone else
+    previous_outputs: dict[str, Any] = field(default_factory=dict)  # the stack's outputs after its previous run
+    declared: list[Declared] = field(default_factory=list)
+    lookups: list[str] = field(default_factory=list)
+
+    def add(self, resource_id: str, properties: dict[str, Any]) -> None:
+        self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
+
+    # -- invokes ---------------------------------------------------------------------------------------------------
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Success: the result; a provider error: ({}, [(property, reason)]), which the program sees as an exception."""
+        token, a = args.token, args.args
+        if token == "azure-native:authorization:getClientConfig":
+            return {"subscriptionId": self.subscription_id, "tenantId": TENANT_ID, "clientId": "c", "objectId": "o"}
+        if token == "pulumi:pulumi:readStackOutputs":
+            return {"name": a["name"], "outputs": self.previous_outputs, "secretOutputNames": []}
+        if token == "azure-native:storage:listStorageAccountKeys":
+            return {"keys": [{"keyName": "key1", "value": STORAGE_KEY, "permissions": "FULL"}]}
+        if token == "azure-native:operationalinsights:getSharedKeys":
+            return {"primarySharedKey": WORKSPACE_KEY, "secondarySharedKey": "secondary"}
+        group = a.get("resourceGroupName", "")
+        ids = {
+            "azure-native:resources:getResourceGroup": lambda: (group_id(group), []),
+            "azure-native:storage:getStorageAccount": lambda: (
+                storage_account_id(group, a["accountName"]),
+                [group_id(group)],
+            ),
+            "azure-native:storage:getFileServiceProperties": lambda: (
+                file_service_id(group, a["accountName"]),
+                [group_id(group), storage_account_id(group, a["accountName"])],
+            ),
+            "azure-native:storage:getFileShare": lambda: (
+                file_share_id(group, a["accountName"], a["shareName"]),
+                [group_id(group), storage_account_id(group, a["accountName"])],
+            ),
+            "azure-native:operationalinsights:getWorkspace": lambda: (
+                workspace_id(group, a["workspaceName"]),
+                [group_id(group)],
+            ),
+            "azure-native:app:getManagedEnvironment": lambda: (
+                environment_id(group, a["environmentName"]),
+                [group_id(group)],
+            ),
+            "azure-native:app:getManagedEnvironmentsStorage": lambda: (
+                environment_storage_id(group, a["environmentName"], a["storageName"]),
+                [group_id(group), environment_id(group, a["environmentName"])],
+            ),
+            "azure-native:app:getContainerApp": lambda: (
+                container_app_id(group, a["containerAppName"]),
+                [group_id(group)],
+            ),
+        }
+        if token not in ids:
+            return {}, [("", f"the fake Azure has no answer for {token}")]
+        resource_id, parents = ids[token]()
+        self.lookups.append(resource_id)
+        if resource_id.lower() in self.errors:
+            return {}, [("", self.errors[resource_id.lower()])]
+        found = self.existing.get(resource_id.lower())
+        if found is None:
+            missing_parent = next((p for p in parents if p.lower() not in self.existing), None)
+            if missing_parent is not None and missing_parent != group_id(group):
+                return {}, [("", _not_found(resource_id, missing_parent))]
+            if missing_parent == group_id(group) and token != "azure-native:resources:getResourceGroup":
+                return {}, [("", _not_found(group_id(group), None))]
+            return {}, [("", _not_found(resource_id, None))]
+        return copy.deepcopy(found)
+
+    # -- resources -------------------------------------------------------------------------------------------------
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
+        self.declared.append(Declared(args.typ, args.name, copy.deepcopy(args.inputs), args.resource_id or None))
+        inputs = reveal(args.inputs)
+        state = dict(args.inputs)
+        group = inputs.get("resourceGroupName", "")
+        if args.typ == "azure-native:resources:ResourceGroup":
+            resource_id = group_id(inputs["resourceGroupName"])
+            state["name"] = inputs["resourceGroupName"]
+        elif args.typ == "azure-native:storage:StorageAccount":
+            resource_id = storage_account_id(group, inputs["accountName"])
+            state["name"] = inputs["accountName"]
+        elif args.typ == "azure-native:storage:FileServiceProperties":
+            resource_id = file_service_id(group, inputs["accountName"])
+            state["name"] = "default"
+        elif args.typ == "azure-native:storage:FileShare":
+            resource_id = file_share_id(group, inputs["accountName"], inputs["shareName"])
+            state["name"] = inputs["shareName"]
+        elif args.typ == "azure-native:operationalinsights:Workspace":
+            resource_id = workspace_id(group, inputs["workspaceName"])
+            state["name"] = inputs["workspaceName"]
+            state["customerId"] = "5b2c7d4e-0f1a-4b3c-8d9e-a1b2c3d4e5f6"
+        elif args.typ == "azure-native:app:ManagedEnvironment":
+            resource_id = environment_id(group, inputs["environmentName"])
+            state["name"] = inputs["environmentName"]
+        elif args.typ == "azure-native:app:ManagedEnvironmentsStorage":
+            resource_id = environment_storage_id(group, inputs["environmentName"], inputs["storageName"])
+            state["name"] = inputs["storageName"]
+        elif args.typ == "azure-native:app:ContainerApp":
+            resource_id = container_app_id(group, inputs["containerAppName"])
+            state["name"] = inputs["containerAppName"]
+            configuration = copy.deepcopy(inputs.get("configuration") or {})
+            configuration.setdefault("ingress", {})["fqdn"] = (
+                f"{inputs['containerAppName']}.bluesky-1a2b3c4d.eastus.azurecontainerapps.io"
+            )
+            state["configuration"] = configuration
+        else:
+            resource_id = f"{args.name}_id"
+        if args.resource_id:  # an import: the state is what exists in Azure
+            resource_id = args.resource_id
+            existing = self.existing.get(resource_id.lower(), {})
+            state |= {key: value for key, value in existing.items() if key not in args.inputs}
+        state["id"] = resource_id
+        return resource_id, state
+
+    def resolve(self, host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """socket.getaddrinfo as DNS answers for storage endpoints: only taken account names resolve."""
+        if host.removesuffix(".blob.core.windows.net") in self.taken_storage_account_names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("20.60.0.1", 443))]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def by_type(self, typ: str) -> list[Declared]:
+        return [d for d in self.declared if d.typ == typ]
+
+    def one(self, typ: str) -> Declared:
+        found = self.by_type(typ)
+        assert len(found) == 1, f"expected one {typ}, declared {len(found)}"
+        return found[0]
+
+
+@dataclass
+class ProgramRun:
+    azure: FakeAzure
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: set[str] = field(default_factory=set)
+    options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)  # by resource type token
+    secrets: dict[tuple[str, str], bool] = field(default_factory=dict)  # (type, input path) -> is secret
+
+
+def _capture_options(run: ProgramRun) -> None:
+    def transformation(args: pulumi.ResourceTransformationArgs) -> None:
+        run.options[args.type_] = args.opts
+        return None
+
+    pulumi.runtime.register_stack_transformation(transformation)
+
+
+def run_program(
+    azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, workdir: Path | None = None
+) -> ProgramRun:
+    """Run __main__.py against `azure` with the given stack config (values JSON-encoded when not strings)."""
+    pulumi.runtime.settings.ROOT.set(None)  # a fresh root stack (and its outputs) for every run
+    pulumi.runtime.set_mocks(azure, project=PROJECT, stack=STACK, preview=preview, organization="organization")
+    pulumi.runtime.set_all_config(
+        {
+            (key if ":" in key else f"{PROJECT}:{key}"): (value if isinstance(value, str) else json.dumps(value))
+            for key, value in config.items()
+        }
+    )
+    run = ProgramRun(azure)
+
+    @pulumi.runtime.test
+    def program() -> pulumi.Output[Any]:
+        _capture_options(run)
+        runpy.run_path(str(REPO_ROOT / "__main__.py"), run_name="__main__")
+        stack = pulumi.runtime.get_root_resource()
+        exported: dict[str, Any] = stack.outputs  # type: ignore[union-attr]
+
+        async def collect() -> None:
+            for name, value in exported.items():
+                output = pulumi.Output.from_input(value)
+                run.outputs[name] = await output.future()
+                if await output.is_secret():
+                    run.secret_outputs.add(name)
+
+        return pulumi.Output.from_input(collect())
+
+    # The storage account name check resolves `<name>.blob.core.windows.net`: answer from the table of globally
+    # taken names instead of the network.
+    with mock.patch.object(socket, "getaddrinfo", azure.resolve):
+        program()
+    return run

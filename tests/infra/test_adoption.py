@@ -1,0 +1,481 @@
+"""Issue 4: existing Azure resources are adopted by name (imported with their Azure ids, retained on delete),
+missing ones are created, `reference` mode only reads, and a second run never imports again."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.unique_string import unique_string
+from tests.infra.azure_mocks import (
+    SUBSCRIPTION_ID,
+    FakeAzure,
+    ProgramRun,
+    azure_error,
+    container_app_id,
+    environment_id,
+    environment_storage_id,
+    file_service_id,
+    file_share_id,
+    forbidden,
+    group_id,
+    run_program,
+    storage_account_id,
+    workspace_id,
+)
+
+GROUP = "rg-phi3-finetune"
+LOCATION = "eastus"
+SUFFIX = unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{GROUP}")[:5]
+ACCOUNT, SHARE, ENVIRONMENT = f"aistorage{SUFFIX}", f"aifileshare{SUFFIX}", f"aienv{SUFFIX}"
+ENV_STORAGE, APP, WORKSPACE = f"aienvstorage{SUFFIX}", f"aiacaapp{SUFFIX}", f"ailog{SUFFIX}"
+WORKSPACE_CUSTOMER_ID = "8e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b"
+CONFIG = {"resourceGroupName": GROUP}
+
+TYPES = {
+    "resourceGroup": "azure-native:resources:ResourceGroup",
+    "storageAccount": "azure-native:storage:StorageAccount",
+    "fileService": "azure-native:storage:FileServiceProperties",
+    "fileShare": "azure-native:storage:FileShare",
+    "logAnalyticsWorkspace": "azure-native:operationalinsights:Workspace",
+    "environment": "azure-native:app:ManagedEnvironment",
+    "environmentStorage": "azure-native:app:ManagedEnvironmentsStorage",
+    "containerApp": "azure-native:app:ContainerApp",
+}
+FINE_TUNING_IDS = {
+    "resourceGroup": group_id(GROUP),
+    "storageAccount": storage_account_id(GROUP, ACCOUNT),
+    "fileService": file_service_id(GROUP, ACCOUNT),
+    "fileShare": file_share_id(GROUP, ACCOUNT, SHARE),
+    "logAnalyticsWorkspace": workspace_id(GROUP, WORKSPACE),
+    "environment": environment_id(GROUP, ENVIRONMENT),
+    "environmentStorage": environment_storage_id(GROUP, ENVIRONMENT, ENV_STORAGE),
+}
+
+
+def gpu_profiles() -> list[dict[str, Any]]:
+    return [
+        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
+        {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 1, "enableFips": False},
+    ]
+
+
+def add_fine_tuning_layout(
+    azure: FakeAzure,
+    *,
+    group: str = GROUP,
+    account: str = ACCOUNT,
+    share: str = SHARE,
+    environment: str = ENVIRONMENT,
+    environment_storage: str = ENV_STORAGE,
+    workspace: str = WORKSPACE,
+    profiles: list[dict[str, Any]] | None = None,
+) -> None:
+    """What the AI Toolkit's fine-tuning bicep leaves behind, as Azure's GET answers describe it."""
+    azure.add(
+        group_id(group),
+        {"location": LOCATION, "tags": {"owner": "ml-team"}, "properties": {"provisioningState": "Succeeded"}},
+    )
+    azure.add(
+        storage_account_id(group, account),
+        {
+            "location": LOCATION,
+            "kind": "StorageV2",
+            "sku": {"name": "Standard_LRS", "tier": "Standard"},
+            "largeFileSharesState": "Enabled",
+            "minimumTlsVersion": "TLS1_0",
+            "allowBlobPublicAccess": False,
+            "enableHttpsTrafficOnly": True,
+            "accessTier": "Hot",
+            "encryption": {
+                "keySource": "Microsoft.Storage",
+                "services": {
+                    "file": {"enabled": True, "keyType": "Account", "lastEnabledTime": "2026-11-01T10:00:00Z"}
+                },
+            },
+            "primaryEndpoints": {"file": f"https://{account}.file.core.windows.net/"},
+            "provisioningState": "Succeeded",
+        },
+    )
+    azure.add(
+        file_service_id(group, account),
+        {
+            "protocolSettings": {"smb": {}},
+            "cors": {"corsRules": []},
+            "shareDeleteRetentionPolicy": {"enabled": True, "days": 7},
+            "sku": {"name": "Standard_LRS", "tier": "Standard"},
+        },
+    )
+    azure.add(
+        file_share_id(group, account, share),
+        {
+            "shareQuota": 1024,
+            "accessTier": "TransactionOptimized",
+            "enabledProtocols": "SMB",
+            "shareUsageBytes": 7516192768,
+        },
+    )
+    azure.add(
+        workspace_id(group, workspace),
+        {
+            "location": LOCATION,
+            "customerId": WORKSPACE_CUSTOMER_ID,
+            "sku": {"name": "PerGB2018", "lastSkuUpdate": "2026-11-01T10:00:00Z"},
+            "retentionInDays": 30,
+            "provisioningState": "Succeeded",
+        },
+    )
+    azure.add(
+        environment_id(group, environment),
+        {
+            "location": LOCATION,
+            "appLogsConfiguration": {
+                "destination": "log-analytics",
+                "logAnalyticsConfiguration": {"customerId": WORKSPACE_CUSTOMER_ID},
+            },
+            "workloadProfiles": gpu_profiles() if profiles is None else profiles,
+            "zoneRedundant": False,
+            "peerAuthentication": {"mtls": {"enabled": False}},
+            "defaultDomain": "bluesky-1a2b3c4d.eastus.azurecontainerapps.io",
+            "staticIp": "20.1.2.3",
+            "provisioningState": "Succeeded",
+        },
+    )
+    azure.add(
+        environment_storage_id(group, environment, environment_storage),
+        {"properties": {"azureFile": {"accountName": account, "shareName": share, "accessMode": "ReadWrite"}}},
+    )
+
+
+def statuses(run: ProgramRun) -> dict[str, str]:
+    return {key: entry["status"] for key, entry in run.outputs["adoption"].items()}
+
+
+def test_nothing_exists_everything_is_created(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    run = run_program(azure, CONFIG | {"location": LOCATION})
+    assert set(statuses(run).values()) == {"created"}
+    assert all(declared.import_id is None for declared in azure.declared)
+    assert {declared.typ for declared in azure.declared} >= set(TYPES.values())
+    retained = {typ for typ, options in run.options.items() if options.retain_on_delete}
+    # What holds data is never deleted: the group (deleting it deletes its contents), the account, the share.
+    assert retained == {TYPES["resourceGroup"], TYPES["storageAccount"], TYPES["fileService"], TYPES["fileShare"]}
+    assert run.options[TYPES["fileShare"]].protect is True
+
+
+def test_fine_tuning_layout_is_adopted_and_only_the_app_is_created(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    run = run_program(azure, CONFIG | {"location": "westus3"})  # a region for new resources only
+
+    for key, resource_id in FINE_TUNING_IDS.items():
+        declared = azure.one(TYPES[key])
+        assert declared.import_id == resource_id, key
+        assert run.options[TYPES[key]].retain_on_delete is True, key
+        assert run.outputs["adoption"][key] == {"status": "adopted", "id": resource_id}
+    app = azure.one(TYPES["containerApp"])
+    assert app.import_id is None and run.outputs["adoption"]["containerApp"]["status"] == "created"
+    assert not run.options[TYPES["containerApp"]].retain_on_delete
+    assert run.options[TYPES["fileShare"]].protect is True
+    # The app runs on the fine-tuning environment, in its region, on its GPU profile and its share.
+    assert app.inputs["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)
+    assert app.inputs["location"] == LOCATION
+    assert app.inputs["workloadProfileName"] == "GPU"
+    assert app.inputs["template"]["volumes"][0]["storageName"] == ENV_STORAGE
+    for key in FINE_TUNING_IDS:
+        assert any(
+            f"{key} " in line and "adopted (imported as it is in Azure on this run" in line for line in caplog.messages
+        ), key
+    assert any(f"containerApp {APP}: created" in line for line in caplog.messages)
+    assert "run `pulumi up` once more to apply this program's settings" in caplog.text
+
+
+def test_imported_inputs_equal_what_exists(in_scratch_dir: Path) -> None:
+    """Import fails when declared inputs differ from the real resource: the import run declares what is there."""
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    run_program(azure, CONFIG)
+    account = azure.one(TYPES["storageAccount"]).inputs
+    assert account["minimumTlsVersion"] == "TLS1_0"  # as in Azure, not yet this program's TLS1_2
+    assert account["sku"] == {"name": "Standard_LRS"}  # read-only "tier" dropped
+    assert account["accessTier"] == "Hot"
+    assert account["encryption"] == {
+        "keySource": "Microsoft.Storage",
+        "services": {"file": {"enabled": True, "keyType": "Account"}},
+    }
+    assert "primaryEndpoints" not in account and "provisioningState" not in account
+    assert azure.one(TYPES["resourceGroup"]).inputs == {
+        "resourceGroupName": GROUP,
+        "location": LOCATION,
+        "tags": {"owner": "ml-team"},
+    }
+    assert azure.one(TYPES["fileShare"]).inputs["shareQuota"] == 1024
+    assert azure.one(TYPES["fileShare"]).inputs["accessTier"] == "TransactionOptimized"
+    workspace = azure.one(TYPES["logAnalyticsWorkspace"]).inputs
+    assert workspace["sku"] == {"name": "PerGB2018"} and workspace["retentionInDays"] == 30
+    environment = azure.one(TYPES["environment"]).inputs
+    assert environment["workloadProfiles"] == gpu_profiles()
+    assert environment["appLogsConfiguration"]["logAnalyticsConfiguration"]["customerId"] == WORKSPACE_CUSTOMER_ID
+    assert "staticIp" not in environment and "defaultDomain" not in environment
+    env_storage = azure.one(TYPES["environmentStorage"]).inputs
+    assert env_storage["properties"]["azureFile"]["accessMode"] == "ReadWrite"
+
+
+def previous_run_outputs(run: ProgramRun) -> dict[str, Any]:
+    return {"adoption": run.outputs["adoption"]}
+
+
+def test_second_run_does_not_import_again_and_applies_owned_properties(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first_azure = FakeAzure()
+    add_fine_tuning_layout(first_azure)
+    first = run_program(first_azure, CONFIG)
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
+    second = run_program(second_azure, CONFIG)
+    assert all(declared.import_id is None for declared in second_azure.declared)
+    assert "once more" not in caplog.text and f"storageAccount {ACCOUNT}: adopted" in caplog.text
+    assert statuses(second) == statuses(first)
+    for key in FINE_TUNING_IDS:
+        assert second.options[TYPES[key]].retain_on_delete is True, key
+    # Now an ordinary update: the properties this program owns take their declared values.
+    assert second_azure.one(TYPES["storageAccount"]).inputs["minimumTlsVersion"] == "TLS1_2"
+
+
+def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir: Path) -> None:
+    first_azure = FakeAzure()
+    first = run_program(first_azure, CONFIG | {"location": LOCATION})
+    # Azure now holds what the first run created.
+    second_azure = FakeAzure(previous_outputs=previous_run_outputs(first))
+    for declared in first_azure.declared:
+        if declared.typ in TYPES.values():
+            second_azure.add(
+                first.outputs["adoption"][next(k for k, t in TYPES.items() if t == declared.typ)]["id"],
+                {key: value for key, value in declared.inputs.items()},
+            )
+    second = run_program(second_azure, CONFIG | {"location": LOCATION})
+    assert all(declared.import_id is None for declared in second_azure.declared)
+    assert set(statuses(second).values()) == {"created"}
+    assert not second.options[TYPES["containerApp"]].retain_on_delete  # destroy still removes what it created
+    first_inputs = {d.typ: d.inputs for d in first_azure.declared}
+    second_inputs = {d.typ: d.inputs for d in second_azure.declared}
+    assert second_inputs[TYPES["containerApp"]] == first_inputs[TYPES["containerApp"]]  # no diff
+    assert second_inputs[TYPES["environment"]] == first_inputs[TYPES["environment"]]
+
+
+def test_environment_without_gpu_profile_gets_one_and_keeps_its_profiles(in_scratch_dir: Path) -> None:
+    existing_profiles = [
+        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
+        {"name": "general", "workloadProfileType": "D4", "minimumCount": 1, "maximumCount": 3, "enableFips": False},
+    ]
+    first_azure = FakeAzure()
+    add_fine_tuning_layout(first_azure, profiles=existing_profiles)
+    first = run_program(first_azure, CONFIG)
+    assert first_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == existing_profiles  # import as is
+    # No GPU profile to run on yet: the app waits for the next run, and there is no endpoint to print.
+    assert first_azure.by_type(TYPES["containerApp"]) == []
+    assert "endpoint" not in first.outputs and "containerApp" not in first.outputs["adoption"]
+    assert not (in_scratch_dir / "infra" / "inference.config.json").exists()
+
+    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
+    second = run_program(second_azure, CONFIG)
+    environment = second_azure.one(TYPES["environment"])
+    assert environment.import_id is None
+    assert environment.inputs["workloadProfiles"] == existing_profiles + [
+        {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 2, "enableFips": False}
+    ]
+    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "GPU"
+    assert second.outputs["endpoint"].startswith(f"https://{APP}.")
+    assert second.outputs["adoption"]["containerApp"]["status"] == "created"
+
+
+def test_existing_gpu_profile_of_another_name_is_reused(in_scratch_dir: Path) -> None:
+    profiles = [
+        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
+        {"name": "a100", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 4, "enableFips": False},
+    ]
+    first_azure = FakeAzure()
+    add_fine_tuning_layout(first_azure, profiles=profiles)
+    first = run_program(first_azure, CONFIG)
+    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
+    run_program(second_azure, CONFIG)
+    assert second_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == profiles
+    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "a100"
+
+
+def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_dir: Path) -> None:
+    from tests.infra.test_program import write_parameters
+
+    write_parameters(
+        in_scratch_dir,
+        {
+            "storageAccountName": "teamstorage01",
+            "fileShareName": "team-models",
+            "acaEnvironmentName": "team-env",
+            "acaAppName": "team-chat",
+            "acaLogAnalyticsName": None,
+            "acaEnvironmentStorageName": None,
+        },
+    )
+    azure = FakeAzure()
+    azure.add(group_id(GROUP), {"location": LOCATION})
+    azure.add(
+        storage_account_id(GROUP, "teamstorage01"),
+        {"location": LOCATION, "kind": "StorageV2", "sku": {"name": "Standard_LRS"}},
+    )
+    azure.add(file_service_id(GROUP, "teamstorage01"), {"shareDeleteRetentionPolicy": {"enabled": True, "days": 7}})
+    azure.add(file_share_id(GROUP, "teamstorage01", "team-models"), {"shareQuota": 2048})
+    # the environment "team-env", the workspace and the app do not exist
+    run = run_program(azure, CONFIG)
+    assert statuses(run) == {
+        "resourceGroup": "adopted",
+        "storageAccount": "adopted",
+        "fileService": "adopted",
+        "fileShare": "adopted",
+        "logAnalyticsWorkspace": "created",
+        "environment": "created",
+        "environmentStorage": "created",
+        "containerApp": "created",
+    }
+    assert azure.one(TYPES["fileShare"]).import_id == file_share_id(GROUP, "teamstorage01", "team-models")
+    assert azure.one(TYPES["fileShare"]).inputs["shareQuota"] == 2048  # never shrunk
+    assert azure.one(TYPES["environment"]).inputs["environmentName"] == "team-env"
+    assert azure.one(TYPES["environment"]).import_id is None
+    assert azure.one(TYPES["logAnalyticsWorkspace"]).inputs["workspaceName"] == WORKSPACE
+    assert azure.one(TYPES["containerApp"]).inputs["containerAppName"] == "team-chat"
+
+
+def test_forbidden_lookup_stops_the_program_and_declares_nothing(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    account_id = storage_account_id(GROUP, ACCOUNT)
+    azure.errors[account_id.lower()] = forbidden(account_id, "Microsoft.Storage/storageAccounts/read")
+    with pytest.raises(
+        Exception, match="(?s)Looking up storage account .* failed.*AuthorizationFailed.*does not have authorization"
+    ) as error:
+        run_program(azure, CONFIG)
+    assert "RESPONSE 403" in str(error.value)
+    assert azure.declared == []
+
+
+def test_throttled_lookup_is_not_taken_for_missing(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    env_id = environment_id(GROUP, ENVIRONMENT)
+    azure.errors[env_id.lower()] = azure_error("GET", env_id, 429, "TooManyRequests", "Rate limit exceeded.")
+    with pytest.raises(Exception, match="RESPONSE 429"):
+        run_program(azure, CONFIG)
+    assert azure.declared == []
+
+
+def test_taken_global_storage_account_name_is_a_clear_error(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(taken_storage_account_names={"sharedname01"})
+    with pytest.raises(
+        Exception,
+        match="storageAccountName: 'sharedname01' .* is taken by a storage account elsewhere in Azure"
+        ".*pulumi config set storageAccountName",
+    ):
+        run_program(azure, CONFIG | {"location": LOCATION, "storageAccountName": "sharedname01"})
+    assert azure.declared == []
+
+
+def test_name_taken_by_our_own_existing_account_is_fine(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(taken_storage_account_names={ACCOUNT})  # it is taken: by the fine-tuning account itself
+    add_fine_tuning_layout(azure)
+    run = run_program(azure, CONFIG)
+    assert statuses(run)["storageAccount"] == "adopted"
+
+
+def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    run = run_program(azure, CONFIG | {"existingResources": "reference"})
+    assert [declared.typ for declared in azure.declared if declared.typ.startswith("azure-native:")] == [
+        TYPES["containerApp"]
+    ]
+    assert statuses(run) == {key: "referenced" for key in FINE_TUNING_IDS} | {"containerApp": "created"}
+    app = azure.one(TYPES["containerApp"]).inputs
+    assert app["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)
+    assert app["template"]["volumes"][0]["storageName"] == ENV_STORAGE
+    assert run.outputs["STORAGE_ACCOUNT_NAME"] == ACCOUNT and run.outputs["FILE_SHARE_NAME"] == SHARE
+
+
+def test_reference_mode_without_gpu_profile_says_what_to_do(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure, profiles=[{"name": "Consumption", "workloadProfileType": "Consumption"}])
+    with pytest.raises(Exception, match="has no GPU workload profile.*existingResources adopt"):
+        run_program(azure, CONFIG | {"existingResources": "reference"})
+
+
+def test_existing_container_app_not_in_stack_is_adopted(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    azure.add(
+        container_app_id(GROUP, APP),
+        {
+            "location": LOCATION,
+            "managedEnvironmentId": environment_id(GROUP, ENVIRONMENT),
+            "workloadProfileName": "GPU",
+            "configuration": {
+                "activeRevisionsMode": "Single",
+                "ingress": {
+                    "external": True,
+                    "targetPort": 7860,
+                    "fqdn": f"{APP}.bluesky-1a2b3c4d.eastus.azurecontainerapps.io",
+                },
+            },
+            "template": {
+                "containers": [{"name": APP, "image": "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"}]
+            },
+            "latestRevisionFqdn": "x",
+        },
+    )
+    run = run_program(azure, CONFIG)
+    app = azure.one(TYPES["containerApp"])
+    assert app.import_id == container_app_id(GROUP, APP)
+    ingress = app.inputs["configuration"]["ingress"]
+    assert (ingress["external"], ingress["targetPort"]) == (True, 7860) and "fqdn" not in ingress
+    assert app.inputs["template"]["containers"][0]["image"] == "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    assert run.outputs["adoption"]["containerApp"]["status"] == "adopted"
+    assert run.options[TYPES["containerApp"]].retain_on_delete is True
+
+
+def test_previous_run_is_read_from_this_stack(in_scratch_dir: Path) -> None:
+    seen: list[str] = []
+
+    class Recording(FakeAzure):
+        def call(self, args: Any) -> Any:
+            if args.token == "pulumi:pulumi:readStackOutputs":
+                seen.append(args.args["name"])
+            return super().call(args)
+
+    run_program(Recording(), CONFIG | {"location": LOCATION})
+    assert seen == ["organization/aitk-inference/dev"]
+
+
+def test_unreadable_previous_outputs_fall_back_to_the_safe_side(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the record, an existing resource is imported as it is (a no-op for the engine when it is already in
+    the state) and retained on delete: nothing can be replaced or deleted."""
+
+    class NoBackend(FakeAzure):
+        def call(self, args: Any) -> Any:
+            if args.token == "pulumi:pulumi:readStackOutputs":
+                return {}, [("", "no backend client is available")]
+            return super().call(args)
+
+    caplog.set_level(logging.WARNING)
+    azure = NoBackend()
+    add_fine_tuning_layout(azure)
+    run = run_program(azure, CONFIG)
+    assert statuses(run)["storageAccount"] == "adopted"
+    assert azure.one(TYPES["storageAccount"]).import_id == storage_account_id(GROUP, ACCOUNT)
+    assert any("Could not read stack organization/aitk-inference/dev's previous outputs" in m for m in caplog.messages)
