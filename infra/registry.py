@@ -1,0 +1,141 @@
+"""The stack's container registry and the identity the container app pulls with.
+
+No registry password exists anywhere: the admin user is disabled, the app pulls as a user-assigned managed identity
+holding `AcrPull` on the registry, and `pulumi up` pushes with a short-lived Azure AD token (infra/image.py).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from pulumi_azure_native import app, authorization, containerregistry, managedidentity
+
+from infra.adoption import Adoption, Mode, PreviousRun, decide, lookup, mirror_inputs
+from infra.errors import ConfigError
+
+# Built-in role "AcrPull" (the same id in every tenant).
+ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
+REGISTRY_ADOPTION_KEY = "containerRegistry"
+REGISTRY_SKUS = ("Basic", "Standard", "Premium")
+# Azure: 5-50 alphanumerics, globally unique (the login server is <name>.azurecr.io).
+_REGISTRY_NAME = re.compile(r"[a-zA-Z0-9]{5,50}")
+
+
+def default_registry_name(suffix: str) -> str:
+    """`aiacr<s>`, <s> being the suffix of the toolkit's other default names (infra/naming.py)."""
+    return f"aiacr{suffix}"
+
+
+def validate_registry_name(name: str) -> str:
+    if not _REGISTRY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"registryName: {name!r} is not a valid name: 5-50 letters and digits, globally unique "
+            "(the login server is <name>.azurecr.io)"
+        )
+    return name
+
+
+def acr_pull_role_definition_id(subscription_id: str) -> str:
+    return f"/subscriptions/{subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{ACR_PULL_ROLE_ID}"
+
+
+def plan_registry(
+    name: str, resource_group_name: str, group_exists: bool, mode: Mode, previous: PreviousRun
+) -> Adoption:
+    """Create, adopt or reference the registry, like every other resource (infra/adoption.py)."""
+    existing = None
+    if group_exists:
+        existing = lookup(
+            f"container registry {name!r}",
+            lambda: containerregistry.get_registry(registry_name=name, resource_group_name=resource_group_name),
+        )
+    return decide(REGISTRY_ADOPTION_KEY, name, existing, mode, previous)
+
+
+@dataclass(frozen=True)
+class RegistryArgs:
+    resource_group_name: pulumi.Input[str]
+    location: str
+    subscription_id: str
+    registry: Adoption
+    sku: str = "Basic"
+
+
+def _registry_args(args: RegistryArgs) -> dict[str, Any]:
+    existing = args.registry.existing
+    if args.registry.import_now:  # exactly what exists, so that the import succeeds
+        return mirror_inputs(existing, containerregistry.RegistryArgs)
+    owned = dict(admin_user_enabled=False)
+    if existing is not None:  # sku, region and the rest stay as Azure has them
+        return mirror_inputs(existing, containerregistry.RegistryArgs) | owned
+    return dict(sku=containerregistry.SkuArgs(name=args.sku), location=args.location, **owned)
+
+
+class Registry(pulumi.ComponentResource):
+    login_server: pulumi.Output[str]
+    registry_id: pulumi.Output[str]
+    identity_id: pulumi.Output[str]  # resource id of the user-assigned identity the app pulls (and runs) as
+    identity_principal_id: pulumi.Output[str]
+    identity_client_id: pulumi.Output[str]
+    pull_role_assignment: authorization.RoleAssignment
+
+    def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("inference:infra:Registry", name, None, opts)
+        self.resource_ids: dict[str, pulumi.Output[str]] = {}
+        if args.registry.declared:
+            registry = containerregistry.Registry(
+                "registry",
+                registry_name=args.registry.name,
+                resource_group_name=args.resource_group_name,
+                **_registry_args(args),
+                opts=args.registry.options(parent=self),
+            )
+            self.login_server = registry.login_server
+            self.registry_id = registry.id
+            self.resource_ids[args.registry.key] = registry.id
+        else:  # existingResources: reference; pull rights are still granted on it
+            self.login_server = pulumi.Output.from_input(args.registry.existing.login_server)
+            self.registry_id = pulumi.Output.from_input(args.registry.existing.id)
+
+        identity = managedidentity.UserAssignedIdentity(
+            "pull-identity",
+            resource_name_=f"{args.registry.name}-pull",
+            resource_group_name=args.resource_group_name,
+            location=args.location,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.identity_id = identity.id
+        self.identity_principal_id = identity.principal_id
+        self.identity_client_id = identity.client_id
+        self.pull_role_assignment = authorization.RoleAssignment(
+            "acr-pull",
+            principal_id=identity.principal_id,
+            # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
+            principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,
+            role_definition_id=acr_pull_role_definition_id(args.subscription_id),
+            scope=self.registry_id,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.register_outputs(
+            {
+                "loginServer": self.login_server,
+                "identityId": self.identity_id,
+                "identityPrincipalId": self.identity_principal_id,
+            }
+        )
+
+    def app_registry_credentials(self) -> app.RegistryCredentialsArgs:
+        """The container app's registry entry: pull as the identity, no password secret."""
+        return app.RegistryCredentialsArgs(server=self.login_server, identity=self.identity_id)
+
+    def app_identity(self) -> app.ManagedServiceIdentityArgs:
+        """The container app's identity: the same user-assigned identity (it must be attached to pull with it)."""
+        return app.ManagedServiceIdentityArgs(
+            type=app.ManagedServiceIdentityType.USER_ASSIGNED,
+            user_assigned_identities=[self.identity_id],
+        )
+
+    def app_depends_on(self) -> list[pulumi.Resource]:
+        """The app must wait for the AcrPull assignment, or its first revision fails to pull the image."""
+        return [self.pull_role_assignment]
