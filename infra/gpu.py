@@ -1,0 +1,311 @@
+"""The GPU the inference app runs on, its sizing, and how it scales.
+
+Config `gpu` picks a workload profile: `dedicated-A100` (the bicep's `NC24-A100` nodes, billed per running node, with
+`minimumInstanceCount`/`maximumInstanceCount`) or a serverless GPU (`serverless-T4`, `serverless-A100`: billed per
+second per replica, scales to zero, no instance counts). The container's cpu/memory default to the profile's
+per-replica size; `minReplicas`/`maxReplicas` bound the app, an HTTP concurrency rule scales it, and the probes let a
+replica that starts from zero load the model before it gets traffic.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast, get_args
+
+import pulumi
+from pulumi_azure_native import app
+
+from infra.errors import ConfigError
+
+GpuChoice = Literal["dedicated-A100", "serverless-T4", "serverless-A100"]
+DEFAULT_GPU: GpuChoice = "dedicated-A100"
+
+# Where Azure offers each profile type, as lowercase region names without spaces (the form `location` takes).
+# Sources, read 2026-11-25:
+# - serverless: https://learn.microsoft.com/azure/container-apps/gpu-serverless-overview#supported-regions
+#   (T4 in West Europe only in a workload profiles environment created after the profile became available there);
+# - dedicated: https://learn.microsoft.com/azure/container-apps/workload-profiles-overview#dedicated-profile-details
+#   ("GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe"; capacity by support request).
+# Azure adds regions over time: `skipGpuRegionCheck: true` skips this check when the table is behind.
+_SERVERLESS_A100_REGIONS = frozenset(
+    {
+        "australiaeast",
+        "brazilsouth",
+        "canadacentral",
+        "eastus",
+        "italynorth",
+        "swedencentral",
+        "westus",
+        "westus3",
+    }
+)
+_SERVERLESS_T4_REGIONS = _SERVERLESS_A100_REGIONS | frozenset(
+    {
+        "centralindia",
+        "francecentral",
+        "japaneast",
+        "northcentralus",
+        "southcentralus",
+        "southeastasia",
+        "southindia",
+        "westeurope",
+        "westus2",
+    }
+)
+_DEDICATED_A100_REGIONS = frozenset({"westus3", "northeurope"})
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """One workload profile type and what a replica on it may use (same source as the region table: vCPU and
+    memory per node for dedicated profiles, per replica for serverless ones; one GPU either way)."""
+
+    profile_type: str
+    profile_name: str  # the name in the environment; `GPU` as the bicep for the dedicated one
+    cpu: float
+    memory_gib: float
+    serverless: bool
+    regions: frozenset[str]
+
+    @property
+    def memory(self) -> str:
+        return f"{self.memory_gib:g}Gi"
+
+
+PROFILES: Mapping[GpuChoice, GpuProfile] = {
+    "dedicated-A100": GpuProfile("NC24-A100", "GPU", 24.0, 220.0, False, _DEDICATED_A100_REGIONS),
+    "serverless-T4": GpuProfile("Consumption-GPU-NC8as-T4", "GPU-T4", 8.0, 56.0, True, _SERVERLESS_T4_REGIONS),
+    "serverless-A100": GpuProfile("Consumption-GPU-NC24-A100", "GPU-A100", 24.0, 220.0, True, _SERVERLESS_A100_REGIONS),
+}
+
+# HTTP scale rule: a replica takes this many concurrent requests before another one is added (ACA's default is 10;
+# the inference app serves 16 generations at once by default and answers 429 beyond, so scaling starts before that).
+DEFAULT_CONCURRENT_REQUESTS = 10
+# The bicep's profile range: no node is kept when nothing runs on it.
+DEFAULT_MINIMUM_INSTANCE_COUNT = 0
+DEFAULT_MAXIMUM_INSTANCE_COUNT = 2
+
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)Gi")
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    gpu: GpuChoice
+    profile: GpuProfile
+    container_cpu: float
+    container_memory: str
+    min_replicas: int
+    max_replicas: int
+    minimum_instance_count: int | None  # dedicated only: nodes kept running (billed) at all times
+    maximum_instance_count: int | None  # dedicated only: the most nodes the profile may run
+    concurrent_requests: int
+
+
+def normalize_region(location: str) -> str:
+    """`West US 3` and `westus3` are the same region to ARM."""
+    return location.replace(" ", "").lower()
+
+
+class _Reader:
+    """Pulumi config first, then the legacy parameters file (only `maximumInstanceCount` is in both)."""
+
+    def __init__(self, config: pulumi.Config, parameters: Mapping[str, Any]) -> None:
+        self.config = config
+        self.parameters = parameters
+
+    def is_set(self, key: str) -> bool:
+        return self.config.get(key) is not None
+
+    def raw(self, key: str) -> Any:
+        value = self.config.get(key)
+        return value if value is not None else self.parameters.get(key)
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        text = str(value).strip()
+        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text) or int(text) < minimum:
+            raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+        return int(text)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return False
+        if str(value).lower() not in ("true", "false"):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return str(value).lower() == "true"
+
+
+def _cpu(reader: _Reader, profile: GpuProfile) -> float:
+    value = reader.raw("containerCpu")
+    if value is None:
+        return profile.cpu
+    try:
+        cpu = float(value)
+    except ValueError:
+        cpu = 0.0
+    if not 0 < cpu <= profile.cpu:
+        raise ConfigError(
+            f"containerCpu: must be a number of vCPUs above 0 and at most {profile.cpu:g} "
+            f"(what a {profile.profile_type} replica gets), got {value!r}"
+        )
+    return cpu
+
+
+def _memory(reader: _Reader, profile: GpuProfile) -> str:
+    value = reader.raw("containerMemory")
+    if value is None:
+        return profile.memory
+    match = _MEMORY.fullmatch(str(value).strip())
+    if match is None or not 0 < float(match.group(1)) <= profile.memory_gib:
+        raise ConfigError(
+            f"containerMemory: must be a size in Gi above 0 and at most {profile.memory} "
+            f"(what a {profile.profile_type} replica gets), such as '{profile.memory}', got {value!r}"
+        )
+    return str(value).strip()
+
+
+def _check_region(gpu: GpuChoice, location: str) -> None:
+    region = normalize_region(location)
+    if region in PROFILES[gpu].regions:
+        return
+    others = [other for other, profile in PROFILES.items() if other != gpu and region in profile.regions]
+    hint = f"; {location} offers gpu {' and '.join(others)}" if others else ""
+    raise ConfigError(
+        f"gpu: {gpu} ({PROFILES[gpu].profile_type}) is not offered in {location!r}; Azure offers it in "
+        f"{', '.join(sorted(PROFILES[gpu].regions))}{hint}. Use a region that offers it (`location`, or an existing "
+        "resource group's region), pick another `gpu`, or, if Azure has added the region since, "
+        "`pulumi config set skipGpuRegionCheck true`"
+    )
+
+
+def read_gpu_config(config: pulumi.Config, location: str, *, parameters: Mapping[str, Any] | None = None) -> GpuConfig:
+    """Read and validate `gpu`, sizing, replica range, instance counts and scaling; raises ConfigError naming the
+    key and the rule. `location` is the region the app's environment is in; `parameters` are the legacy
+    parameters file's values (they supply `maximumInstanceCount` when Pulumi config does not)."""
+    reader = _Reader(config, parameters or {})
+
+    choice = reader.raw("gpu") or DEFAULT_GPU
+    if choice not in PROFILES:
+        raise ConfigError(f"gpu: must be one of {', '.join(get_args(GpuChoice))}, got {choice!r}")
+    gpu = cast(GpuChoice, choice)
+    profile = PROFILES[gpu]
+    if not reader.flag("skipGpuRegionCheck"):
+        _check_region(gpu, location)
+
+    min_replicas = reader.integer("minReplicas", 1, minimum=0)
+    max_replicas = reader.integer("maxReplicas", 1, minimum=1)
+    if min_replicas > max_replicas:
+        raise ConfigError(f"minReplicas: must not exceed maxReplicas ({min_replicas} > {max_replicas})")
+
+    minimum_count: int | None = None
+    maximum_count: int | None = None
+    if profile.serverless:
+        # The parameters file's maximumInstanceCount belongs to the bicep's dedicated profile: only Pulumi config
+        # counts here, where setting a count is a mistake worth reporting.
+        counts = [key for key in ("minimumInstanceCount", "maximumInstanceCount") if reader.is_set(key)]
+        if counts:
+            raise ConfigError(
+                f"{counts[0]}: serverless GPU profiles ({gpu}) have no instance counts, they bill per replica; "
+                f"remove it with `pulumi config rm {counts[0]}`, or use gpu dedicated-A100"
+            )
+    else:
+        minimum_count = reader.integer("minimumInstanceCount", DEFAULT_MINIMUM_INSTANCE_COUNT, minimum=0)
+        maximum_count = reader.integer("maximumInstanceCount", DEFAULT_MAXIMUM_INSTANCE_COUNT, minimum=1)
+        if minimum_count > maximum_count:
+            raise ConfigError(
+                f"minimumInstanceCount: must not exceed maximumInstanceCount ({minimum_count} > {maximum_count})"
+            )
+        if min_replicas == 0 and minimum_count > 0:
+            raise ConfigError(
+                f"minReplicas: 0 on dedicated-A100 needs minimumInstanceCount 0, otherwise {minimum_count} "
+                "NC24-A100 node(s) keep running and billing while the app sits at zero; set minimumInstanceCount 0, "
+                "set minReplicas 1 or more, or use a serverless gpu"
+            )
+        if max_replicas > maximum_count:
+            # Each replica takes the node's only A100: more replicas than nodes would never be scheduled.
+            raise ConfigError(
+                f"maxReplicas: {max_replicas} replicas need {max_replicas} NC24-A100 nodes (one GPU each), but "
+                f"maximumInstanceCount is {maximum_count}; raise maximumInstanceCount or lower maxReplicas"
+            )
+
+    return GpuConfig(
+        gpu=gpu,
+        profile=profile,
+        container_cpu=_cpu(reader, profile),
+        container_memory=_memory(reader, profile),
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        minimum_instance_count=minimum_count,
+        maximum_instance_count=maximum_count,
+        concurrent_requests=reader.integer("scaleConcurrentRequests", DEFAULT_CONCURRENT_REQUESTS, minimum=1),
+    )
+
+
+def gpu_workload_profile(gpu: GpuConfig) -> app.WorkloadProfileArgs:
+    """The environment's GPU profile; serverless profiles take no instance counts."""
+    return app.WorkloadProfileArgs(
+        name=gpu.profile.profile_name,
+        workload_profile_type=gpu.profile.profile_type,
+        minimum_count=gpu.minimum_instance_count,
+        maximum_count=gpu.maximum_instance_count,
+    )
+
+
+def workload_profiles(gpu: GpuConfig) -> list[app.WorkloadProfileArgs]:
+    """Every workload profiles environment has `Consumption`; the GPU profile is added beside it."""
+    return [app.WorkloadProfileArgs(name="Consumption", workload_profile_type="Consumption"), gpu_workload_profile(gpu)]
+
+
+def scale_rules(gpu: GpuConfig) -> list[app.ScaleRuleArgs]:
+    """Scale on concurrent HTTP requests per replica; with minReplicas 0 this rule is also what wakes the app."""
+    return [
+        app.ScaleRuleArgs(
+            name="http-concurrency",
+            http=app.HttpScaleRuleArgs(metadata={"concurrentRequests": str(gpu.concurrent_requests)}),
+        )
+    ]
+
+
+# Startup probe: the server must answer within 10 s + 10 x 30 s = 310 s of the container starting (time enough for
+# the bicep's default command, which pip-installs the app's requirements before serving); a 30 s period keeps the
+# wait after it answers short, which a cold start from zero pays on its first request. Loading the model can take
+# longer than that: readiness (`/ready`, 503 until the model is loaded) keeps traffic away meanwhile without
+# restarting the replica. ACA caps: initial delay <= 60 s, period <= 240 s, failure threshold <= 10.
+STARTUP_INITIAL_DELAY_S = 10
+STARTUP_PERIOD_S = 30
+STARTUP_FAILURE_THRESHOLD = 10
+
+
+def probes(port: int) -> list[app.ContainerAppProbeArgs]:
+    """Startup and liveness on `/health` (the server is up), readiness on `/ready` (the model is loaded)."""
+
+    def http_get(path: str) -> app.ContainerAppProbeHttpGetArgs:
+        return app.ContainerAppProbeHttpGetArgs(path=path, port=port, scheme=app.Scheme.HTTP)
+
+    return [
+        app.ContainerAppProbeArgs(
+            type=app.Type.STARTUP,
+            http_get=http_get("/health"),
+            initial_delay_seconds=STARTUP_INITIAL_DELAY_S,
+            period_seconds=STARTUP_PERIOD_S,
+            timeout_seconds=5,
+            failure_threshold=STARTUP_FAILURE_THRESHOLD,
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.READINESS,
+            http_get=http_get("/ready"),
+            period_seconds=5,
+            timeout_seconds=5,
+            failure_threshold=3,
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.LIVENESS,
+            http_get=http_get("/health"),
+            period_seconds=30,
+            timeout_seconds=5,
+            failure_threshold=3,
+        ),
+    ]
