@@ -2,25 +2,45 @@
 
 Resources (each created, adopted or referenced by name, see infra/adoption.py): resource group, storage account,
 its file service and file share, Log Analytics workspace, Container Apps environment with a GPU workload profile,
-the environment's Azure Files storage, and the container app.
+the environment's Azure Files storage, the container registry with the identity the app pulls as, the inference
+image built from inference_app/ and pushed there, the container app running it, and who may reach it (infra/access.py).
 """
 
 import pulumi
 from pulumi_azure_native import resources
 
+from infra.access import EndpointAccess, needs_sticky_sessions, read_access_config
 from infra.adoption import PreviousRun, mirror_inputs, plan_resources
-from infra.app import ContainerApp, ContainerAppArgs
+from infra.app import TARGET_PORT, ContainerApp, ContainerAppArgs
 from infra.config import read_config
-from infra.environment import Environment, EnvironmentArgs, default_workload_profiles
+from infra.environment import Environment, EnvironmentArgs
+from infra.gpu import probes, require_gpu_region, scale_rules, workload_profiles
+from infra.image import app_image, container_command, container_env, read_image_config
 from infra.monitoring import Monitoring, MonitoringArgs
+from infra.naming import resource_suffix
 from infra.outputs import export_outputs
+from infra.registry import Registry, RegistryArgs, default_registry_name, plan_registry
 from infra.storage import Storage, StorageArgs
 
 config = read_config(pulumi.Config())
-plan, names = plan_resources(config, PreviousRun.read())
-for adoption in plan.all():
+image_config = read_image_config(pulumi.Config())
+access_config = read_access_config(pulumi.Config())
+gpu = config.gpu
+previous_run = PreviousRun.read()
+plan, names = plan_resources(config, previous_run)
+registry_plan = plan_registry(
+    image_config.registry_name or default_registry_name(resource_suffix(plan.resource_group_id)),
+    config.resource_group_name,
+    group_exists=plan.resource_group.existing is not None,
+    mode=config.existing_resources,
+    previous=previous_run,
+    explicit=image_config.registry_name is not None,
+)
+require_gpu_region(gpu, plan.environment_location)
+adoptions = plan.all() + [registry_plan]
+for adoption in adoptions:
     pulumi.log.info(adoption.summary())
-if any(adoption.import_now for adoption in plan.all()):
+if any(adoption.import_now for adoption in adoptions):
     pulumi.log.info(
         "Existing resources are imported as they are on this run: "
         "run `pulumi up` once more to apply this program's settings to them."
@@ -63,7 +83,8 @@ environment = Environment(
         location=plan.location,
         environment=plan.environment,
         environment_storage=plan.environment_storage,
-        workload_profiles=default_workload_profiles(config.maximum_instance_count),
+        workload_profiles=workload_profiles(gpu),
+        gpu_profile_name=gpu.profile.profile_name,
         logs_customer_id=monitoring.customer_id,
         logs_shared_key=monitoring.shared_key,
         storage_account_name=storage.account_name,
@@ -72,6 +93,17 @@ environment = Environment(
         storage_access_mode=config.storage_access_mode,
     ),
 )
+registry = Registry(
+    "registry",
+    RegistryArgs(
+        resource_group_name=group_name,
+        location=plan.location,
+        subscription_id=plan.subscription_id,
+        registry=registry_plan,
+        sku=image_config.registry_sku,
+    ),
+)
+access = EndpointAccess("access", access_config)
 if environment.gpu_profile_name is None:
     container_app = None
     pulumi.log.info(
@@ -83,22 +115,33 @@ else:
         "app",
         ContainerAppArgs(
             resource_group_name=group_name,
-            location=environment.location,
+            location=plan.environment_location,
             adoption=plan.container_app,
             environment_id=environment.environment_id,
             environment_storage_name=environment.storage_name,
             volume_name=f"{names.file_share}volume",
-            image=config.image,
-            command=config.container_command,
-            cpu=config.container_cpu,
-            memory=config.container_memory,
+            image=app_image(image_config, registry.login_server),  # built and pushed unless `image` is set
+            command=container_command(image_config, config.default_commands),
+            probes=probes(TARGET_PORT),
+            env=[*container_env(image_config.settings), *access.env],
+            secrets=access.secrets,
+            registries=[registry.app_registry_credentials()],
+            identity=registry.app_identity(),
+            depends_on=registry.app_depends_on(),
+            cpu=gpu.container_cpu,
+            memory=gpu.container_memory,
             workload_profile_name=environment.gpu_profile_name,
-            min_replicas=config.min_replicas,
-            max_replicas=config.max_replicas,
+            min_replicas=gpu.min_replicas,
+            max_replicas=gpu.max_replicas,
+            scale_rules=scale_rules(gpu),
+            ip_security_restrictions=access.ip_security_restrictions,
+            sticky_sessions=needs_sticky_sessions(gpu.max_replicas),
         ),
     )
+    if plan.container_app.declared:  # a referenced app is only read
+        access.protect_app(container_app.name, group_name)
 
-for component in (storage, monitoring, environment, container_app):
+for component in (storage, monitoring, environment, registry, container_app):
     if component is not None:
         resource_ids.update(component.resource_ids)
 export_outputs(
@@ -107,6 +150,7 @@ export_outputs(
     storage_account_name=storage.account_name,
     file_share_name=storage.share_name,
     app=container_app,
-    adoptions=[a for a in plan.all() if container_app is not None or a is not plan.container_app],
+    access=access,
+    adoptions=[a for a in adoptions if container_app is not None or a is not plan.container_app],
     resource_ids=resource_ids,
 )

@@ -168,16 +168,21 @@ def mirror_inputs(existing: Any, args_type: type) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def storage_account_name_is_taken(name: str) -> bool:
-    """Storage account names are global DNS labels: `<name>.blob.core.windows.net` resolves iff the name is taken."""
+def global_name_is_taken(host: str, description: str) -> bool:
+    """Global names are DNS labels (`<account>.blob.core.windows.net`, `<registry>.azurecr.io`): the host resolves
+    iff some resource anywhere in Azure has the name."""
     try:
-        socket.getaddrinfo(f"{name}.blob.core.windows.net", 443)
+        socket.getaddrinfo(host, 443)
     except socket.gaierror as error:
         if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
             return False
-        pulumi.log.warn(f"Could not check whether storage account name {name!r} is free ({error}); continuing.")
+        pulumi.log.warn(f"Could not check whether {description} is free ({error}); continuing.")
         return False
     return True
+
+
+def storage_account_name_is_taken(name: str) -> bool:
+    return global_name_is_taken(f"{name}.blob.core.windows.net", f"storage account name {name!r}")
 
 
 def require_free_storage_account_name(name: str, explicit: bool) -> None:
@@ -205,6 +210,12 @@ class AdoptionPlan:
     environment: Adoption
     environment_storage: Adoption
     container_app: Adoption
+
+    @property
+    def environment_location(self) -> str:
+        """Where the app runs: apps live in their environment's region (an existing one's, else `location`)."""
+        existing = self.environment.existing
+        return str(existing.location) if existing is not None else self.location
 
     def all(self) -> list[Adoption]:
         return [

@@ -1,8 +1,9 @@
 """The inference container app: one container on the GPU workload profile, the file share mounted at /mount, HTTPS
 ingress on port 7860.
 
-Everything other features plug in (registry credentials, identity, secrets, env vars, scale rules, IP allow-list,
-sticky sessions) is a plain argument, so those features are wired in __main__.py without changing this module.
+Everything other features plug in (registry credentials, identity, secrets, env vars, probes, scale rules, IP
+allow-list, sticky sessions) is a plain argument, so those features are wired in __main__.py without changing this
+module.
 """
 
 from collections.abc import Sequence
@@ -17,39 +18,6 @@ TARGET_PORT = 7860
 MOUNT_PATH = "/mount"
 
 
-def probes(port: int = TARGET_PORT) -> list[app.ContainerAppProbeArgs]:
-    """The bicep's probes; the startup probe allows 60 s + 10 x 120 s for loading a model from the file share."""
-
-    def http_get() -> app.ContainerAppProbeHttpGetArgs:
-        return app.ContainerAppProbeHttpGetArgs(path="/", port=port, scheme=app.Scheme.HTTP)
-
-    return [
-        app.ContainerAppProbeArgs(
-            type=app.Type.LIVENESS,
-            http_get=http_get(),
-            initial_delay_seconds=60,
-            period_seconds=10,
-            success_threshold=1,
-            timeout_seconds=1,
-            failure_threshold=3,
-        ),
-        app.ContainerAppProbeArgs(
-            type=app.Type.READINESS,
-            http_get=http_get(),
-            initial_delay_seconds=60,
-            period_seconds=10,
-            failure_threshold=3,
-        ),
-        app.ContainerAppProbeArgs(
-            type=app.Type.STARTUP,
-            http_get=http_get(),
-            initial_delay_seconds=60,
-            period_seconds=120,
-            failure_threshold=10,
-        ),
-    ]
-
-
 @dataclass(frozen=True)
 class ContainerAppArgs:
     resource_group_name: pulumi.Input[str]
@@ -62,6 +30,7 @@ class ContainerAppArgs:
     command: Sequence[str] | None = None  # None: the image's own entrypoint
     cpu: float = 24.0
     memory: str = "220Gi"
+    probes: Sequence[app.ContainerAppProbeArgs] = ()  # infra/gpu.py: sized for a cold start
     env: Sequence[app.EnvironmentVarArgs] = ()
     secrets: Sequence[app.SecretArgs] = ()
     registries: Sequence[app.RegistryCredentialsArgs] = ()
@@ -103,7 +72,7 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
                 command=list(args.command) if args.command is not None else None,
                 resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                 env=list(args.env) or None,
-                probes=probes(),
+                probes=list(args.probes) or None,
                 volume_mounts=[app.VolumeMountArgs(volume_name=args.volume_name, mount_path=MOUNT_PATH)],
             )
         ],
@@ -120,9 +89,17 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
     )
 
 
+def _first_image(template: app.outputs.TemplateResponse | None) -> str:
+    return (template.containers[0].image or "") if template is not None and template.containers else ""
+
+
 class ContainerApp(pulumi.ComponentResource):
     fqdn: pulumi.Output[str]
     name: pulumi.Output[str]
+    # The revision serving traffic: in single revision mode a new revision takes over once it is ready, so a revision
+    # that never gets ready (bad image, failing probes) leaves the previous one here.
+    active_revision: pulumi.Output[str]
+    image: pulumi.Output[str]  # what the app's container runs
 
     def __init__(self, name: str, args: ContainerAppArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:ContainerApp", name, None, opts)
@@ -133,8 +110,10 @@ class ContainerApp(pulumi.ComponentResource):
             existing = args.adoption.existing
             self.name = pulumi.Output.from_input(args.adoption.name)
             self.fqdn = pulumi.Output.from_input(existing.configuration.ingress.fqdn or "")
+            self.active_revision = pulumi.Output.from_input(existing.latest_ready_revision_name or "")
+            self.image = pulumi.Output.from_input(_first_image(existing.template))
             self.resource_ids: dict[str, pulumi.Output[str]] = {}
-            self.register_outputs({"fqdn": self.fqdn})
+            self.register_outputs({"fqdn": self.fqdn, "activeRevision": self.active_revision})
             return
         if args.adoption.import_now:
             # An app of this name already exists and is not in this stack: import it as it is; the next
@@ -160,10 +139,12 @@ class ContainerApp(pulumi.ComponentResource):
                 opts=options,
             )
         self.name = container_app.name
+        self.active_revision = container_app.latest_ready_revision_name
+        self.image = container_app.template.apply(_first_image)
         self.resource_ids = {args.adoption.key: container_app.id}
         self.fqdn = container_app.configuration.apply(
             lambda configuration: (
                 (configuration.ingress.fqdn if configuration and configuration.ingress else None) or ""
             )
         )
-        self.register_outputs({"fqdn": self.fqdn})
+        self.register_outputs({"fqdn": self.fqdn, "activeRevision": self.active_revision})

@@ -10,6 +10,7 @@ from typing import Any, Literal, cast, get_args
 import pulumi
 
 from infra.errors import ConfigError
+from infra.gpu import GpuConfig, read_gpu_config
 from infra.naming import NameOverrides, validate_name
 from infra.parameters_file import DEFAULT_PATH as PARAMETERS_FILE
 from infra.parameters_file import read_parameters_file
@@ -17,34 +18,15 @@ from infra.parameters_file import read_parameters_file
 StorageAccessMode = Literal["ReadWrite", "ReadOnly"]
 ExistingResourcesMode = Literal["adopt", "reference"]
 
-# The stock image and command of the toolkit's bicep, until the image issue replaces them with the built image.
-DEFAULT_IMAGE = "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
-DEFAULT_COMMANDS = (
-    "cd /mount/inference",
-    "pip install -r requirements.txt",
-    "python -m inference_app --host 0.0.0.0 --port 7860",
-)
-
-
 @dataclass(frozen=True)
 class InfraConfig:
     resource_group_name: str
     location: str | None  # None: the resource group's location, else azure-native:location
-    maximum_instance_count: int = 2
+    gpu: GpuConfig  # GPU profile, container sizing and scaling (infra/gpu.py)
     names: NameOverrides = NameOverrides()
-    default_commands: tuple[str, ...] = DEFAULT_COMMANDS
-    image: str = DEFAULT_IMAGE
-    container_cpu: float = 24.0
-    container_memory: str = "220Gi"
-    min_replicas: int = 1
-    max_replicas: int = 1
+    default_commands: tuple[str, ...] | None = None  # only for a prebuilt `image` (see infra/image.py)
     storage_access_mode: StorageAccessMode = "ReadWrite"
     existing_resources: ExistingResourcesMode = "adopt"
-
-    @property
-    def container_command(self) -> list[str]:
-        """bicep: ['/bin/bash', '-c', join(defaultCommands, '; ')]."""
-        return ["/bin/bash", "-c", "; ".join(self.default_commands)]
 
 
 # Config keys (camelCase, as the parameters file) -> NameOverrides fields.
@@ -58,7 +40,6 @@ NAME_KEYS = {
 }
 
 _RESOURCE_GROUP_NAME = re.compile(r"[-\w.()]{0,89}[-\w()]")
-_MEMORY = re.compile(r"\d+(\.\d+)?Gi")
 
 
 class _Source:
@@ -81,30 +62,6 @@ class _Source:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key}: must be a non-empty string")
         return value.strip()
-
-    def integer(self, key: str, default: int, minimum: int) -> int:
-        value = self.raw(key)
-        if value is None:
-            return default
-        try:
-            number = int(value) if not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None or str(number) != str(value).strip() or number < minimum:
-            raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-        return number
-
-    def number(self, key: str, default: float) -> float:
-        value = self.raw(key)
-        if value is None:
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: must be a positive number of vCPUs, got {value!r}") from None
-        if number <= 0:
-            raise ConfigError(f"{key}: must be a positive number of vCPUs, got {value!r}")
-        return number
 
     def string_list(self, key: str) -> tuple[str, ...] | None:
         value = self.raw(key)
@@ -132,7 +89,8 @@ class _Source:
 
 def read_config(config: pulumi.Config, parameters_file: Path = PARAMETERS_FILE) -> InfraConfig:
     """Read and validate every key; raises ConfigError naming the key and the rule."""
-    source = _Source(config, read_parameters_file(parameters_file))
+    parameters = read_parameters_file(parameters_file)
+    source = _Source(config, parameters)
 
     resource_group_name = source.string("resourceGroupName")
     if resource_group_name is None:
@@ -150,26 +108,12 @@ def read_config(config: pulumi.Config, parameters_file: Path = PARAMETERS_FILE) 
         }
     )
 
-    memory = source.string("containerMemory") or InfraConfig.container_memory
-    if not _MEMORY.fullmatch(memory):
-        raise ConfigError(f"containerMemory: must be a size in Gi such as '220Gi', got {memory!r}")
-
-    min_replicas = source.integer("minReplicas", InfraConfig.min_replicas, minimum=0)
-    max_replicas = source.integer("maxReplicas", InfraConfig.max_replicas, minimum=1)
-    if min_replicas > max_replicas:
-        raise ConfigError(f"minReplicas: must not exceed maxReplicas ({min_replicas} > {max_replicas})")
-
     return InfraConfig(
         resource_group_name=resource_group_name,
         location=source.string("location"),
-        maximum_instance_count=source.integer("maximumInstanceCount", InfraConfig.maximum_instance_count, minimum=1),
+        gpu=read_gpu_config(config, parameters=parameters),
         names=names,
-        default_commands=source.string_list("defaultCommands") or DEFAULT_COMMANDS,
-        image=source.string("image") or DEFAULT_IMAGE,
-        container_cpu=source.number("containerCpu", InfraConfig.container_cpu),
-        container_memory=memory,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
+        default_commands=source.string_list("defaultCommands"),
         storage_access_mode=cast(
             StorageAccessMode,
             source.choice("storageAccessMode", get_args(StorageAccessMode), InfraConfig.storage_access_mode),

@@ -1,6 +1,5 @@
 """Container Apps managed environment (with its workload profiles) and its Azure Files storage."""
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,28 +9,7 @@ from pulumi_azure_native import app
 
 from infra.adoption import Adoption, mirror_inputs
 from infra.config import StorageAccessMode
-
-GPU_PROFILE_NAME = "GPU"
-GPU_PROFILE_TYPE = "NC24-A100"
-# Dedicated (NC24-A100, ...) and serverless (Consumption-GPU-NC8as-T4, ...) GPU profile types.
-_GPU_PROFILE_TYPE = re.compile(r"(^|-)NC\d")
-
-
-def default_workload_profiles(maximum_instance_count: int) -> list[app.WorkloadProfileArgs]:
-    """The bicep's profiles: Consumption, and `GPU` of type NC24-A100 scaling 0..maximumInstanceCount."""
-    return [
-        app.WorkloadProfileArgs(name="Consumption", workload_profile_type="Consumption"),
-        app.WorkloadProfileArgs(
-            name=GPU_PROFILE_NAME,
-            workload_profile_type=GPU_PROFILE_TYPE,
-            minimum_count=0,
-            maximum_count=maximum_instance_count,
-        ),
-    ]
-
-
-def is_gpu_profile_type(profile_type: str) -> bool:
-    return bool(_GPU_PROFILE_TYPE.search(profile_type))
+from infra.errors import ConfigError
 
 
 def _existing_profiles(existing: Any) -> list[app.WorkloadProfileArgs]:
@@ -47,19 +25,43 @@ def _existing_profiles(existing: Any) -> list[app.WorkloadProfileArgs]:
     ]
 
 
+def _profile_type(profiles: Sequence[Any], name: str) -> str:
+    return next(str(p.workload_profile_type) for p in profiles if p.name == name)
+
+
+def _of_type(profiles: Sequence[Any], profile_type: str) -> str | None:
+    """The name of a profile of this type (ARM compares types case-insensitively), if there is one."""
+    return next((str(p.name) for p in profiles if str(p.workload_profile_type).lower() == profile_type.lower()), None)
+
+
+def _describe(profiles: Sequence[Any]) -> str:
+    return ", ".join(f"{p.name} ({p.workload_profile_type})" for p in profiles) or "none"
+
+
 def merge_workload_profiles(
-    existing: Any, desired: Sequence[app.WorkloadProfileArgs], gpu_profile_name: str
+    environment_name: str, existing: Any, desired: Sequence[app.WorkloadProfileArgs], gpu_profile_name: str
 ) -> tuple[list[app.WorkloadProfileArgs], str]:
-    """Existing profiles are kept as they are; desired ones are added when missing. An existing GPU profile (any
-    GPU type, any name) is reused instead of adding ours. Returns the profiles and the GPU profile's name."""
+    """Existing profiles are kept as they are; desired ones are added when missing. An existing profile of the GPU
+    profile's type (config `gpu`, any name) is reused instead of adding ours. Returns the profiles and the name of
+    the GPU profile the app runs on."""
     profiles = _existing_profiles(existing)
-    gpu = next((p for p in profiles if is_gpu_profile_type(str(p.workload_profile_type))), None)
+    gpu_type = _profile_type(desired, gpu_profile_name)
+    reused = _of_type(profiles, gpu_type)
     names = {p.name for p in profiles}
     for profile in desired:
-        if profile.name in names or (gpu is not None and profile.name == gpu_profile_name):
+        if profile.name == gpu_profile_name and reused is not None:
+            continue
+        if profile.name in names:
+            if profile.name == gpu_profile_name:  # taken by a profile of another type
+                raise ConfigError(
+                    f"gpu: Container Apps environment {environment_name!r} has a workload profile named "
+                    f"{gpu_profile_name!r} of type {_profile_type(profiles, gpu_profile_name)}, so the {gpu_type} "
+                    f"profile cannot be added under that name; choose the `gpu` of one of its profiles "
+                    f"({_describe(profiles)}) or another `acaEnvironmentName`"
+                )
             continue
         profiles.append(profile)
-    return profiles, str(gpu.name) if gpu is not None else gpu_profile_name
+    return profiles, reused or gpu_profile_name
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,14 @@ class EnvironmentArgs:
     location: str
     environment: Adoption
     environment_storage: Adoption
-    workload_profiles: Sequence[app.WorkloadProfileArgs]
+    workload_profiles: Sequence[app.WorkloadProfileArgs]  # those of a new environment, GPU profile included
+    gpu_profile_name: str  # the GPU profile among them (infra/gpu.py)
     logs_customer_id: pulumi.Input[str]
     logs_shared_key: pulumi.Input[str]
     storage_account_name: pulumi.Input[str]
     storage_account_key: pulumi.Input[str]
     share_name: pulumi.Input[str]
     storage_access_mode: StorageAccessMode
-    gpu_profile_name: str = GPU_PROFILE_NAME
 
 
 def _logs(customer_id: pulumi.Input[str], shared_key: pulumi.Input[str]) -> app.AppLogsConfigurationArgs:
@@ -107,9 +109,11 @@ def _environment_args(args: EnvironmentArgs) -> tuple[dict[str, Any], str | None
     kept = mirror_inputs(existing, app.ManagedEnvironmentArgs) | dict(app_logs_configuration=logs)
     if args.environment.import_now:
         profiles = _existing_profiles(existing)
-        gpu = next((p for p in profiles if is_gpu_profile_type(str(p.workload_profile_type))), None)
-        return kept | dict(workload_profiles=profiles), str(gpu.name) if gpu is not None else None
-    profiles, gpu_name = merge_workload_profiles(existing, args.workload_profiles, args.gpu_profile_name)
+        gpu_type = _profile_type(args.workload_profiles, args.gpu_profile_name)
+        return kept | dict(workload_profiles=profiles), _of_type(profiles, gpu_type)
+    profiles, gpu_name = merge_workload_profiles(
+        args.environment.name, existing, args.workload_profiles, args.gpu_profile_name
+    )
     return kept | dict(workload_profiles=profiles), gpu_name
 
 
@@ -141,13 +145,11 @@ class Environment(pulumi.ComponentResource):
     environment_id: pulumi.Output[str]
     storage_name: pulumi.Output[str]
     gpu_profile_name: str | None  # None until an adopted environment has a GPU profile (the run after its import)
-    location: str  # apps must be in their environment's region
 
     def __init__(self, name: str, args: EnvironmentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Environment", name, None, opts)
         self.resource_ids: dict[str, pulumi.Output[str]] = {}
         existing = args.environment.existing
-        self.location = existing.location if existing is not None else args.location
         if args.environment.declared:
             environment_args, self.gpu_profile_name = _environment_args(args)
             environment = app.ManagedEnvironment(
@@ -161,16 +163,16 @@ class Environment(pulumi.ComponentResource):
             self.resource_ids[args.environment.key] = environment.id
             environment_name: pulumi.Input[str] = environment.name
         else:
-            gpu = next(
-                (p for p in existing.workload_profiles or [] if is_gpu_profile_type(p.workload_profile_type)), None
-            )
-            if gpu is None:
-                raise pulumi.RunError(
-                    f"Container Apps environment {args.environment.name!r} has no GPU workload profile, and "
-                    "existingResources is 'reference' so it cannot be added; add one in Azure or use "
+            profiles = existing.workload_profiles or []
+            gpu_type = _profile_type(args.workload_profiles, args.gpu_profile_name)
+            self.gpu_profile_name = _of_type(profiles, gpu_type)
+            if self.gpu_profile_name is None:
+                raise ConfigError(
+                    f"Container Apps environment {args.environment.name!r} has no GPU workload profile of type "
+                    f"{gpu_type} (config `gpu`), and existingResources is 'reference' so it cannot be added; its "
+                    f"profiles: {_describe(profiles)}. Choose the `gpu` of one of them, add one in Azure, or use "
                     "`pulumi config set existingResources adopt`"
                 )
-            self.gpu_profile_name = gpu.name
             self.environment_id = pulumi.Output.from_input(existing.id)
             environment_name = args.environment.name
 

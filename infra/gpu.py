@@ -99,6 +99,7 @@ class GpuConfig:
     minimum_instance_count: int | None  # dedicated only: nodes kept running (billed) at all times
     maximum_instance_count: int | None  # dedicated only: the most nodes the profile may run
     concurrent_requests: int
+    skip_region_check: bool = False  # `skipGpuRegionCheck`: for regions Azure added after the table above
 
 
 def normalize_region(location: str) -> str:
@@ -167,24 +168,27 @@ def _memory(reader: _Reader, profile: GpuProfile) -> str:
     return str(value).strip()
 
 
-def _check_region(gpu: GpuChoice, location: str) -> None:
+def require_gpu_region(config: GpuConfig, location: str) -> None:
+    """Fail, naming the regions that offer it, when `location` (the environment's region) does not offer `gpu`."""
+    gpu = config.gpu
     region = normalize_region(location)
-    if region in PROFILES[gpu].regions:
+    if config.skip_region_check or region in PROFILES[gpu].regions:
         return
     others = [other for other, profile in PROFILES.items() if other != gpu and region in profile.regions]
     hint = f"; {location} offers gpu {' and '.join(others)}" if others else ""
     raise ConfigError(
         f"gpu: {gpu} ({PROFILES[gpu].profile_type}) is not offered in {location!r}; Azure offers it in "
-        f"{', '.join(sorted(PROFILES[gpu].regions))}{hint}. Use a region that offers it (`location`, or an existing "
-        "resource group's region), pick another `gpu`, or, if Azure has added the region since, "
+        f"{', '.join(sorted(PROFILES[gpu].regions))}{hint}. Use a region that offers it (`location`; an existing "
+        "environment or resource group decides it), pick another `gpu`, or, if Azure has added the region since, "
         "`pulumi config set skipGpuRegionCheck true`"
     )
 
 
-def read_gpu_config(config: pulumi.Config, location: str, *, parameters: Mapping[str, Any] | None = None) -> GpuConfig:
+def read_gpu_config(config: pulumi.Config, *, parameters: Mapping[str, Any] | None = None) -> GpuConfig:
     """Read and validate `gpu`, sizing, replica range, instance counts and scaling; raises ConfigError naming the
-    key and the rule. `location` is the region the app's environment is in; `parameters` are the legacy
-    parameters file's values (they supply `maximumInstanceCount` when Pulumi config does not)."""
+    key and the rule. `parameters` are the legacy parameters file's values (they supply `maximumInstanceCount` when
+    Pulumi config does not). The region check needs the environment's region, known after the lookups:
+    `require_gpu_region`."""
     reader = _Reader(config, parameters or {})
 
     choice = reader.raw("gpu") or DEFAULT_GPU
@@ -192,8 +196,6 @@ def read_gpu_config(config: pulumi.Config, location: str, *, parameters: Mapping
         raise ConfigError(f"gpu: must be one of {', '.join(get_args(GpuChoice))}, got {choice!r}")
     gpu = cast(GpuChoice, choice)
     profile = PROFILES[gpu]
-    if not reader.flag("skipGpuRegionCheck"):
-        _check_region(gpu, location)
 
     min_replicas = reader.integer("minReplicas", 1, minimum=0)
     max_replicas = reader.integer("maxReplicas", 1, minimum=1)
@@ -241,6 +243,7 @@ def read_gpu_config(config: pulumi.Config, location: str, *, parameters: Mapping
         minimum_instance_count=minimum_count,
         maximum_instance_count=maximum_count,
         concurrent_requests=reader.integer("scaleConcurrentRequests", DEFAULT_CONCURRENT_REQUESTS, minimum=1),
+        skip_region_check=reader.flag("skipGpuRegionCheck"),
     )
 
 

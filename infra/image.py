@@ -181,7 +181,8 @@ def container_command(config: ImageConfig, default_commands: Sequence[str] | Non
     if config.builds:
         pulumi.log.warn(
             "defaultCommands is ignored: the built image starts the app by itself. It applies only together with "
-            "`image` (a prebuilt image without our app); remove it with `pulumi config rm defaultCommands`."
+            "`image` (a prebuilt image without our app); remove it (`pulumi config rm defaultCommands`, or from "
+            "infra/provision/inference.parameters.json, where the AI Toolkit puts it) to silence this warning."
         )
         return None
     return ["/bin/bash", "-c", "; ".join(default_commands)]

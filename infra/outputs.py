@@ -1,5 +1,6 @@
-"""Stack outputs: `endpoint`, the bicep's six outputs, the adoption record, and the AI Toolkit's
-`infra/inference.config.json` (written after a real deployment only, never in preview)."""
+"""Stack outputs: `endpoint`, the bicep's six outputs, the active revision and image, the credentials of password
+access, the adoption record, and the AI Toolkit's `infra/inference.config.json` (written after a real deployment only,
+never in preview)."""
 
 import json
 from collections.abc import Mapping
@@ -8,6 +9,7 @@ from typing import Any
 
 import pulumi
 
+from infra.access import EndpointAccess
 from infra.adoption import ADOPTION_OUTPUT, Adoption
 from infra.app import ContainerApp
 
@@ -35,10 +37,13 @@ def export_outputs(
     storage_account_name: pulumi.Input[str],
     file_share_name: pulumi.Input[str],
     app: ContainerApp | None,
+    access: EndpointAccess,
     adoptions: list[Adoption],
     resource_ids: Mapping[str, pulumi.Output[str]],
 ) -> None:
-    """Exports the outputs; without an app yet (see __main__.py) there is no endpoint and no toolkit file."""
+    """Exports the outputs; without an app yet (see __main__.py) there is no endpoint and no toolkit file.
+    `activeRevision` changes whenever a `pulumi up` rolled a new revision (new image, settings or modelRevision);
+`accessUsername`/`accessPassword` in password mode."""
     bicep_outputs: dict[str, pulumi.Output[Any]] = {
         "SUBSCRIPTION_ID": pulumi.Output.from_input(subscription_id),
         "RESOURCE_GROUP_NAME": pulumi.Output.from_input(resource_group_name),
@@ -49,8 +54,12 @@ def export_outputs(
         bicep_outputs["ACA_APP_NAME"] = app.name
         bicep_outputs["ACA_APP_ENDPOINT"] = app.fqdn  # the bicep's output: the fqdn, no scheme
         pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
+        pulumi.export("activeRevision", app.active_revision)
+        pulumi.export("image", app.image)
     for name, value in bicep_outputs.items():
         pulumi.export(name, value)
+    for name, credential in access.stack_outputs().items():  # the password is a secret output
+        pulumi.export(name, credential)
     pulumi.export(ADOPTION_OUTPUT, adoption_record(adoptions, resource_ids))
     if app is not None and not pulumi.runtime.is_dry_run():
         pulumi.Output.all(**bicep_outputs).apply(write_toolkit_config)

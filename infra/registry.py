@@ -11,7 +11,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import app, authorization, containerregistry, managedidentity
 
-from infra.adoption import Adoption, Mode, PreviousRun, decide, lookup, mirror_inputs
+from infra.adoption import Adoption, Mode, PreviousRun, decide, global_name_is_taken, lookup, mirror_inputs
 from infra.errors import ConfigError
 
 # Built-in role "AcrPull" (the same id in every tenant).
@@ -41,14 +41,21 @@ def acr_pull_role_definition_id(subscription_id: str) -> str:
 
 
 def plan_registry(
-    name: str, resource_group_name: str, group_exists: bool, mode: Mode, previous: PreviousRun
+    name: str, resource_group_name: str, group_exists: bool, mode: Mode, previous: PreviousRun, *, explicit: bool
 ) -> Adoption:
-    """Create, adopt or reference the registry, like every other resource (infra/adoption.py)."""
+    """Create, adopt or reference the registry, like every other resource (infra/adoption.py). A name free in the
+    group but taken elsewhere in Azure (registry names are global) stops the program naming the key to change."""
     existing = None
     if group_exists:
         existing = lookup(
             f"container registry {name!r}",
             lambda: containerregistry.get_registry(registry_name=name, resource_group_name=resource_group_name),
+        )
+    if existing is None and global_name_is_taken(f"{name.lower()}.azurecr.io", f"registry name {name!r}"):
+        how = "the name you configured" if explicit else "the default name"
+        raise ConfigError(
+            f"registryName: {name!r} ({how}) is taken by a registry elsewhere in Azure (registry names are global); "
+            "choose another with `pulumi config set registryName <5-50 letters and digits>`"
         )
     return decide(REGISTRY_ADOPTION_KEY, name, existing, mode, previous)
 

@@ -5,6 +5,8 @@ and the engine's builtin `readStackOutputs` answers with the previous run's outp
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import runpy
 import socket
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from urllib.request import Request
 
 import pulumi
 
@@ -23,6 +26,11 @@ SUBSCRIPTION_ID = "3f2a9c4e-8b1d-4e7a-9c2f-5d6e7f8a9b0c"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 STORAGE_KEY = "c3RvcmFnZS1hY2NvdW50LWtleQ=="
 WORKSPACE_KEY = "d29ya3NwYWNlLXNoYXJlZC1rZXk="
+AAD_TOKEN = "aad-access-token-for-arm"  # what getClientToken answers (the user's Azure login)
+ACR_TOKEN = "acr-refresh-token"  # what a registry's /oauth2/exchange answers for it
+IDENTITY_PRINCIPAL_ID = "9d8c7b6a-5f4e-4d3c-9b2a-1f0e9d8c7b6a"
+IDENTITY_CLIENT_ID = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
+GENERATED_PASSWORD = "Gen3ratedPassw0rdFromPulumiRandom"  # what pulumi-random's RandomPassword answers
 ARM = "https://management.azure.com"
 # How Pulumi's wire format marks a secret value (pulumi.runtime.rpc's _special_sig_key / _special_secret_sig).
 SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
@@ -74,6 +82,19 @@ def environment_storage_id(group: str, environment: str, storage: str) -> str:
 
 def container_app_id(group: str, app: str) -> str:
     return f"{group_id(group)}/providers/Microsoft.App/containerApps/{app}"
+
+
+def registry_id(group: str, registry: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.ContainerRegistry/registries/{registry}"
+
+
+def identity_id(group: str, identity: str) -> str:
+    return f"{group_id(group)}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{identity}"
+
+
+def fingerprint(value: Any) -> str:
+    # default=str: in preview some inputs are still unknown
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def azure_error(method: str, resource_id: str, status: int, code: str, message: str) -> str:
@@ -133,6 +154,7 @@ class Declared:
     name: str
     raw_inputs: dict[str, Any]  # with secret markers
     import_id: str | None
+    state: dict[str, Any] = field(default_factory=dict)  # what Azure holds afterwards (secret markers removed)
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -149,9 +171,11 @@ class FakeAzure(pulumi.runtime.Mocks):
     existing: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # ARM id -> error text for its lookup (403, 429...)
     taken_storage_account_names: set[str] = field(default_factory=set)  # global names owned by someone else
+    taken_registry_names: set[str] = field(default_factory=set)
     previous_outputs: dict[str, Any] = field(default_factory=dict)  # the stack's outputs after its previous run
     declared: list[Declared] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
+    token_exchanges: list[str] = field(default_factory=list)  # URLs the program exchanged a token at
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -162,6 +186,8 @@ class FakeAzure(pulumi.runtime.Mocks):
         token, a = args.token, args.args
         if token == "azure-native:authorization:getClientConfig":
             return {"subscriptionId": self.subscription_id, "tenantId": TENANT_ID, "clientId": "c", "objectId": "o"}
+        if token == "azure-native:authorization:getClientToken":
+            return {"token": AAD_TOKEN}
         if token == "pulumi:pulumi:readStackOutputs":
             return {"name": a["name"], "outputs": self.previous_outputs, "secretOutputNames": []}
         if token == "azure-native:storage:listStorageAccountKeys":
@@ -199,6 +225,10 @@ class FakeAzure(pulumi.runtime.Mocks):
                 container_app_id(group, a["containerAppName"]),
                 [group_id(group)],
             ),
+            "azure-native:containerregistry:getRegistry": lambda: (
+                registry_id(group, a["registryName"]),
+                [group_id(group)],
+            ),
         }
         if token not in ids:
             return {}, [("", f"the fake Azure has no answer for {token}")]
@@ -218,7 +248,8 @@ class FakeAzure(pulumi.runtime.Mocks):
 
     # -- resources -------------------------------------------------------------------------------------------------
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
-        self.declared.append(Declared(args.typ, args.name, copy.deepcopy(args.inputs), args.resource_id or None))
+        declared = Declared(args.typ, args.name, copy.deepcopy(args.inputs), args.resource_id or None)
+        self.declared.append(declared)
         inputs = reveal(args.inputs)
         state = dict(args.inputs)
         group = inputs.get("resourceGroupName", "")
@@ -252,6 +283,35 @@ class FakeAzure(pulumi.runtime.Mocks):
                 f"{inputs['containerAppName']}.bluesky-1a2b3c4d.eastus.azurecontainerapps.io"
             )
             state["configuration"] = configuration
+            # Azure rolls a new revision whenever the template changes; the name's suffix is random in Azure.
+            revision = f"{inputs['containerAppName']}--{fingerprint(inputs.get('template'))[:7]}"
+            state |= {"latestRevisionName": revision, "latestReadyRevisionName": revision}
+            identity = inputs.get("identity") or {}
+            if identity.get("userAssignedIdentities"):  # Azure answers with a map: id -> principal and client ids
+                state["identity"] = identity | {
+                    "userAssignedIdentities": {
+                        key: {"principalId": IDENTITY_PRINCIPAL_ID, "clientId": IDENTITY_CLIENT_ID}
+                        for key in identity["userAssignedIdentities"]
+                    }
+                }
+        elif args.typ == "azure-native:containerregistry:Registry":
+            resource_id = registry_id(group, inputs["registryName"])
+            state |= {"name": inputs["registryName"], "loginServer": f"{inputs['registryName'].lower()}.azurecr.io"}
+        elif args.typ == "azure-native:managedidentity:UserAssignedIdentity":
+            resource_id = identity_id(group, inputs["resourceName"])
+            state |= {"name": inputs["resourceName"], "principalId": IDENTITY_PRINCIPAL_ID, "clientId": IDENTITY_CLIENT_ID}
+        elif args.typ == "azure-native:authorization:RoleAssignment":
+            resource_id = f"{inputs['scope']}/providers/Microsoft.Authorization/roleAssignments/{fingerprint(inputs)[:32]}"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            resource_id = f"{args.name}_id"
+            state["result"] = GENERATED_PASSWORD
+        elif args.typ == "random:index/randomId:RandomId":  # new keepers, new id (the provider replaces it)
+            resource_id = f"{args.name}_id"
+            state["hex"] = fingerprint(inputs.get("keepers"))[: 2 * int(inputs["byteLength"])]
+        elif args.typ == "docker-build:index:Image":
+            # A registry's digest is the hash of the pushed manifest: a different build, a different digest.
+            resource_id = "sha256:" + fingerprint(inputs.get("tags"))
+            state["digest"] = resource_id
         else:
             resource_id = f"{args.name}_id"
         if args.resource_id:  # an import: the state is what exists in Azure
@@ -259,13 +319,21 @@ class FakeAzure(pulumi.runtime.Mocks):
             existing = self.existing.get(resource_id.lower(), {})
             state |= {key: value for key, value in existing.items() if key not in args.inputs}
         state["id"] = resource_id
+        declared.state = reveal(copy.deepcopy(state))
         return resource_id, state
 
     def resolve(self, host: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """socket.getaddrinfo as DNS answers for storage endpoints: only taken account names resolve."""
-        if host.removesuffix(".blob.core.windows.net") in self.taken_storage_account_names:
+        """socket.getaddrinfo as DNS answers for storage and registry endpoints: only taken names resolve."""
+        taken = {f"{name}.blob.core.windows.net" for name in self.taken_storage_account_names}
+        taken |= {f"{name}.azurecr.io" for name in self.taken_registry_names}
+        if host in taken:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("20.60.0.1", 443))]
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def exchange_token(self, request: Request, timeout: float) -> io.BytesIO:
+        """urlopen as a registry's /oauth2/exchange answers it: an ACR refresh token for the AAD token."""
+        self.token_exchanges.append(request.full_url)
+        return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
 
     def by_type(self, typ: str) -> list[Declared]:
         return [d for d in self.declared if d.typ == typ]
@@ -323,8 +391,10 @@ def run_program(
 
         return pulumi.Output.from_input(collect())
 
-    # The storage account name check resolves `<name>.blob.core.windows.net`: answer from the table of globally
-    # taken names instead of the network.
-    with mock.patch.object(socket, "getaddrinfo", azure.resolve):
+    # Global name checks resolve `<name>.blob.core.windows.net` and `<name>.azurecr.io`, and the image's push
+    # credentials come from the registry's token endpoint: answer both from the fake instead of the network.
+    with mock.patch.object(socket, "getaddrinfo", azure.resolve), mock.patch(
+        "infra.image.urlopen", azure.exchange_token
+    ):
         program()
     return run

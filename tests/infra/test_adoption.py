@@ -26,7 +26,7 @@ from tests.infra.azure_mocks import (
 )
 
 GROUP = "rg-phi3-finetune"
-LOCATION = "eastus"
+LOCATION = "westus3"
 SUFFIX = unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{GROUP}")[:5]
 ACCOUNT, SHARE, ENVIRONMENT = f"aistorage{SUFFIX}", f"aifileshare{SUFFIX}", f"aienv{SUFFIX}"
 ENV_STORAGE, APP, WORKSPACE = f"aienvstorage{SUFFIX}", f"aiacaapp{SUFFIX}", f"ailog{SUFFIX}"
@@ -42,6 +42,7 @@ TYPES = {
     "environment": "azure-native:app:ManagedEnvironment",
     "environmentStorage": "azure-native:app:ManagedEnvironmentsStorage",
     "containerApp": "azure-native:app:ContainerApp",
+    "containerRegistry": "azure-native:containerregistry:Registry",
 }
 FINE_TUNING_IDS = {
     "resourceGroup": group_id(GROUP),
@@ -258,7 +259,7 @@ def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir:
         if declared.typ in TYPES.values():
             second_azure.add(
                 first.outputs["adoption"][next(k for k, t in TYPES.items() if t == declared.typ)]["id"],
-                {key: value for key, value in declared.inputs.items()},
+                {key: value for key, value in declared.state.items() if key != "id"},
             )
     second = run_program(second_azure, CONFIG | {"location": LOCATION})
     assert all(declared.import_id is None for declared in second_azure.declared)
@@ -343,6 +344,7 @@ def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_di
         "environment": "created",
         "environmentStorage": "created",
         "containerApp": "created",
+        "containerRegistry": "created",
     }
     assert azure.one(TYPES["fileShare"]).import_id == file_share_id(GROUP, "teamstorage01", "team-models")
     assert azure.one(TYPES["fileShare"]).inputs["shareQuota"] == 2048  # never shrunk
@@ -397,10 +399,17 @@ def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: 
     azure = FakeAzure()
     add_fine_tuning_layout(azure)
     run = run_program(azure, CONFIG | {"existingResources": "reference"})
-    assert [declared.typ for declared in azure.declared if declared.typ.startswith("azure-native:")] == [
-        TYPES["containerApp"]
-    ]
-    assert statuses(run) == {key: "referenced" for key in FINE_TUNING_IDS} | {"containerApp": "created"}
+    # Only what did not exist is declared: the app, and the registry it pulls from with the identity it pulls as.
+    assert {declared.typ for declared in azure.declared if declared.typ.startswith("azure-native:")} == {
+        TYPES["containerApp"],
+        TYPES["containerRegistry"],
+        "azure-native:managedidentity:UserAssignedIdentity",
+        "azure-native:authorization:RoleAssignment",
+    }
+    assert statuses(run) == {key: "referenced" for key in FINE_TUNING_IDS} | {
+        "containerApp": "created",
+        "containerRegistry": "created",
+    }
     app = azure.one(TYPES["containerApp"]).inputs
     assert app["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)
     assert app["template"]["volumes"][0]["storageName"] == ENV_STORAGE

@@ -16,6 +16,7 @@ from infra.gpu import (
     GpuConfig,
     probes,
     read_gpu_config,
+    require_gpu_region,
     scale_rules,
     workload_profiles,
 )
@@ -34,6 +35,13 @@ def stack_config(**values: Any) -> pulumi.Config:
         {f"{PROJECT}:{key}": value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
     )
     return pulumi.Config(PROJECT)
+
+
+def read_for(config: pulumi.Config, location: str, *, parameters: dict[str, Any] | None = None) -> GpuConfig:
+    """What the program does: read the keys, then check the environment's region."""
+    gpu = read_gpu_config(config, parameters=parameters)
+    require_gpu_region(gpu, location)
+    return gpu
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -121,7 +129,7 @@ def declare_environment_and_app(gpu: GpuConfig) -> dict[str, dict[str, Any]]:
 def test_each_gpu_choice_gives_its_workload_profile_and_sizing(
     choice: str, gpu_profile: dict[str, Any], cpu: float, memory: str
 ) -> None:
-    gpu = read_gpu_config(stack_config(gpu=choice), "westus3")
+    gpu = read_for(stack_config(gpu=choice), "westus3")
     resources = declare_environment_and_app(gpu)
 
     assert resources["azure-native:app:ManagedEnvironment"]["workloadProfiles"] == [
@@ -136,7 +144,7 @@ def test_each_gpu_choice_gives_its_workload_profile_and_sizing(
 
 
 def test_default_is_the_bicep_dedicated_a100_with_one_replica() -> None:
-    gpu = read_gpu_config(stack_config(), "westus3")
+    gpu = read_for(stack_config(), "westus3")
     assert (gpu.gpu, gpu.profile.profile_type, gpu.profile.profile_name) == ("dedicated-A100", "NC24-A100", "GPU")
     assert (gpu.min_replicas, gpu.max_replicas) == (1, 1)
     assert (gpu.minimum_instance_count, gpu.maximum_instance_count) == (0, 2)
@@ -144,9 +152,9 @@ def test_default_is_the_bicep_dedicated_a100_with_one_replica() -> None:
 
 
 def test_dedicated_counts_come_from_config_then_the_parameters_file() -> None:
-    from_file = read_gpu_config(stack_config(), "westus3", parameters={"maximumInstanceCount": 5})
+    from_file = read_for(stack_config(), "westus3", parameters={"maximumInstanceCount": 5})
     assert from_file.maximum_instance_count == 5
-    from_config = read_gpu_config(
+    from_config = read_for(
         stack_config(maximumInstanceCount=3, minimumInstanceCount=1), "westus3", parameters={"maximumInstanceCount": 5}
     )
     assert (from_config.minimum_instance_count, from_config.maximum_instance_count) == (1, 3)
@@ -161,7 +169,7 @@ def test_dedicated_counts_come_from_config_then_the_parameters_file() -> None:
 
 
 def test_sizing_is_overridable_within_the_profile() -> None:
-    gpu = read_gpu_config(stack_config(gpu="serverless-T4", containerCpu="4", containerMemory="28Gi"), "westus3")
+    gpu = read_for(stack_config(gpu="serverless-T4", containerCpu="4", containerMemory="28Gi"), "westus3")
     assert (gpu.container_cpu, gpu.container_memory) == (4.0, "28Gi")
     resources = declare_environment_and_app(gpu)
     assert resources["azure-native:app:ContainerApp"]["template"]["containers"][0]["resources"] == {
@@ -187,18 +195,18 @@ def test_sizing_is_overridable_within_the_profile() -> None:
 )
 def test_sizing_beyond_the_profile_fails(values: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        read_gpu_config(stack_config(**values), "westus3")
+        read_for(stack_config(**values), "westus3")
 
 
 def test_scale_to_zero_is_allowed_on_serverless() -> None:
-    gpu = read_gpu_config(stack_config(gpu="serverless-A100", minReplicas="0", maxReplicas="3"), "swedencentral")
+    gpu = read_for(stack_config(gpu="serverless-A100", minReplicas="0", maxReplicas="3"), "swedencentral")
     resources = declare_environment_and_app(gpu)
     assert resources["azure-native:app:ContainerApp"]["template"]["scale"]["minReplicas"] == 0
     assert resources["azure-native:app:ContainerApp"]["template"]["scale"]["maxReplicas"] == 3
 
 
 def test_scale_to_zero_on_dedicated_with_the_default_minimum_count_of_zero() -> None:
-    gpu = read_gpu_config(stack_config(minReplicas="0"), "westus3")
+    gpu = read_for(stack_config(minReplicas="0"), "westus3")
     assert (gpu.min_replicas, gpu.minimum_instance_count) == (0, 0)
 
 
@@ -239,12 +247,12 @@ def test_scale_to_zero_on_dedicated_with_the_default_minimum_count_of_zero() -> 
 )
 def test_invalid_combinations_fail_naming_the_key_and_the_rule(values: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        read_gpu_config(stack_config(**values), "westus3")
+        read_for(stack_config(**values), "westus3")
 
 
 def test_the_parameters_files_instance_count_is_not_an_error_on_serverless() -> None:
     """The toolkit's parameters file always carries maximumInstanceCount for its dedicated profile."""
-    gpu = read_gpu_config(stack_config(gpu="serverless-T4"), "westus3", parameters={"maximumInstanceCount": 2})
+    gpu = read_for(stack_config(gpu="serverless-T4"), "westus3", parameters={"maximumInstanceCount": 2})
     assert (gpu.minimum_instance_count, gpu.maximum_instance_count) == (None, None)
 
 
@@ -265,7 +273,7 @@ def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
     choice: str, location: str, offered_in: str, hint: str | None
 ) -> None:
     with pytest.raises(ConfigError) as error:
-        read_gpu_config(stack_config(gpu=choice), location)
+        read_for(stack_config(gpu=choice), location)
     message = str(error.value)
     assert message.startswith(f"gpu: {choice} (")
     assert f"is not offered in '{location}'" in message
@@ -278,24 +286,24 @@ def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
 
 
 def test_region_display_names_are_accepted_and_the_check_can_be_skipped() -> None:
-    assert read_gpu_config(stack_config(gpu="serverless-A100"), "West US 3").gpu == "serverless-A100"
-    assert read_gpu_config(stack_config(gpu="serverless-A100", skipGpuRegionCheck="true"), "uksouth").gpu == (
+    assert read_for(stack_config(gpu="serverless-A100"), "West US 3").gpu == "serverless-A100"
+    assert read_for(stack_config(gpu="serverless-A100", skipGpuRegionCheck="true"), "uksouth").gpu == (
         "serverless-A100"
     )
 
 
 def test_http_concurrency_scale_rule() -> None:
-    default = declare_environment_and_app(read_gpu_config(stack_config(), "westus3"))
+    default = declare_environment_and_app(read_for(stack_config(), "westus3"))
     assert default["azure-native:app:ContainerApp"]["template"]["scale"]["rules"] == [
         {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}
     ]
-    gpu = read_gpu_config(stack_config(gpu="serverless-T4", scaleConcurrentRequests="4", maxReplicas="4"), "eastus")
+    gpu = read_for(stack_config(gpu="serverless-T4", scaleConcurrentRequests="4", maxReplicas="4"), "eastus")
     rules = declare_environment_and_app(gpu)["azure-native:app:ContainerApp"]["template"]["scale"]["rules"]
     assert rules == [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "4"}}}]
 
 
 def test_probes_give_a_cold_start_time_to_serve_and_keep_traffic_away_until_the_model_is_loaded() -> None:
-    gpu = read_gpu_config(stack_config(gpu="serverless-T4", minReplicas="0"), "westus3")
+    gpu = read_for(stack_config(gpu="serverless-T4", minReplicas="0"), "westus3")
     container = declare_environment_and_app(gpu)["azure-native:app:ContainerApp"]["template"]["containers"][0]
     by_type = {probe["type"]: probe for probe in container["probes"]}
     assert set(by_type) == {"Startup", "Readiness", "Liveness"}

@@ -6,10 +6,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pulumi
 import pytest
 import yaml
 
+from infra.access import DEFAULT_ACCESS
 from infra.config import InfraConfig
+from infra.gpu import read_gpu_config
+from infra.image import ImageConfig
 from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
     REPO_ROOT,
@@ -23,7 +27,7 @@ from tests.infra.azure_mocks import (
 )
 
 GROUP = "rg-phi3-finetune"
-BASE_CONFIG = {"resourceGroupName": GROUP, "location": "eastus"}
+BASE_CONFIG = {"resourceGroupName": GROUP, "location": "westus3"}
 
 
 def default_suffix(group: str = GROUP) -> str:
@@ -43,7 +47,7 @@ def test_storage_account_properties(fresh: tuple[FakeAzure, Any]) -> None:
     assert account["sku"] == {"name": "Standard_LRS"}
     assert account["kind"] == "StorageV2"
     assert account["largeFileSharesState"] == "Enabled"
-    assert account["location"] == "eastus"
+    assert account["location"] == "westus3"
     assert account["resourceGroupName"] == GROUP
     assert account["minimumTlsVersion"] == "TLS1_2"
     assert account["allowBlobPublicAccess"] is False
@@ -66,7 +70,7 @@ def test_workspace_properties(fresh: tuple[FakeAzure, Any]) -> None:
     azure, _ = fresh
     workspace = azure.one("azure-native:operationalinsights:Workspace").inputs
     assert workspace["sku"] == {"name": "PerGB2018"}
-    assert workspace["location"] == "eastus"
+    assert workspace["location"] == "westus3"
 
 
 def test_environment_properties(fresh: tuple[FakeAzure, Any]) -> None:
@@ -84,7 +88,7 @@ def test_environment_properties(fresh: tuple[FakeAzure, Any]) -> None:
     ]
     assert environment["zoneRedundant"] is False
     assert environment["peerAuthentication"] == {"mtls": {"enabled": False}}
-    assert environment["location"] == "eastus"
+    assert environment["location"] == "westus3"
 
 
 def test_environment_storage_properties(fresh: tuple[FakeAzure, Any]) -> None:
@@ -108,7 +112,7 @@ def test_container_app_properties(fresh: tuple[FakeAzure, Any]) -> None:
     suffix = default_suffix()
     assert app["workloadProfileName"] == "GPU"
     assert app["managedEnvironmentId"] == environment_id(GROUP, f"aienv{suffix}")
-    assert app["identity"] == {"type": "None"}
+    # identity, registry entry and image: tests/infra/test_program_image.py
     configuration = app["configuration"]
     assert configuration["activeRevisionsMode"] == "Single"
     assert configuration["ingress"] == {
@@ -120,27 +124,26 @@ def test_container_app_properties(fresh: tuple[FakeAzure, Any]) -> None:
     }
     (container,) = app["template"]["containers"]
     assert container["name"] == f"aiacaapp{suffix}"
-    assert container["image"] == "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
-    assert container["command"] == ["/bin/bash", "-c", "; ".join(InfraConfig.default_commands)]
+    assert "command" not in container  # the built image's own
     assert container["resources"] == {"cpu": 24, "memory": "220Gi"}
     assert container["volumeMounts"] == [{"volumeName": f"aifileshare{suffix}volume", "mountPath": "/mount"}]
-    probes = {probe["type"]: probe for probe in container["probes"]}
-    assert set(probes) == {"Liveness", "Readiness", "Startup"}
-    for probe in probes.values():
-        assert probe["httpGet"] == {"path": "/", "port": 7860, "scheme": "HTTP"}
-        assert probe["initialDelaySeconds"] == 60
-    assert (probes["Startup"]["periodSeconds"], probes["Startup"]["failureThreshold"]) == (120, 10)
+    probes = {probe["type"]: probe["httpGet"] for probe in container["probes"]}  # timings: tests/infra/test_gpu.py
+    assert probes == {
+        "Startup": {"path": "/health", "port": 7860, "scheme": "HTTP"},
+        "Readiness": {"path": "/ready", "port": 7860, "scheme": "HTTP"},
+        "Liveness": {"path": "/health", "port": 7860, "scheme": "HTTP"},
+    }
     assert app["template"]["volumes"] == [
         {"name": f"aifileshare{suffix}volume", "storageType": "AzureFile", "storageName": f"aienvstorage{suffix}"}
     ]
-    assert app["template"]["scale"] == {"minReplicas": 1, "maxReplicas": 1}
+    assert app["template"]["scale"] == {"minReplicas": 1, "maxReplicas": 1, "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}]}
 
 
 def test_resource_group_is_created_when_missing(fresh: tuple[FakeAzure, Any]) -> None:
     azure, _ = fresh
     assert azure.one("azure-native:resources:ResourceGroup").inputs == {
         "resourceGroupName": GROUP,
-        "location": "eastus",
+        "location": "westus3",
     }
 
 
@@ -160,7 +163,7 @@ def test_default_names_for_a_published_subscription_and_group(in_scratch_dir: Pa
     """uniqueString('/subscriptions/3c7f956b-55ee-4686-9d30-da1eb631dc59/resourceGroups/rg-devopsshieldek010dev')
     is 'fd63l2gacbtca' as printed by real ARM deployments (see tests/infra/test_unique_string.py)."""
     azure = FakeAzure(subscription_id="3c7f956b-55ee-4686-9d30-da1eb631dc59")
-    run = run_program(azure, {"resourceGroupName": "rg-devopsshieldek010dev", "location": "eastus"})
+    run = run_program(azure, {"resourceGroupName": "rg-devopsshieldek010dev", "location": "westus3"})
     assert azure.one("azure-native:storage:StorageAccount").inputs["accountName"] == "aistoragefd63l"
     assert azure.one("azure-native:storage:FileShare").inputs["shareName"] == "aifilesharefd63l"
     assert azure.one("azure-native:app:ManagedEnvironment").inputs["environmentName"] == "aienvfd63l"
@@ -184,8 +187,8 @@ def test_default_names_use_the_group_id_casing_azure_returns(in_scratch_dir: Pat
 
 def test_location_falls_back_to_azure_native_location(in_scratch_dir: Path) -> None:
     azure = FakeAzure()
-    run_program(azure, {"resourceGroupName": GROUP, "azure-native:location": "swedencentral"})
-    assert azure.one("azure-native:resources:ResourceGroup").inputs["location"] == "swedencentral"
+    run_program(azure, {"resourceGroupName": GROUP, "azure-native:location": "northeurope"})
+    assert azure.one("azure-native:resources:ResourceGroup").inputs["location"] == "northeurope"
 
 
 EXPLICIT_NAMES = {
@@ -232,7 +235,7 @@ def test_parameters_file_values_are_defaults_and_config_wins(in_scratch_dir: Pat
     write_parameters(
         in_scratch_dir,
         {
-            "location": "westeurope",
+            "location": "northeurope",
             "maximumInstanceCount": 4,
             "defaultCommands": ["cd /mount", "python serve.py"],
             "storageAccountName": "fromfile01",
@@ -247,14 +250,17 @@ def test_parameters_file_values_are_defaults_and_config_wins(in_scratch_dir: Pat
     run_program(azure, {"resourceGroupName": GROUP, "acaAppName": "config-app", "maximumInstanceCount": 3})
     suffix = default_suffix()
     assert azure.one("azure-native:storage:StorageAccount").inputs["accountName"] == "fromfile01"
-    assert azure.one("azure-native:storage:StorageAccount").inputs["location"] == "westeurope"
+    assert azure.one("azure-native:storage:StorageAccount").inputs["location"] == "northeurope"
     assert azure.one("azure-native:storage:FileShare").inputs["shareName"] == "file-share"
     assert azure.one("azure-native:app:ContainerApp").inputs["containerAppName"] == "config-app"  # config wins
     environment = azure.one("azure-native:app:ManagedEnvironment").inputs
     assert environment["environmentName"] == f"aienv{suffix}"  # null in the file: the default
     assert environment["workloadProfiles"][1]["maximumCount"] == 3  # config wins over the file's 4
     (container,) = azure.one("azure-native:app:ContainerApp").inputs["template"]["containers"]
-    assert container["command"] == ["/bin/bash", "-c", "cd /mount; python serve.py"]
+    assert "command" not in container  # the file's defaultCommands apply only to a prebuilt `image`...
+    run_program(azure := FakeAzure(), {"resourceGroupName": GROUP, "image": "docker.io/pytorch/pytorch:2.4.0"})
+    (container,) = azure.one("azure-native:app:ContainerApp").inputs["template"]["containers"]
+    assert container["command"] == ["/bin/bash", "-c", "cd /mount; python serve.py"]  # ...such as this one
 
 
 def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Path) -> None:
@@ -264,6 +270,7 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
         "containerMemory": "64Gi",
         "minReplicas": 0,
         "maxReplicas": 3,
+        "maximumInstanceCount": 3,  # one NC24-A100 node per replica
         "image": "myregistry.azurecr.io/inference:1",
         "storageAccessMode": "ReadOnly",
     }
@@ -272,7 +279,8 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
     (container,) = app["template"]["containers"]
     assert container["resources"] == {"cpu": 8, "memory": "64Gi"}
     assert container["image"] == "myregistry.azurecr.io/inference:1"
-    assert app["template"]["scale"] == {"minReplicas": 0, "maxReplicas": 3}
+    assert app["template"]["scale"] == {"minReplicas": 0, "maxReplicas": 3, "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}]}
+    assert app["configuration"]["ingress"]["stickySessions"] == {"affinity": "sticky"}  # Gradio's queue state
     env_storage = azure.one("azure-native:app:ManagedEnvironmentsStorage").inputs
     assert env_storage["properties"]["azureFile"]["accessMode"] == "ReadOnly"
 
@@ -296,7 +304,7 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
         ({"maximumInstanceCount": 0}, "maximumInstanceCount: must be an integer >= 1"),
         ({"maximumInstanceCount": "two"}, "maximumInstanceCount: must be an integer >= 1"),
         ({"containerMemory": "220GB"}, "containerMemory: must be a size in Gi"),
-        ({"containerCpu": "-1"}, "containerCpu: must be a positive number"),
+        ({"containerCpu": "-1"}, "containerCpu: must be a number of vCPUs above 0 and at most 24"),
         ({"minReplicas": 2, "maxReplicas": 1}, "minReplicas: must not exceed maxReplicas"),
         ({"storageAccessMode": "Write"}, "storageAccessMode: must be one of ReadWrite, ReadOnly"),
         ({"existingResources": "import"}, "existingResources: must be one of adopt, reference"),
@@ -365,7 +373,7 @@ def test_outputs(fresh: tuple[FakeAzure, Any]) -> None:
         "ACA_APP_NAME": f"aiacaapp{suffix}",
         "ACA_APP_ENDPOINT": fqdn,
     }
-    assert run.secret_outputs == set()
+    assert run.secret_outputs == {"accessPassword"}  # access: password, the default
 
 
 def toolkit_keys() -> list[str]:
@@ -397,6 +405,11 @@ def test_secrets_stay_secret(fresh: tuple[FakeAzure, Any]) -> None:
     assert STORAGE_KEY not in json.dumps(run.outputs) and WORKSPACE_KEY not in json.dumps(run.outputs)
 
 
+def empty_config() -> pulumi.Config:
+    pulumi.runtime.set_all_config({})
+    return pulumi.Config("aitk-inference")
+
+
 def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
     project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text(encoding="utf-8"))
     assert project["runtime"] == {"name": "python", "options": {"toolchain": "pip", "virtualenv": ".venv"}}
@@ -408,20 +421,54 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
         "defaultCommands",
         *EXPLICIT_NAMES,
         "image",
+        "buildPlatform",
+        "registryName",
+        "registrySku",
+        "modelPath",
+        "adapterPath",
+        "baseOnly",
+        "quantize4bit",
+        "maxConcurrentGenerations",
+        "modelRevision",
+        "gpu",
+        "minimumInstanceCount",
+        "scaleConcurrentRequests",
+        "skipGpuRegionCheck",
         "containerCpu",
         "containerMemory",
         "minReplicas",
         "maxReplicas",
+        "access",
+        "accessUsername",
+        "accessPassword",
+        "entraClientId",
+        "entraTenantId",
+        "entraClientSecret",
+        "entraAllowedAudiences",
+        "allowedIpRanges",
         "storageAccessMode",
         "existingResources",
     }
     assert all(entry.get("type") and entry.get("description") for entry in declared.values())
-    defaults = InfraConfig(resource_group_name=GROUP, location=None)
-    assert declared["image"]["default"] == defaults.image
-    assert float(declared["containerCpu"]["default"]) == defaults.container_cpu
-    assert declared["containerMemory"]["default"] == defaults.container_memory
-    assert declared["minReplicas"]["default"] == defaults.min_replicas
-    assert declared["maxReplicas"]["default"] == defaults.max_replicas
+    defaults = InfraConfig(resource_group_name=GROUP, location=None, gpu=read_gpu_config(empty_config()))
+    image_defaults = ImageConfig()
+    assert declared["buildPlatform"]["default"] == image_defaults.build_platform
+    assert declared["registrySku"]["default"] == image_defaults.registry_sku
+    # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
+    # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
+    no_default = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
+    no_default += ("maxConcurrentGenerations", "modelRevision", "containerCpu", "containerMemory")
+    no_default += ("minimumInstanceCount", "accessUsername", "accessPassword", "allowedIpRanges")
+    no_default += ("entraClientId", "entraTenantId", "entraClientSecret", "entraAllowedAudiences")
+    for key in no_default:
+        assert "default" not in declared[key], key
+    assert declared["gpu"]["default"] == defaults.gpu.gpu
+    assert declared["scaleConcurrentRequests"]["default"] == defaults.gpu.concurrent_requests
+    assert declared["skipGpuRegionCheck"]["default"] is defaults.gpu.skip_region_check
+    assert declared["minReplicas"]["default"] == defaults.gpu.min_replicas
+    assert declared["maxReplicas"]["default"] == defaults.gpu.max_replicas
+    assert declared["access"]["default"] == DEFAULT_ACCESS
+    assert declared["accessPassword"]["secret"] is True and declared["entraClientSecret"]["secret"] is True
     assert declared["storageAccessMode"]["default"] == defaults.storage_access_mode
     assert declared["existingResources"]["default"] == defaults.existing_resources
     # Keys the parameters file can set must not have a Pulumi.yaml default, or the file could never apply.

@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import shutil
+import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +224,12 @@ def deploy(
                 location=LOCATION,
                 subscription_id=SUBSCRIPTION_ID,
                 registry=plan_registry(
-                    image_config.registry_name or default_registry_name(SUFFIX), GROUP, True, "adopt", previous
+                    image_config.registry_name or default_registry_name(SUFFIX),
+                    GROUP,
+                    True,
+                    "adopt",
+                    previous,
+                    explicit=image_config.registry_name is not None,
                 ),
                 sku=image_config.registry_sku,
             ),
@@ -249,7 +255,12 @@ def deploy(
             login_server=registry.login_server, identity_id=registry.identity_id, name=container_app.name
         ).apply(deployment.outputs.update)
 
-    with mock.patch("infra.image.urlopen", deployment.token_endpoint):
+    def no_such_host(host: str, *args: Any, **kwargs: Any) -> Any:  # every registry name is free (no network)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with mock.patch("infra.image.urlopen", deployment.token_endpoint), mock.patch.object(
+        socket, "getaddrinfo", no_such_host
+    ):
         program()
     return deployment
 

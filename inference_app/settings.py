@@ -1,0 +1,217 @@
+"""The app's settings: command-line options, each also settable by an INFERENCE_* environment variable.
+
+A command-line option wins over its environment variable, which wins over the default. The defaults follow the
+AI Toolkit's layout on the Azure Files share mounted at /mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "INFERENCE_"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path = Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
+    adapter_path: Path = Path("/mount/models/qlora/qlora/gpu_model/adapter")
+    base_only: bool = False
+    host: str = "0.0.0.0"
+    port: int = 7860
+    dtype: str = "auto"
+    quantize_4bit: bool = False
+    merge_adapter: bool | None = None  # None: merge unless quantized (merging into 4-bit weights is lossy)
+    max_concurrent_generations: int = 16
+    max_new_tokens_cap: int = 1024
+    prompt_template: str | None = None
+    load_with_mmap: bool = False
+    max_batch_size: int = 16
+    max_batch_tokens: int = 32768
+
+    @property
+    def should_merge_adapter(self) -> bool:
+        return (not self.quantize_4bit) if self.merge_adapter is None else self.merge_adapter
+
+    @property
+    def model_id(self) -> str:
+        """The base model's name: its folder's name."""
+        return self.model_path.name
+
+    @property
+    def adapter_id(self) -> str | None:
+        """The adapter's name (its folder's name), or None in base-only mode."""
+        return None if self.base_only else self.adapter_path.name
+
+    @property
+    def served_model_id(self) -> str:
+        """The id clients use: the adapter's name, or the base model's in base-only mode."""
+        return self.adapter_id or self.model_id
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def _prompt_template(text: str) -> str:
+    # A literal "\n" (as typed in a shell or an environment variable) means a newline.
+    template = text.replace("\\n", "\n")
+    if template.count("{}") != 1:
+        raise ValueError(text)
+    return template
+
+
+_positive_int.__name__ = "positive integer"
+_port.__name__ = "port (1-65535)"
+_prompt_template.__name__ = "template with exactly one {} for the user's message"
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    flags: tuple[str, ...]
+    help: str
+    type: Callable[[str], Any] | None = None  # None: a boolean switch
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable named after the flag, e.g. --max-batch-size -> INFERENCE_MAX_BATCH_SIZE."""
+        return ENV_PREFIX + self.flags[0].removeprefix("--").replace("-", "_").upper()
+
+
+_OPTIONS = (
+    _Option("model_path", ("--model",), "base model folder (config, weights, tokenizer)", Path, metavar="PATH"),
+    _Option("adapter_path", ("--adapter",), "LoRA adapter folder saved by peft", Path, metavar="PATH"),
+    _Option("base_only", ("--base-only",), "serve the base model without the adapter"),
+    _Option("host", ("--host",), "address to listen on", str),
+    _Option("port", ("--port",), "port for the UI and the API", _port),
+    _Option("dtype", ("--dtype",), "weights dtype; auto: bfloat16 on CUDA, float32 on CPU", str, DTYPES),
+    _Option("quantize_4bit", ("--quantize-4bit",), "load the base model in 4-bit (bitsandbytes; needs CUDA)"),
+    _Option(
+        "merge_adapter",
+        ("--merge-adapter",),
+        "merge the adapter into the weights for speed (default: on unless --quantize-4bit)",
+    ),
+    _Option(
+        "max_concurrent_generations",
+        ("--max-concurrent-generations",),
+        "generations running at once; more wait in the UI's queue or get 429 from the API",
+        _positive_int,
+    ),
+    _Option("max_new_tokens_cap", ("--max-new-tokens-cap",), "upper bound on new tokens per reply", _positive_int),
+    _Option(
+        "prompt_template",
+        ("--prompt-template",),
+        "plain prompt template for adapters trained without a chat template, e.g. '### Question: {}\\n### Answer:'"
+        " (default: the tokenizer's chat template)",
+        _prompt_template,
+        metavar="TEMPLATE",
+    ),
+    _Option(
+        "load_with_mmap",
+        ("--load-with-mmap",),
+        "memory-map the weights instead of reading them sequentially (fast on local disks, slow on network shares)",
+    ),
+    _Option(
+        "max_batch_size",
+        ("--max-batch-size",),
+        "generations sharing one forward pass (1 turns batching off)",
+        _positive_int,
+    ),
+    _Option(
+        "max_batch_tokens",
+        ("--max-batch-tokens",),
+        "tokens in flight across a batch (prompt + max new tokens of each generation); bounds KV-cache memory",
+        _positive_int,
+    ),
+)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_app",
+        description="Serve a base model with its LoRA adapter: Gradio chat UI at /, OpenAI-compatible API at /v1.",
+        epilog="Each option can also be set by the environment variable shown; the command line wins.",
+    )
+    defaults = Settings()
+    for option in _OPTIONS:
+        name = option.env_var
+        default = getattr(defaults, option.field)
+        env_value = environ.get(name)
+        help_text = f"{option.help} (env {name}" + ("" if default is None else f"; default: {default}") + ")"
+        if option.type is None:
+            if env_value is not None:
+                default = _parse_bool(parser, name, env_value)
+            # --x and --no-x, so the command line can override the environment either way.
+            parser.add_argument(
+                *option.flags, dest=option.field, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            if env_value is not None:
+                default = _parse_value(parser, name, env_value, option)
+            parser.add_argument(
+                *option.flags,
+                dest=option.field,
+                default=default,
+                type=option.type,
+                choices=option.choices,
+                metavar=option.metavar,
+                help=help_text,
+            )
+    return parser
+
+
+def _parse_bool(parser: argparse.ArgumentParser, name: str, value: str) -> bool:
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    parser.error(f"{name}={value!r}: use true or false")
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+def _parse_value(parser: argparse.ArgumentParser, name: str, value: str, option: _Option) -> Any:
+    assert option.type is not None
+    try:
+        parsed = option.type(value)
+    except ValueError:
+        parser.error(f"{name}={value!r}: not a valid {getattr(option.type, '__name__', 'value')}")
+    if option.choices is not None and parsed not in option.choices:
+        parser.error(f"{name}={value!r}: choose from {', '.join(option.choices)}")
+    return parsed
+
+
+def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the command line (default: sys.argv) and environment (default: os.environ).
+
+    Invalid values exit with argparse's usage message naming the option (status 2).
+    """
+    environ = os.environ if environ is None else environ
+    parser = _build_parser(environ)
+    namespace = parser.parse_args(argv)
+    return Settings(**{field.name: getattr(namespace, field.name) for field in fields(Settings)})
+
+
+def environment_variables() -> dict[str, str]:
+    """Each command-line flag and its environment variable (for docs and for whoever sets up the container)."""
+    return {option.flags[0]: option.env_var for option in _OPTIONS}

@@ -1,0 +1,172 @@
+"""The Gradio chat UI: in a real browser (Debian's Chromium through Playwright) against the real server, and the
+conversation it builds from Gradio 6's chat history."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+import torch
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from inference_app.generation import ModelService
+from inference_app.settings import Settings
+from inference_app.ui import conversation
+from tests.app.server_harness import RunningServer, running_server, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+UI_TIMEOUT_MS = 30_000
+# A prompt whose greedy reply from the tiny model is longer than LONG_REPLY_TOKENS (see test_http_api.py).
+LONG_PROMPT = "Hello, world!"
+LONG_REPLY_TOKENS = 200
+
+# Records every text the latest bot message shows, so the test can tell a streamed reply from one that appears
+# all at once.
+RECORD_BOT_TEXTS = """() => {
+    window.botTexts = [];
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid="bot"]');
+        if (bots.length) window.botTexts.push([bots.length, bots[bots.length - 1].innerText]);
+    }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def test_conversation_flattens_gradio_6_history() -> None:
+    """Gradio 6 hands the chat function a history whose content is a list of text blocks; Phi-3's chat template
+    needs strings. The history here goes through Gradio's own Chatbot postprocess/preprocess, as in the browser."""
+    chatbot = gr.Chatbot()
+    history = chatbot.preprocess(
+        chatbot.postprocess(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]
+        )
+    )
+    assert history[0]["content"] == [{"type": "text", "text": "Hi"}]  # the shape this test is about
+
+    assert conversation("Tell me a story.", history, "Be brief.") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a story."},
+    ]
+    assert conversation("Hi", [], None) == [{"role": "user", "content": "Hi"}]
+    assert conversation("Hi", [], "  ") == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_settings: Settings) -> Iterator[RunningServer]:
+    with running_server(tiny_settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: RunningServer) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    page.goto(f"{server.url}/")
+    yield page
+    context.close()
+
+
+def message_box(page: Page) -> Locator:
+    return page.get_by_test_id("textbox").first  # the chat's textbox comes before the settings' system prompt
+
+
+def engine_is_idle(service: ModelService) -> bool:
+    stats = service.generation_stats()
+    return stats["running"] == 0 and stats["waiting"] == 0
+
+
+def send(page: Page, text: str) -> None:
+    message_box(page).fill(text)
+    message_box(page).press("Enter")
+
+
+def bot_messages(page: Page) -> Locator:
+    return page.locator('[data-testid="bot"]')
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
+    expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
+    expect(page.get_by_text("/models/qlora/qlora/gpu_model/adapter")).to_be_visible()
+    expect(page.get_by_text("Write a haiku about the sea.")).to_be_visible()  # an example
+    page.get_by_text("Generation settings").click()
+    page.get_by_label("number input for Temperature (0: greedy)").fill("0")
+    page.get_by_label("number input for Max new tokens").fill("200")
+    page.get_by_label("System prompt").fill("You are a helpful assistant.")
+    expect(message_box(page)).to_have_attribute("placeholder", "Type a message...")
+    page.evaluate(RECORD_BOT_TEXTS)
+
+    send(page, "Hello, world!")
+    expect(bot_messages(page)).to_have_count(1)
+    expect(message_box(page)).to_be_editable()  # the reply is complete
+    first_reply = bot_messages(page).first.inner_text()
+    assert first_reply.strip()
+    texts = [text for count, text in page.evaluate("window.botTexts") if count == 1 and text.strip()]
+    assert len(set(texts)) >= 3, f"the reply did not stream: {texts}"
+    assert len(texts[0]) < len(first_reply)
+
+    # The second turn sends the first one back as history (Gradio 6 content blocks, flattened for the template).
+    send(page, "Tell me a story about a cat.")
+    expect(bot_messages(page)).to_have_count(2)
+    expect(message_box(page)).to_be_editable()
+    assert bot_messages(page).nth(1).inner_text().strip()
+    expect(page.locator(".toast-body")).to_have_count(0)  # no error popped up
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat-ui.png", full_page=True)
+
+
+@pytest.fixture
+def paced_decoding() -> Iterator[None]:
+    """Each forward pass of the model takes at least DECODE_STEP_S, so a reply of LONG_REPLY_TOKENS lasts seconds
+    and Stop is clicked while it runs (the tiny model alone writes it in well under a second)."""
+
+    def pace(module: torch.nn.Module, inputs: Any) -> None:
+        if type(module).__name__ == "Phi3ForCausalLM":
+            time.sleep(DECODE_STEP_S)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pace)
+    yield
+    handle.remove()
+
+
+DECODE_STEP_S = 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.usefixtures("paced_decoding")
+def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> None:
+    page.get_by_text("Generation settings").click()
+    page.get_by_label("number input for Temperature (0: greedy)").fill("0")
+    page.get_by_label("number input for Max new tokens").fill(str(LONG_REPLY_TOKENS))
+    steps_before = server.service.generation_stats()["decode_steps"]
+
+    send(page, LONG_PROMPT)
+    expect(bot_messages(page)).to_have_count(1)  # the reply has started
+    page.locator("button.stop-button").click()  # Gradio gives it no accessible name
+
+    expect(message_box(page)).to_be_editable()
+    wait_for(lambda: engine_is_idle(server.service), 10, "the generation to stop")
+    steps = server.service.generation_stats()["decode_steps"] - steps_before
+    assert steps < LONG_REPLY_TOKENS / 2, f"{steps} decode steps: the generation ran on after Stop"

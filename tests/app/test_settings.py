@@ -1,0 +1,105 @@
+"""Settings: every option from the command line or its INFERENCE_* environment variable, with clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference_app.settings import Settings, environment_variables, parse_settings
+
+
+def test_defaults_follow_the_toolkit_share_layout() -> None:
+    settings = parse_settings([], environ={})
+    assert settings == Settings()
+    assert settings.model_path == Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
+    assert settings.adapter_path == Path("/mount/models/qlora/qlora/gpu_model/adapter")
+    assert (settings.host, settings.port, settings.dtype) == ("0.0.0.0", 7860, "auto")
+    assert settings.base_only is False and settings.quantize_4bit is False
+    assert settings.merge_adapter is None and settings.should_merge_adapter is True
+    assert settings.prompt_template is None
+
+
+def test_every_flag_has_an_environment_variable() -> None:
+    names = environment_variables()
+    assert names["--model"] == "INFERENCE_MODEL"
+    assert names["--adapter"] == "INFERENCE_ADAPTER"
+    assert names["--max-new-tokens-cap"] == "INFERENCE_MAX_NEW_TOKENS_CAP"
+    assert len(names) == len(Settings.__dataclass_fields__)
+
+
+def test_environment_sets_options_and_command_line_wins() -> None:
+    environ = {
+        "INFERENCE_MODEL": "/share/base",
+        "INFERENCE_ADAPTER": "/share/adapter",
+        "INFERENCE_BASE_ONLY": "true",
+        "INFERENCE_PORT": "8000",
+        "INFERENCE_DTYPE": "float16",
+        "INFERENCE_MERGE_ADAPTER": "no",
+        "INFERENCE_MAX_CONCURRENT_GENERATIONS": "3",
+        "INFERENCE_MAX_NEW_TOKENS_CAP": "64",
+        "INFERENCE_PROMPT_TEMPLATE": "### Question: {}\\n### Answer:",
+        "INFERENCE_MAX_BATCH_SIZE": "2",
+    }
+    settings = parse_settings(["--port", "9000", "--no-base-only"], environ=environ)
+    assert settings.model_path == Path("/share/base")
+    assert settings.adapter_path == Path("/share/adapter")
+    assert settings.base_only is False
+    assert settings.port == 9000
+    assert settings.dtype == "float16"
+    assert settings.merge_adapter is False and settings.should_merge_adapter is False
+    assert settings.max_concurrent_generations == 3
+    assert settings.max_new_tokens_cap == 64
+    assert settings.prompt_template == "### Question: {}\n### Answer:"
+    assert settings.max_batch_size == 2
+
+
+def test_merge_defaults_off_when_quantized() -> None:
+    assert parse_settings(["--quantize-4bit"], environ={}).should_merge_adapter is False
+    assert parse_settings(["--quantize-4bit", "--merge-adapter"], environ={}).should_merge_adapter is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--port", "0"], {}, "--port"),
+        ([], {"INFERENCE_PORT": "http"}, "INFERENCE_PORT='http'"),
+        ([], {"INFERENCE_DTYPE": "int8"}, "INFERENCE_DTYPE='int8': choose from auto"),
+        ([], {"INFERENCE_BASE_ONLY": "maybe"}, "INFERENCE_BASE_ONLY='maybe': use true or false"),
+        (["--max-new-tokens-cap", "-5"], {}, "--max-new-tokens-cap"),
+        (["--prompt-template", "no placeholder"], {}, "--prompt-template"),
+        (["--dtype", "int8"], {}, "--dtype"),
+    ],
+)
+def test_invalid_values_exit_with_the_option_named(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(argv, environ=environ)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_documents_each_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"], environ={})
+    help_text = " ".join(capsys.readouterr().out.split())
+    for variable in environment_variables().values():
+        assert variable in help_text
+
+
+def test_command_help_runs_without_loading_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "inference_app", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "INFERENCE_ADAPTER" in result.stdout
+
+
+def test_web_facing_modules_do_not_import_torch() -> None:
+    # The web layers import settings and generation; /health must answer while torch is still importing.
+    code = "import sys, inference_app.generation, inference_app.settings; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,290 @@
+"""Issue 5 at the program level: the whole program (`__main__.py`) under mocks creates the registry and the pull
+identity, builds and pushes inference_app/ and runs it by digest with identity-based pull, passes app settings as
+environment variables, runs a prebuilt `image` without building, and rolls a new revision on a `modelRevision`
+change. (The components alone, the build context hash and the Dockerfile: test_registry_image.py,
+test_dockerfile.py.)"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pulumi_azure_native import authorization
+
+from infra.image import ACR_TOKEN_USERNAME, BUILD_CONTEXT, DEFAULT_PLATFORM, PROJECT_DIR, REPOSITORY, image_tag
+from infra.registry import ACR_PULL_ROLE_ID
+from infra.unique_string import unique_string
+from tests.infra.azure_mocks import (
+    AAD_TOKEN,
+    ACR_TOKEN,
+    IDENTITY_PRINCIPAL_ID,
+    SUBSCRIPTION_ID,
+    FakeAzure,
+    ProgramRun,
+    group_id,
+    identity_id,
+    is_secret,
+    registry_id,
+    run_program,
+)
+
+GROUP = "rg-phi3-finetune"
+CONFIG = {"resourceGroupName": GROUP, "location": "westus3"}
+SUFFIX = unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{GROUP}")[:5]
+REGISTRY = f"aiacr{SUFFIX}"
+LOGIN_SERVER = f"{REGISTRY}.azurecr.io"
+PREBUILT = "myregistry.azurecr.io/inference-app@sha256:" + "ab" * 32
+
+REGISTRY_TYPE = "azure-native:containerregistry:Registry"
+IDENTITY_TYPE = "azure-native:managedidentity:UserAssignedIdentity"
+ROLE_ASSIGNMENT_TYPE = "azure-native:authorization:RoleAssignment"
+IMAGE_TYPE = "docker-build:index:Image"
+APP_TYPE = "azure-native:app:ContainerApp"
+
+
+def deploy(config: dict[str, Any] | None = None, azure: FakeAzure | None = None) -> tuple[FakeAzure, ProgramRun]:
+    azure = azure or FakeAzure()
+    return azure, run_program(azure, CONFIG | (config or {}))
+
+
+def container(azure: FakeAzure) -> dict[str, Any]:
+    (only,) = azure.one(APP_TYPE).inputs["template"]["containers"]
+    return only
+
+
+@pytest.fixture
+def built(in_scratch_dir: Path) -> tuple[FakeAzure, ProgramRun]:
+    return deploy()
+
+
+def test_registry_is_basic_with_the_admin_user_disabled(built: tuple[FakeAzure, ProgramRun]) -> None:
+    azure, run = built
+    registry = azure.one(REGISTRY_TYPE)
+    assert registry.inputs["registryName"] == REGISTRY
+    assert registry.inputs["adminUserEnabled"] is False
+    assert registry.inputs["sku"] == {"name": "Basic"}
+    assert registry.inputs["location"] == "westus3"
+    assert run.outputs["adoption"]["containerRegistry"] == {"status": "created", "id": registry_id(GROUP, REGISTRY)}
+
+
+def test_identity_has_acr_pull_scoped_to_the_registry(built: tuple[FakeAzure, ProgramRun]) -> None:
+    azure, _ = built
+    identity = azure.one(IDENTITY_TYPE).inputs
+    assert identity["resourceName"] == f"{REGISTRY}-pull"
+    assignment = azure.one(ROLE_ASSIGNMENT_TYPE).inputs
+    assert assignment["roleDefinitionId"] == (
+        f"/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Authorization/roleDefinitions/"
+        "7f951dda-4ed3-4680-a7ca-43fe172d538d"
+    )
+    assert ACR_PULL_ROLE_ID == "7f951dda-4ed3-4680-a7ca-43fe172d538d"  # the built-in AcrPull role, in every tenant
+    assert assignment["scope"] == registry_id(GROUP, REGISTRY)
+    assert assignment["principalId"] == IDENTITY_PRINCIPAL_ID
+    assert assignment["principalType"] == "ServicePrincipal"
+
+
+def test_app_pulls_and_runs_as_the_identity_and_no_password_exists(built: tuple[FakeAzure, ProgramRun]) -> None:
+    azure, run = built
+    app = azure.one(APP_TYPE).inputs
+    pull_identity = identity_id(GROUP, f"{REGISTRY}-pull")
+    assert app["configuration"]["registries"] == [{"server": LOGIN_SERVER, "identity": pull_identity}]
+    assert app["identity"] == {"type": "UserAssigned", "userAssignedIdentities": [pull_identity]}
+    # No registry password secret: the only secret is the endpoint's password (access: password, the default).
+    assert [secret["name"] for secret in app["configuration"]["secrets"]] == ["inference-auth-password"]
+    # The first revision pulls at once: the app waits for the role assignment.
+    assert any(isinstance(dependency, authorization.RoleAssignment) for dependency in run.options[APP_TYPE].depends_on)
+
+
+def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
+    built: tuple[FakeAzure, ProgramRun],
+) -> None:
+    azure, _ = built
+    image = azure.one(IMAGE_TYPE)
+    tag = image_tag(PROJECT_DIR / BUILD_CONTEXT, DEFAULT_PLATFORM)
+    assert image.inputs["context"] == {"location": "inference_app"}
+    assert image.inputs["dockerfile"] == {"location": "inference_app/Dockerfile"}
+    assert image.inputs["platforms"] == ["linux/amd64"]
+    assert image.inputs["tags"] == [f"{LOGIN_SERVER}/{REPOSITORY}:{tag}"]
+    assert image.inputs["push"] is True
+    # Pushed with the user's Azure AD token exchanged at the registry, never an admin password.
+    (registry,) = image.inputs["registries"]
+    assert registry == {"address": LOGIN_SERVER, "username": ACR_TOKEN_USERNAME, "password": ACR_TOKEN}
+    assert is_secret(image.raw_inputs["registries"])  # the password makes the whole list a secret
+    assert azure.token_exchanges == [f"https://{LOGIN_SERVER}/oauth2/exchange"]
+    assert AAD_TOKEN not in json.dumps(image.inputs)
+
+
+def test_app_runs_the_pushed_digest_with_the_images_own_command(built: tuple[FakeAzure, ProgramRun]) -> None:
+    azure, run = built
+    digest = azure.one(IMAGE_TYPE).state["digest"]
+    assert digest.startswith("sha256:")
+    assert container(azure)["image"] == f"{LOGIN_SERVER}/{REPOSITORY}@{digest}"
+    assert "command" not in container(azure)
+    assert run.outputs["image"] == f"{LOGIN_SERVER}/{REPOSITORY}@{digest}"
+
+
+def test_a_prebuilt_image_builds_nothing_and_the_app_runs_it(in_scratch_dir: Path) -> None:
+    azure, run = deploy({"image": PREBUILT})
+    assert azure.by_type(IMAGE_TYPE) == []
+    assert azure.token_exchanges == []  # no push, so no push token either
+    assert container(azure)["image"] == PREBUILT
+    assert "command" not in container(azure)
+    assert run.outputs["image"] == PREBUILT
+    # The app still pulls as the identity (a CI may push into the stack's registry).
+    assert azure.one(APP_TYPE).inputs["configuration"]["registries"][0]["server"] == LOGIN_SERVER
+
+
+def test_default_commands_apply_only_with_a_prebuilt_image(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands = ["cd /mount/inference", "pip install -r requirements.txt", "python -m inference_app"]
+    azure, _ = deploy({"image": "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "defaultCommands": commands})
+    assert container(azure)["command"] == ["/bin/bash", "-c", "; ".join(commands)]
+    caplog.set_level(logging.WARNING)
+    azure, _ = deploy({"defaultCommands": commands})
+    assert "command" not in container(azure)
+    assert "defaultCommands is ignored" in caplog.text
+
+
+def test_app_settings_reach_the_container_as_environment_variables(in_scratch_dir: Path) -> None:
+    azure, _ = deploy(
+        {
+            "modelPath": "/mount/models/phi-3-mini",
+            "adapterPath": "/mount/models/run7/adapter",
+            "baseOnly": "false",
+            "quantize4bit": "true",
+            "maxConcurrentGenerations": "4",
+            "modelRevision": "run7",
+        }
+    )
+    settings = {
+        variable["name"]: variable["value"]
+        for variable in container(azure)["env"]
+        if not variable["name"].startswith(("INFERENCE_AUTH_", "ACCESS_"))  # tests/infra/test_access.py
+    }
+    assert settings == {
+        "INFERENCE_MODEL": "/mount/models/phi-3-mini",
+        "INFERENCE_ADAPTER": "/mount/models/run7/adapter",
+        "INFERENCE_BASE_ONLY": "false",
+        "INFERENCE_QUANTIZE_4BIT": "true",
+        "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
+        "INFERENCE_MODEL_REVISION": "run7",
+    }
+
+
+def test_a_model_revision_change_changes_the_template_and_the_active_revision(in_scratch_dir: Path) -> None:
+    first_azure, first = deploy({"modelRevision": "2026-11-24"})
+    same_azure, same = deploy({"modelRevision": "2026-11-24"})
+    second_azure, second = deploy({"modelRevision": "2026-11-25"})
+    first_app, second_app = first_azure.one(APP_TYPE).inputs, second_azure.one(APP_TYPE).inputs
+    assert same_azure.one(APP_TYPE).inputs == first_app and same.outputs["activeRevision"] == first.outputs[
+        "activeRevision"
+    ]
+    assert second_app["template"] != first_app["template"]
+    assert {key: value for key, value in second_app.items() if key != "template"} == {
+        key: value for key, value in first_app.items() if key != "template"
+    }
+    assert second.outputs["activeRevision"] != first.outputs["activeRevision"]
+    assert second.outputs["activeRevision"].startswith(f"aiacaapp{SUFFIX}--")
+    assert second_azure.one(IMAGE_TYPE).inputs == first_azure.one(IMAGE_TYPE).inputs  # no rebuild
+
+
+def test_registry_name_sku_and_platform_come_from_config(in_scratch_dir: Path) -> None:
+    azure, _ = deploy({"registryName": "TeamRegistry01", "registrySku": "Standard", "buildPlatform": "linux/arm64"})
+    assert azure.one(REGISTRY_TYPE).inputs["registryName"] == "TeamRegistry01"
+    assert azure.one(REGISTRY_TYPE).inputs["sku"] == {"name": "Standard"}
+    assert azure.one(IDENTITY_TYPE).inputs["resourceName"] == "TeamRegistry01-pull"
+    image = azure.one(IMAGE_TYPE).inputs
+    assert image["platforms"] == ["linux/arm64"]
+    assert image["tags"][0].startswith("teamregistry01.azurecr.io/inference-app:")  # login servers are lowercase
+
+
+def test_outputs_include_the_active_revision_and_no_registry_secret(built: tuple[FakeAzure, ProgramRun]) -> None:
+    _, run = built
+    assert run.outputs["activeRevision"].startswith(f"aiacaapp{SUFFIX}--")
+    assert ACR_TOKEN not in json.dumps(run.outputs) and AAD_TOKEN not in json.dumps(run.outputs)
+
+
+def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    run_program(azure, CONFIG, preview=True)
+    assert azure.one(IMAGE_TYPE).inputs.get("buildOnPreview") is False
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"image": "my image:1"}, "image: 'my image:1' is not an image reference"),
+        ({"buildPlatform": "linux/sparc"}, "buildPlatform: 'linux/sparc' is not a platform"),
+        ({"registryName": "my-registry"}, "registryName: 'my-registry' is not a valid name"),
+        ({"registrySku": "Free"}, "registrySku: must be one of Basic, Standard, Premium"),
+        ({"modelPath": "models/phi3"}, "modelPath: must be an absolute path inside the container"),
+        ({"baseOnly": "yes"}, "baseOnly: must be true or false"),
+        ({"maxConcurrentGenerations": "0"}, "maxConcurrentGenerations: must be an integer >= 1"),
+    ],
+)
+def test_invalid_image_config_fails_before_any_cloud_call(
+    in_scratch_dir: Path, config: dict[str, Any], expected: str
+) -> None:
+    azure = FakeAzure()
+    with pytest.raises(Exception, match=expected.replace("(", r"\(")):
+        deploy(config, azure)
+    assert azure.lookups == [] and azure.declared == []
+
+
+# -- the registry is adopted like the other resources (issue 4) ----------------------------------------------------
+def existing_registry(azure: FakeAzure, name: str = REGISTRY) -> str:
+    azure.add(group_id(GROUP), {"location": "westus3"})
+    resource_id = registry_id(GROUP, name)
+    azure.add(
+        resource_id,
+        {
+            "location": "westus3",
+            "sku": {"name": "Standard", "tier": "Standard"},
+            "adminUserEnabled": True,
+            "loginServer": f"{name.lower()}.azurecr.io",
+            "publicNetworkAccess": "Enabled",
+            "provisioningState": "Succeeded",
+        },
+    )
+    return resource_id
+
+
+def test_an_existing_registry_is_adopted_then_its_admin_user_disabled(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(taken_registry_names={REGISTRY})  # the name is taken: by this very registry
+    resource_id = existing_registry(azure)
+    _, first = deploy(azure=azure)
+    registry = azure.one(REGISTRY_TYPE)
+    assert registry.import_id == resource_id
+    assert registry.inputs["adminUserEnabled"] is True  # imported as it is
+    assert first.options[REGISTRY_TYPE].retain_on_delete is True
+    assert first.outputs["adoption"]["containerRegistry"] == {"status": "adopted", "id": resource_id}
+
+    second_azure = FakeAzure(existing=azure.existing, previous_outputs={"adoption": first.outputs["adoption"]})
+    deploy(azure=second_azure)
+    registry = second_azure.one(REGISTRY_TYPE)
+    assert registry.import_id is None
+    assert registry.inputs["adminUserEnabled"] is False
+    assert registry.inputs["sku"] == {"name": "Standard"}  # kept as Azure has it
+    assert second_azure.one(ROLE_ASSIGNMENT_TYPE).inputs["scope"] == resource_id
+
+
+def test_reference_mode_reads_an_existing_registry_and_still_grants_pull(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    resource_id = existing_registry(azure)
+    _, run = deploy({"existingResources": "reference"}, azure)
+    assert azure.by_type(REGISTRY_TYPE) == []
+    assert azure.one(ROLE_ASSIGNMENT_TYPE).inputs["scope"] == resource_id
+    assert azure.one(IMAGE_TYPE).inputs["tags"][0].startswith(f"{LOGIN_SERVER}/")
+    assert run.outputs["adoption"]["containerRegistry"] == {"status": "referenced", "id": resource_id}
+
+
+def test_a_registry_name_taken_elsewhere_is_a_clear_error(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(taken_registry_names={"sharedregistry"})
+    with pytest.raises(
+        Exception,
+        match="registryName: 'sharedregistry' .* is taken by a registry elsewhere in Azure"
+        ".*pulumi config set registryName",
+    ):
+        deploy({"registryName": "sharedregistry"}, azure)
+    assert azure.declared == []
