@@ -22,35 +22,19 @@ from infra.access import (
     read_access_config,
 )
 from infra.errors import ConfigError
+from tests.infra.azure_mocks import is_secret, reveal
 
 PROJECT = "aitk-inference"
 APP_NAME = "aiacaapp4kx2p"
 GENERATED_PASSWORD = "Gen3ratedPassw0rdFromPulumiRandom"
 CLIENT_ID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-# How Pulumi's wire format marks a secret value (pulumi.runtime.rpc's _special_sig_key / _special_secret_sig).
-SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 
 RANDOM_PASSWORD = "random:index/randomPassword:RandomPassword"
 RANDOM_ID = "random:index/randomId:RandomId"
 PASSWORD_VERSION = "9f2c41d7"
 CONTAINER_APP = "azure-native:app:ContainerApp"
 AUTH_CONFIG = "azure-native:app:ContainerAppsAuthConfig"
-
-
-def is_secret(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(SECRET_SIG_KEY) == SECRET_SIG
-
-
-def reveal(value: Any) -> Any:
-    if is_secret(value):
-        return reveal(value["value"])
-    if isinstance(value, dict):
-        return {key: reveal(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [reveal(item) for item in value]
-    return value
 
 
 def plain_strings(value: Any) -> Iterator[str]:

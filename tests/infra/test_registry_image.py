@@ -50,6 +50,7 @@ from infra.registry import (
     plan_registry,
     validate_registry_name,
 )
+from tests.infra.azure_mocks import is_secret, reveal
 
 PROJECT = "aitk-inference"
 SUBSCRIPTION_ID = "3f2a9c4e-8b1d-4e7a-9c2f-5d6e7f8a9b0c"
@@ -65,23 +66,6 @@ AAD_TOKEN = "aad-access-token-for-arm"
 ACR_TOKEN = "acr-refresh-token"
 DIGEST = "sha256:" + "5e" * 32
 ACR_PULL = f"/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Authorization/roleDefinitions/{ACR_PULL_ROLE_ID}"
-# How Pulumi's wire format marks a secret (pulumi.runtime.rpc's _special_sig_key / _special_secret_sig).
-SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
-
-
-def is_secret(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(SECRET_SIG_KEY) == SECRET_SIG
-
-
-def reveal(value: Any) -> Any:
-    if is_secret(value):
-        return reveal(value["value"])
-    if isinstance(value, dict):
-        return {key: reveal(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [reveal(item) for item in value]
-    return value
 
 
 def not_found(resource_id: str) -> str:
