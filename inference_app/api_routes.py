@@ -1,4 +1,5 @@
-"""HTTP routes: liveness, readiness, and the OpenAI-compatible /v1 API.
+"""HTTP routes: liveness, readiness, the OpenAI-compatible /v1 API and its docs (the latter behind the password in
+password mode).
 
 Every invalid request gets an OpenAI-style error body ({"error": {"message", "type", "param", "code"}}) with a
 4xx status; the request is fully validated, and the first chunk of the reply awaited, before any status is sent,
@@ -11,11 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -36,6 +38,7 @@ from inference_app.api_schema import (
     new_completion_id,
     now,
 )
+from inference_app.auth import INVALID_CREDENTIALS_MESSAGE, WWW_AUTHENTICATE, PasswordCheck
 from inference_app.generation import (
     CapacityExceededError,
     GenerationChunk,
@@ -75,9 +78,38 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status_code, headers=self.headers)
 
 
-def build_api_router(settings: Settings, service: ModelService) -> APIRouter:
+def add_api_routes(app: FastAPI, settings: Settings, service: ModelService, check: PasswordCheck | None) -> None:
+    """The health probes, open to all (the platform's probes carry no credentials); the OpenAI API and its docs,
+    behind `check` in password mode. The app must be built without FastAPI's own docs routes, which take no
+    dependencies (docs_url, redoc_url and openapi_url None)."""
+    credentials = [] if check is None else [Depends(_credentials_dependency(check))]
+    app.add_exception_handler(ApiError, _api_error_response)
+    app.include_router(_health_router(service))
+    app.include_router(_openai_router(settings, service), dependencies=credentials)
+    app.include_router(_docs_router(app), dependencies=credentials)
+
+
+def _credentials_dependency(check: PasswordCheck) -> Callable[[Request], Awaitable[None]]:
+    async def require_credentials(request: Request) -> None:
+        # The same answer whatever was wrong, and never an echo of what the client sent.
+        if not check.accepts_authorization(request.headers.get("Authorization")):
+            raise ApiError(
+                401,
+                INVALID_CREDENTIALS_MESSAGE,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+            )
+
+    return require_credentials
+
+
+async def _api_error_response(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ApiError)  # registered for ApiError only
+    return error.response()
+
+
+def _health_router(service: ModelService) -> APIRouter:
     router = APIRouter()
-    started_at = now()
 
     @router.get("/health", tags=["health"])
     def health() -> dict[str, str]:
@@ -91,6 +123,13 @@ def build_api_router(settings: Settings, service: ModelService) -> APIRouter:
             reason = service.failure_reason if service.status == "failed" else "the model is still loading"
             return JSONResponse({"status": service.status, "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready", **service.info()})
+
+    return router
+
+
+def _openai_router(settings: Settings, service: ModelService) -> APIRouter:
+    router = APIRouter()
+    started_at = now()
 
     @router.get("/v1/models", tags=["openai"])
     def list_models() -> ModelList:
@@ -133,6 +172,21 @@ def build_api_router(settings: Settings, service: ModelService) -> APIRouter:
             f"Invalid URL ({request.method} {request.url.path}): this server has /v1/models and /v1/chat/completions"
         )
         return ApiError(404, message, code="unknown_url").response()
+
+    return router
+
+
+def _docs_router(app: FastAPI) -> APIRouter:
+    """The OpenAPI schema and its Swagger UI page, as FastAPI serves them by default."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/openapi.json")
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
     return router
 

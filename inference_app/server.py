@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from inference_app.api_routes import build_api_router
+from inference_app.api_routes import add_api_routes
+from inference_app.auth import LOGIN_MESSAGE, PasswordCheck, authentication_mode
 from inference_app.generation import ModelService
 from inference_app.settings import Settings
 from inference_app.ui import build_ui
 
+logger = logging.getLogger(__name__)
+
 
 def build_app(settings: Settings, service: ModelService) -> FastAPI:
+    check = PasswordCheck.for_settings(settings)
+    logger.info(authentication_mode(settings))
     app = FastAPI(
         title="inference_app",
         summary=f"Chat UI at / and an OpenAI-compatible API at /v1 for {settings.served_model_id}",
+        # The API routes serve /docs and /openapi.json themselves, behind the password in password mode.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     # The routes come first: the Gradio app mounted at / takes every path not matched before it.
-    app.include_router(build_api_router(settings, service))
-    return gr.mount_gradio_app(app, build_ui(settings, service), path="/", ssr_mode=False)
+    add_api_routes(app, settings, service, check)
+    # In password mode Gradio shows its login form at / and refuses its own API without the session cookie.
+    return gr.mount_gradio_app(
+        app,
+        build_ui(settings, service),
+        path="/",
+        ssr_mode=False,
+        auth=None if check is None else check.accepts_login,
+        auth_message=None if check is None else LOGIN_MESSAGE,
+    )
 
 
 # On SIGTERM, open streams (Gradio's event streams never end by themselves) are cut after this many seconds,

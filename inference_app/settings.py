@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class Settings:
     load_with_mmap: bool = False
     max_batch_size: int = 16
     max_batch_tokens: int = 32768
+    auth_username: str = "admin"
+    auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
 
     @property
     def should_merge_adapter(self) -> bool:
@@ -74,6 +76,20 @@ def _prompt_template(text: str) -> str:
     if template.count("{}") != 1:
         raise ValueError(text)
     return template
+
+
+def _auth_username(text: str) -> str:
+    if not text or ":" in text or any(character.isspace() for character in text):
+        # HTTP basic auth separates the username from the password with the first ":".
+        raise argparse.ArgumentTypeError("must be non-empty, without ':' or whitespace (basic auth cannot carry them)")
+    return text
+
+
+def _auth_password(text: str) -> str:
+    # Most likely a broken secret reference: serving without a password would be the wrong way to fail.
+    if not text:
+        raise argparse.ArgumentTypeError("is set but empty: unset it to turn authentication off")
+    return text
 
 
 _positive_int.__name__ = "positive integer"
@@ -141,6 +157,20 @@ _OPTIONS = (
         "tokens in flight across a batch (prompt + max new tokens of each generation); bounds KV-cache memory",
         _positive_int,
     ),
+    _Option(
+        "auth_username",
+        ("--auth-username",),
+        "username for the UI and the API (with --auth-password)",
+        _auth_username,
+        metavar="NAME",
+    ),
+    _Option(
+        "auth_password",
+        ("--auth-password",),
+        "password for the UI and the API (bearer token or basic auth); unset: no authentication",
+        _auth_password,
+        metavar="PASSWORD",
+    ),
 )
 
 _TRUE = ("1", "true", "yes", "on")
@@ -194,6 +224,8 @@ def _parse_value(parser: argparse.ArgumentParser, name: str, value: str, option:
     assert option.type is not None
     try:
         parsed = option.type(value)
+    except argparse.ArgumentTypeError as error:  # says what is wrong without echoing the value (maybe a secret)
+        parser.error(f"{name} {error}")
     except ValueError:
         parser.error(f"{name}={value!r}: not a valid {getattr(option.type, '__name__', 'value')}")
     if option.choices is not None and parsed not in option.choices:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from inference_app.generation import GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
 from tests.model_factory import ModelFolders, build_model_folders
 
 LOAD_TIMEOUT_S = 60
+DECODE_STEP_S = 0.02
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +73,19 @@ def reply() -> Callable[..., list[GenerationChunk]]:
         return collect_chunks(service, messages, SamplingParams(**sampling))
 
     return run
+
+
+@pytest.fixture
+def paced_decoding() -> Iterator[None]:
+    """Each forward pass of the model takes at least DECODE_STEP_S, so that a long reply lasts seconds: tests that
+    act while a reply runs (Stop, disconnect, a full slot) then do not race the tiny model, which writes hundreds of
+    tokens in well under a second on an idle machine."""
+
+    def pace(module: torch.nn.Module, inputs: Any) -> None:
+        if type(module).__name__ == "Phi3ForCausalLM":
+            time.sleep(DECODE_STEP_S)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pace)
+    yield
+    handle.remove()
+

@@ -3,14 +3,11 @@ conversation it builds from Gradio 6's chat history."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pytest
-import torch
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from inference_app.generation import ModelService
@@ -134,23 +131,6 @@ def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "chat-ui.png", full_page=True)
-
-
-@pytest.fixture
-def paced_decoding() -> Iterator[None]:
-    """Each forward pass of the model takes at least DECODE_STEP_S, so a reply of LONG_REPLY_TOKENS lasts seconds
-    and Stop is clicked while it runs (the tiny model alone writes it in well under a second)."""
-
-    def pace(module: torch.nn.Module, inputs: Any) -> None:
-        if type(module).__name__ == "Phi3ForCausalLM":
-            time.sleep(DECODE_STEP_S)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(pace)
-    yield
-    handle.remove()
-
-
-DECODE_STEP_S = 0.02
 
 
 @pytest.mark.slow

@@ -379,6 +379,7 @@ def test_invalid_request_leaves_the_slot_free(client: httpx.Client) -> None:
 # ---- concurrency and disconnects ----
 
 
+@pytest.mark.usefixtures("paced_decoding")
 def test_request_over_the_limit_gets_429_with_retry_after(
     client: httpx.Client, server: RunningServer, long_request: dict[str, Any]
 ) -> None:
@@ -398,6 +399,7 @@ def test_request_over_the_limit_gets_429_with_retry_after(
     assert chat(client, max_tokens=3).status_code == 200
 
 
+@pytest.mark.usefixtures("paced_decoding")
 def test_disconnect_during_a_stream_stops_the_generation(
     client: httpx.Client, server: RunningServer, long_request: dict[str, Any]
 ) -> None:
@@ -413,6 +415,7 @@ def test_disconnect_during_a_stream_stops_the_generation(
     assert chat(client, max_tokens=3).status_code == 200  # its slot is free
 
 
+@pytest.mark.usefixtures("paced_decoding")
 def test_disconnect_while_waiting_for_a_plain_reply_stops_the_generation(
     server: RunningServer, long_request: dict[str, Any]
 ) -> None:

@@ -56,6 +56,58 @@ def test_environment_sets_options_and_command_line_wins() -> None:
     assert settings.max_batch_size == 2
 
 
+def test_authentication_is_off_unless_a_password_is_set() -> None:
+    settings = parse_settings([], environ={})
+    assert (settings.auth_username, settings.auth_password) == ("admin", None)
+    names = environment_variables()
+    assert names["--auth-username"] == "INFERENCE_AUTH_USERNAME"
+    assert names["--auth-password"] == "INFERENCE_AUTH_PASSWORD"
+
+
+def test_credentials_from_environment_or_command_line() -> None:
+    environ = {"INFERENCE_AUTH_USERNAME": "alice@example.com", "INFERENCE_AUTH_PASSWORD": "from:env"}
+    settings = parse_settings([], environ=environ)
+    assert (settings.auth_username, settings.auth_password) == ("alice@example.com", "from:env")
+    settings = parse_settings(["--auth-username", "bob", "--auth-password", "from-flag"], environ=environ)
+    assert (settings.auth_username, settings.auth_password) == ("bob", "from-flag")
+
+
+def test_the_password_stays_out_of_repr() -> None:
+    settings = parse_settings([], environ={"INFERENCE_AUTH_PASSWORD": "s3cret-Value"})
+    assert "s3cret-Value" not in repr(settings)
+    assert "auth_username='admin'" in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (
+            [],
+            {"INFERENCE_AUTH_PASSWORD": ""},
+            "INFERENCE_AUTH_PASSWORD is set but empty: unset it to turn authentication off",
+        ),
+        (["--auth-password", ""], {}, "--auth-password: is set but empty: unset it to turn authentication off"),
+        ([], {"INFERENCE_AUTH_USERNAME": "ad:min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
+        ([], {"INFERENCE_AUTH_USERNAME": "ad min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
+        ([], {"INFERENCE_AUTH_USERNAME": ""}, "INFERENCE_AUTH_USERNAME must be non-empty"),
+        (["--auth-username", "ad\tmin"], {}, "--auth-username: must be non-empty, without ':' or whitespace"),
+    ],
+)
+def test_invalid_credentials_settings_exit_with_the_fix(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(argv, environ=environ)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_no_password_from_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"], environ={"INFERENCE_AUTH_PASSWORD": "s3cret-Value"})
+    assert "s3cret-Value" not in capsys.readouterr().out
+
+
 def test_merge_defaults_off_when_quantized() -> None:
     assert parse_settings(["--quantize-4bit"], environ={}).should_merge_adapter is False
     assert parse_settings(["--quantize-4bit", "--merge-adapter"], environ={}).should_merge_adapter is True
