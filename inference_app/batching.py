@@ -393,7 +393,7 @@ class GrowingKVLayer(DynamicLayer):
         self._length = 0
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def keys(self) -> torch.Tensor | None:
         return None if self._key_buffer is None else self._key_buffer[:, :, : self._length]
 
@@ -402,7 +402,7 @@ class GrowingKVLayer(DynamicLayer):
         self._key_buffer = tensor
         self._length = 0 if tensor is None or tensor.dim() < 3 else tensor.shape[2]
 
-    @property  # type: ignore[override]
+    @property
     def values(self) -> torch.Tensor | None:
         return None if self._value_buffer is None else self._value_buffer[:, :, : self._length]
 

@@ -7,13 +7,12 @@ forward passes.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from inference_app.settings import Settings
@@ -158,7 +157,7 @@ class ModelService:
 
     async def stream_chat(
         self, messages: list[Message], params: SamplingParams, *, wait: bool
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """Streams the reply to `messages`; the last chunk has a finish_reason.
 
         Raises (at the first iteration, before generating) ModelNotReadyError, ValueError for a bad message,

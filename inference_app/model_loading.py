@@ -129,7 +129,7 @@ def _check_adapter_folder(adapter_path: Path, model_path: Path) -> None:
 def _resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)  # type: ignore[no-any-return]
+    return getattr(torch, name)
 
 
 def _load_tokenizer(model_path: Path) -> PreTrainedTokenizerBase:
