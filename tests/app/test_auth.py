@@ -22,7 +22,7 @@ import gradio_client.exceptions
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from inference_app.auth import INVALID_CREDENTIALS_MESSAGE
 from inference_app.generation import ModelService
@@ -30,7 +30,8 @@ from inference_app.server import build_app
 from inference_app.settings import Settings
 from inference_app.ui import CHAT_API_NAME
 from tests.app.server_harness import RunningServer, running_server, wait_for
-from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, UI_TIMEOUT_MS, bot_messages, message_box, send
+# The browser and page fixtures of the chat UI tests (the page opens this module's `server`).
+from tests.app.test_browser import bot_messages, browser, message_box, page, send  # noqa: F401
 from tests.model_factory import ModelFolders
 
 pytestmark = pytest.mark.slow
@@ -304,27 +305,6 @@ def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(m
 
 
 # --- the login form, in a browser ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Browser, server: RunningServer) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    page.goto(f"{server.url}/")
-    yield page
-    context.close()
 
 
 def log_in(page: Page, username: str, password: str) -> None:
