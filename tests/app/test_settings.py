@@ -78,30 +78,6 @@ def test_the_password_stays_out_of_repr() -> None:
     assert "auth_username='admin'" in repr(settings)
 
 
-@pytest.mark.parametrize(
-    ("argv", "environ", "message"),
-    [
-        (
-            [],
-            {"INFERENCE_AUTH_PASSWORD": ""},
-            "INFERENCE_AUTH_PASSWORD is set but empty: unset it to turn authentication off",
-        ),
-        (["--auth-password", ""], {}, "--auth-password: is set but empty: unset it to turn authentication off"),
-        ([], {"INFERENCE_AUTH_USERNAME": "ad:min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
-        ([], {"INFERENCE_AUTH_USERNAME": "ad min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
-        ([], {"INFERENCE_AUTH_USERNAME": ""}, "INFERENCE_AUTH_USERNAME must be non-empty"),
-        (["--auth-username", "ad\tmin"], {}, "--auth-username: must be non-empty, without ':' or whitespace"),
-    ],
-)
-def test_invalid_credentials_settings_exit_with_the_fix(
-    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        parse_settings(argv, environ=environ)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def test_help_shows_no_password_from_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--help"], environ={"INFERENCE_AUTH_PASSWORD": "s3cret-Value"})
@@ -123,6 +99,17 @@ def test_merge_defaults_off_when_quantized() -> None:
         (["--max-new-tokens-cap", "-5"], {}, "--max-new-tokens-cap"),
         (["--prompt-template", "no placeholder"], {}, "--prompt-template"),
         (["--dtype", "int8"], {}, "--dtype"),
+        # credentials (password mode)
+        (
+            [],
+            {"INFERENCE_AUTH_PASSWORD": ""},
+            "INFERENCE_AUTH_PASSWORD is set but empty: unset it to turn authentication off",
+        ),
+        (["--auth-password", ""], {}, "--auth-password: is set but empty: unset it to turn authentication off"),
+        ([], {"INFERENCE_AUTH_USERNAME": "ad:min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
+        ([], {"INFERENCE_AUTH_USERNAME": "ad min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
+        ([], {"INFERENCE_AUTH_USERNAME": ""}, "INFERENCE_AUTH_USERNAME must be non-empty"),
+        (["--auth-username", "ad\tmin"], {}, "--auth-username: must be non-empty, without ':' or whitespace"),
     ],
 )
 def test_invalid_values_exit_with_the_option_named(

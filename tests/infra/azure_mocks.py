@@ -361,6 +361,21 @@ def _capture_options(run: ProgramRun) -> None:
     pulumi.runtime.register_stack_transformation(transformation)
 
 
+def collect_stack_outputs(
+    exported: dict[str, Any], outputs: dict[str, Any], secret_outputs: set[str]
+) -> pulumi.Output[None]:
+    """Resolves the root stack's exports into `outputs`, naming the secret ones in `secret_outputs`."""
+
+    async def collect() -> None:
+        for name, value in exported.items():
+            output = pulumi.Output.from_input(value)
+            outputs[name] = await output.future()
+            if await output.is_secret():
+                secret_outputs.add(name)
+
+    return pulumi.Output.from_input(collect())
+
+
 def run_program(
     azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, workdir: Path | None = None
 ) -> ProgramRun:
@@ -380,16 +395,7 @@ def run_program(
         _capture_options(run)
         runpy.run_path(str(REPO_ROOT / "__main__.py"), run_name="__main__")
         stack = pulumi.runtime.get_root_resource()
-        exported: dict[str, Any] = stack.outputs  # type: ignore[union-attr]
-
-        async def collect() -> None:
-            for name, value in exported.items():
-                output = pulumi.Output.from_input(value)
-                run.outputs[name] = await output.future()
-                if await output.is_secret():
-                    run.secret_outputs.add(name)
-
-        return pulumi.Output.from_input(collect())
+        return collect_stack_outputs(stack.outputs, run.outputs, run.secret_outputs)  # type: ignore[union-attr]
 
     # Global name checks resolve `<name>.blob.core.windows.net` and `<name>.azurecr.io`, and the image's push
     # credentials come from the registry's token endpoint: answer both from the fake instead of the network.

@@ -22,7 +22,7 @@ from infra.access import (
     read_access_config,
 )
 from infra.errors import ConfigError
-from tests.infra.azure_mocks import is_secret, reveal
+from tests.infra.azure_mocks import collect_stack_outputs, is_secret, reveal
 
 PROJECT = "aitk-inference"
 APP_NAME = "aiacaapp4kx2p"
@@ -130,16 +130,8 @@ def deploy(config: AccessConfig, max_replicas: int = 1) -> Run:
         access.protect_app(container_app.name, "rg")
         for name, value in access.stack_outputs().items():
             pulumi.export(name, value)
-        exported: dict[str, Any] = pulumi.runtime.get_root_resource().outputs  # type: ignore[union-attr]
-
-        async def collect() -> None:
-            for name, value in exported.items():
-                output = pulumi.Output.from_input(value)
-                run.outputs[name] = await output.future()
-                if await output.is_secret():
-                    run.secret_outputs.add(name)
-
-        return pulumi.Output.from_input(collect())
+        exported = pulumi.runtime.get_root_resource().outputs  # type: ignore[union-attr]
+        return collect_stack_outputs(exported, run.outputs, run.secret_outputs)
 
     program()
     return run
