@@ -1,8 +1,9 @@
 """The OpenAI chat completions wire format: request, response, stream chunk, model list and error body.
 
-Only what this server honours is modelled. Unknown fields are ignored, as OpenAI ignores fields a model does not
-use; fields that would change the answer in a way we cannot honour (several choices, tools, log probabilities)
-are rejected with a 400 naming the field.
+Only what this server honours is modelled. Types are strict, as OpenAI's are ("10" is not a number, true is not
+1). Unknown fields are ignored, as OpenAI ignores fields a model does not use; fields that would change the answer
+in a way we cannot honour (several choices, tools, JSON mode, log probabilities, logit bias, penalties) are
+accepted only with values that change nothing, and otherwise rejected with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+# The range torch's generator seeds take (as OpenAI's API, any 64-bit integer).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+
+def _valid_text(text: str) -> str:
+    """`text`, refused if it cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800" in the JSON)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise ValueError(f"contains an unpaired surrogate at position {error.start}: not valid Unicode text") from error
+    return text
 
 
 def flatten_text_content(content: object) -> str:
@@ -32,9 +44,14 @@ def flatten_text_content(content: object) -> str:
             texts.append(part)
         elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        else:
-            raise ValueError(f"only text content is supported, got {part!r}")
+        else:  # named by its type, never echoed (it may be huge, or deeply nested)
+            kind = repr(part.get("type")) if isinstance(part, dict) else f"a JSON {_json_type(part)}"
+            raise ValueError(f"only text content is supported, got {kind} content")
     return "\n".join(texts)
+
+
+def _json_type(value: object) -> str:
+    return {list: "array", dict: "object", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 class ChatMessage(BaseModel):
@@ -45,7 +62,7 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _flatten(cls, content: object) -> str:
-        return flatten_text_content(content)
+        return _valid_text(flatten_text_content(content))
 
     def as_prompt_message(self) -> dict[str, str]:
         """The {"role", "content"} dict ModelService templates."""
@@ -53,11 +70,24 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, type: str) -> str:
+        if type != "text":
+            raise ValueError("only text responses are supported by this server (no JSON mode or structured outputs)")
+        return type
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     # A single model is served: any name is accepted and the reply names the served model (like llama.cpp's server).
     model: str | None = None
@@ -71,11 +101,17 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     # Accepted only with values that change nothing, so that clients sending their defaults still work.
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
 
     @field_validator("n")
     @classmethod
@@ -89,6 +125,8 @@ class ChatCompletionRequest(BaseModel):
     def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
         if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        for sequence in [stop] if isinstance(stop, str) else stop or []:
+            _valid_text(sequence)
         return stop
 
     @field_validator("logprobs")
@@ -98,12 +136,40 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("log probabilities are not supported by this server")
         return logprobs
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, top_logprobs: int | None) -> int | None:
+        if top_logprobs:
+            raise ValueError("log probabilities are not supported by this server")
+        return top_logprobs
+
     @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
         if tools:
             raise ValueError("tools (function calling) are not supported by this server")
         return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, tool_choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if tool_choice not in (None, "none", "auto"):
+            raise ValueError("tools (function calling) are not supported by this server: use 'none' or 'auto'")
+        return tool_choice
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
+        if logit_bias:
+            raise ValueError("logit bias is not supported by this server")
+        return logit_bias
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, penalty: float | None) -> float | None:
+        if penalty:
+            raise ValueError("presence and frequency penalties are not supported by this server: use 0")
+        return penalty
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
 from inference_app.api_routes import add_api_routes
-from inference_app.auth import LOGIN_MESSAGE, PasswordCheck, authentication_mode
+from inference_app.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
 from inference_app.generation import ModelService
 from inference_app.settings import Settings
 from inference_app.ui import build_ui
+from inference_app.ui_session import LoginBrake, add_sign_out_routes
+from inference_app.web_security import add_web_security
 
 logger = logging.getLogger(__name__)
+
+# On SIGTERM, open streams (Gradio's event streams never end by themselves) are cut after this many seconds,
+# well within the platform's grace period before it kills the container.
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_app(settings: Settings, service: ModelService) -> FastAPI:
@@ -28,12 +35,19 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    brake = GuessingBrake()  # one budget of failed sign-ins per address, for the API and the UI's login form
+    app.state.guessing_brake = brake
+    if check is not None:
+        app.add_middleware(LoginBrake, brake=brake)
+    add_web_security(app, settings)  # added last: outermost, around every answer, a braked login's too
     # The routes come first: the Gradio app mounted at / takes every path not matched before it.
-    add_api_routes(app, settings, service, check)
+    add_api_routes(app, settings, service, None if check is None else Authenticator(check, brake))
+    if check is not None:
+        add_sign_out_routes(app)
     # In password mode Gradio shows its login form at / and refuses its own API without the session cookie.
     return gr.mount_gradio_app(
         app,
-        build_ui(settings, service),
+        build_ui(settings, service, sign_out=check is not None),
         path="/",
         ssr_mode=False,
         auth=None if check is None else check.accepts_login,
@@ -41,16 +55,18 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
     )
 
 
-# On SIGTERM, open streams (Gradio's event streams never end by themselves) are cut after this many seconds,
-# well within the platform's grace period before it kills the container.
-GRACEFUL_SHUTDOWN_S = 10
+def uvicorn_config(settings: Settings, service: ModelService, **options: Any) -> uvicorn.Config:
+    """How the app is served (by serve() and by the tests' harness); `options` add to uvicorn's."""
+    return uvicorn.Config(
+        build_app(settings, service),
+        host=settings.host,
+        port=settings.port,
+        server_header=False,  # no "server: uvicorn": nothing to tell a scanner
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        **options,
+    )
 
 
 def serve(settings: Settings, service: ModelService) -> None:
     """Serves until interrupted."""
-    uvicorn.run(
-        build_app(settings, service),
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    uvicorn.Server(uvicorn_config(settings, service, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()

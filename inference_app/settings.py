@@ -35,6 +35,11 @@ class Settings:
     max_batch_tokens: int = 32768
     auth_username: str = "admin"
     auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
+    max_request_bytes: int = 1024 * 1024
+    allowed_origins: tuple[str, ...] = ()  # besides the app's own origin, which is always allowed
+    forwarded_allow_ips: str = "127.0.0.1"  # uvicorn's default
+    demo: bool = False
+    demo_dir: Path | None = None  # None: ~/.cache/inference_app (inference_app.demo.default_demo_dir)
 
     @property
     def should_merge_adapter(self) -> bool:
@@ -85,16 +90,36 @@ def _auth_username(text: str) -> str:
     return text
 
 
+MIN_PASSWORD_LENGTH = 12  # as the Pulumi program requires
+
+
 def _auth_password(text: str) -> str:
     # Most likely a broken secret reference: serving without a password would be the wrong way to fail.
     if not text:
         raise argparse.ArgumentTypeError("is set but empty: unset it to turn authentication off")
+    if len(text) < MIN_PASSWORD_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"is shorter than {MIN_PASSWORD_LENGTH} characters: choose a longer password"
+        )
     return text
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins, each scheme://host[:port] as a browser sends it in its Origin header."""
+    origins = tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
+    for origin in origins:
+        scheme, separator, host = origin.partition("://")
+        if scheme not in ("http", "https") or not separator or not host or "/" in host:
+            raise argparse.ArgumentTypeError(
+                f"has {origin!r}: give origins as scheme://host[:port], e.g. https://chat.example.com"
+            )
+    return origins
 
 
 _positive_int.__name__ = "positive integer"
 _port.__name__ = "port (1-65535)"
 _prompt_template.__name__ = "template with exactly one {} for the user's message"
+_origins.__name__ = "comma-separated list of origins"
 
 
 @dataclass(frozen=True)
@@ -167,9 +192,47 @@ _OPTIONS = (
     _Option(
         "auth_password",
         ("--auth-password",),
-        "password for the UI and the API (bearer token or basic auth); unset: no authentication",
+        f"password for the UI and the API (bearer token or basic auth; at least {MIN_PASSWORD_LENGTH} characters);"
+        " unset: no authentication",
         _auth_password,
         metavar="PASSWORD",
+    ),
+    _Option(
+        "max_request_bytes",
+        ("--max-request-bytes",),
+        "largest request body accepted; a larger one gets 413",
+        _positive_int,
+        metavar="BYTES",
+    ),
+    _Option(
+        "allowed_origins",
+        ("--allowed-origins",),
+        "other web origins whose pages may call the UI's and the API's routes from a browser, comma-separated"
+        " (the app's own origin always may)",
+        _origins,
+        metavar="ORIGINS",
+    ),
+    _Option(
+        "forwarded_allow_ips",
+        ("--forwarded-allow-ips",),
+        "comma-separated addresses of proxies whose X-Forwarded-For/-Proto headers are trusted for the client's"
+        " address (the brake on password guessing) and scheme (HSTS); '*' behind a platform ingress that is the"
+        " only way in",
+        str,
+        metavar="ADDRESSES",
+    ),
+    _Option(
+        "demo",
+        ("--demo",),
+        "try the app without a model: build a small random-weight model and adapter once (replies are gibberish)"
+        " and serve them on 127.0.0.1 (ignores --model, --adapter, --base-only and --host)",
+    ),
+    _Option(
+        "demo_dir",
+        ("--demo-dir",),
+        "cache folder for --demo's model (default: ~/.cache/inference_app)",
+        Path,
+        metavar="PATH",
     ),
 )
 

@@ -1,31 +1,46 @@
 """Runs the real app (FastAPI routes + Gradio UI, uvicorn, ModelService with the tiny model) on 127.0.0.1.
 
-The server runs on a background thread of the test process, so tests can also look at the ModelService it
-serves (its status and engine counters). Every wait is bounded.
+`running_server` runs it on a background thread of the test process, so tests can also look at the ModelService
+it serves (its status and engine counters); `app_process` runs `python -m inference_app` as users and the
+container do. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 
 from inference_app.generation import ModelService
-from inference_app.server import build_app
+from inference_app.server import uvicorn_config
 from inference_app.settings import Settings
 
 STARTUP_TIMEOUT_S = 30
 LOAD_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 10
+PROCESS_READY_TIMEOUT_S = 120  # a fresh interpreter imports the whole stack before it loads the model
+# What /ready details for the tests' tiny model and adapter (conftest's tiny_settings) on the CPU.
+TINY_MODEL_INFO = {
+    "model_id": "Phi-3-mini-4k-instruct",
+    "adapter_id": "adapter",
+    "device": "cpu",
+    "dtype": "float32",
+    "context_length": 512,
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,7 @@ class RunningServer:
     url: str  # http://127.0.0.1:<port>, no trailing slash
     settings: Settings
     service: ModelService
+    app: Any  # the FastAPI app served (its state holds the brake on password guessing)
 
     def wait_until_ready(self, timeout: float = LOAD_TIMEOUT_S) -> None:
         wait_for(lambda: httpx.get(f"{self.url}/ready", timeout=5).status_code == 200, timeout, "GET /ready = 200")
@@ -51,11 +67,11 @@ def running_server(settings: Settings, *, start_loading: bool = True) -> Iterato
     settings = dataclasses.replace(settings, host="127.0.0.1", port=port)
     service = ModelService(settings)
     # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are cut.
-    config = uvicorn.Config(build_app(settings, service), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn_config(settings, service, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
-    running = RunningServer(url=f"http://127.0.0.1:{port}", settings=settings, service=service)
+    running = RunningServer(url=f"http://127.0.0.1:{port}", settings=settings, service=service, app=config.app)
     try:
         wait_for(lambda: server.started, STARTUP_TIMEOUT_S, "uvicorn started")
         if start_loading:
@@ -91,3 +107,35 @@ def sse_events(response: httpx.Response) -> Iterator[Any]:
             continue
         data = line.removeprefix("data: ")
         yield data if data == "[DONE]" else json.loads(data)
+
+
+def free_port() -> int:
+    """A port free now (released for the app to take)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def app_process(
+    arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """Runs `python -m inference_app <arguments> --port <free port>` (stdout and stderr into log_path) and yields
+    its URL once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "inference_app", *arguments, "--port", str(port)]
+    with log_path.open("w") as log, subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
+    ) as process:
+        try:
+
+            def ready() -> bool:
+                assert process.poll() is None, f"the app exited:\n{log_path.read_text()}"
+                return httpx.get(f"{url}/ready", timeout=5).status_code == 200
+
+            wait_for(ready, PROCESS_READY_TIMEOUT_S, "python -m inference_app to serve the model")
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)

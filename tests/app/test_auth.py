@@ -9,12 +9,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import gradio_client
@@ -22,14 +19,14 @@ import gradio_client.exceptions
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
-from inference_app.auth import INVALID_CREDENTIALS_MESSAGE
+from inference_app.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
 from inference_app.generation import ModelService
 from inference_app.server import build_app
 from inference_app.settings import Settings
-from inference_app.ui import CHAT_API_NAME
-from tests.app.server_harness import RunningServer, running_server, wait_for
+from inference_app.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
+from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server, wait_for
 # The browser and page fixtures of the chat UI tests (the page opens this module's `server`).
 from tests.app.test_browser import bot_messages, browser, message_box, page, send  # noqa: F401
 from tests.model_factory import ModelFolders
@@ -47,7 +44,6 @@ REFUSAL_BODY = {
         "code": "invalid_api_key",
     }
 }
-SUBPROCESS_TIMEOUT_S = 120
 
 
 def basic(credentials: str | bytes) -> str:
@@ -64,6 +60,13 @@ def auth_settings(tiny_settings: Settings) -> Settings:
 def server(auth_settings: Settings) -> Iterator[RunningServer]:
     with running_server(auth_settings) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def forget_failed_sign_ins(server: RunningServer) -> None:
+    """Each test starts with no failed sign-ins on record: the tests all come from 127.0.0.1, and the brake on
+    password guessing would otherwise refuse a test for the failures of the tests before it."""
+    server.app.state.guessing_brake.record_success("127.0.0.1")
 
 
 def openai_client(server: RunningServer, api_key: str) -> openai.OpenAI:
@@ -186,11 +189,170 @@ def test_curl_style_basic_auth(server: RunningServer) -> None:
     assert_refused(httpx.get(f"{server.url}/v1/models", auth=("root", PASSWORD), timeout=10))
 
 
-def test_health_probes_need_no_credentials(server: RunningServer) -> None:
+def test_health_probes_need_no_credentials_and_tell_anonymous_callers_only_the_status(server: RunningServer) -> None:
     health = httpx.get(f"{server.url}/health", timeout=10)
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
     ready = httpx.get(f"{server.url}/ready", timeout=10)
-    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    wrong = httpx.get(f"{server.url}/ready", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert (wrong.status_code, wrong.json()) == (200, {"status": "ready"})
+    with_password = httpx.get(f"{server.url}/ready", headers={"Authorization": f"Bearer {PASSWORD}"}, timeout=10)
+    assert with_password.json() == {"status": "ready", **TINY_MODEL_INFO}
+
+
+def test_a_failed_load_is_explained_to_authenticated_callers_and_the_log_only(
+    auth_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing_adapter = tmp_path / "no-such-adapter"
+    failing_settings = dataclasses.replace(auth_settings, adapter_path=missing_adapter)
+    with running_server(failing_settings, start_loading=False) as failing:
+        loading = httpx.get(f"{failing.url}/ready", timeout=10)
+        assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
+        failing.service.start_loading()
+        wait_for(lambda: failing.service.status == "failed", 30, "loading to fail")
+        anonymous = httpx.get(f"{failing.url}/ready", timeout=10)
+        authenticated = httpx.get(f"{failing.url}/ready", auth=(USERNAME, PASSWORD), timeout=10)
+    assert (anonymous.status_code, anonymous.json()) == (503, {"status": "failed"})
+    assert authenticated.status_code == 503
+    assert str(missing_adapter) in authenticated.json()["reason"]
+    assert str(missing_adapter) in caplog.text  # the operator's log has it
+
+
+# --- the brake on password guessing --------------------------------------------------------------------------------
+
+
+def assert_braked(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert 1 <= int(response.headers["Retry-After"]) <= GuessingBrake.WINDOW_S
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "too_many_failed_sign_ins")
+
+
+@pytest.mark.parametrize("guess_with", ["bearer", "basic", "login form"])
+def test_repeated_failures_from_one_address_are_braked_for_that_address_only(
+    server: RunningServer, guess_with: str
+) -> None:
+    def guess(password: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        if guess_with == "login form":
+            return httpx.post(
+                f"{server.url}/login", data={"username": USERNAME, "password": password}, headers=headers, timeout=10
+            )
+        authorization = f"Bearer {password}" if guess_with == "bearer" else basic(f"{USERNAME}:{password}")
+        return httpx.get(f"{server.url}/v1/models", headers={"Authorization": authorization, **(headers or {})})
+
+    for attempt in range(GuessingBrake.MAX_FAILURES):
+        assert guess(f"wrong-{attempt}").status_code in (400, 401)
+    # Braked on every path, even with the right password (the guesser must not learn it is right).
+    assert_braked(guess(PASSWORD))
+    assert_braked(httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {PASSWORD}"}))
+    assert_braked(httpx.post(f"{server.url}/login", data={"username": USERNAME, "password": PASSWORD}))
+    # Requests without credentials are not guesses: the probes and the login page still answer.
+    assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
+    # Another address (behind a proxy uvicorn trusts: here 127.0.0.1, its default) is not affected.
+    elsewhere = {"X-Forwarded-For": "203.0.113.7"}
+    assert guess(PASSWORD, headers=elsewhere).status_code == 200
+
+
+def test_the_brake_lets_the_address_try_again_within_a_minute() -> None:
+    now = [1000.0]
+    brake = GuessingBrake(clock=lambda: now[0])
+    for _ in range(GuessingBrake.MAX_FAILURES - 1):
+        brake.record_failure("198.51.100.1")
+        now[0] += 1
+    assert brake.retry_after("198.51.100.1") is None  # one more try
+    brake.record_failure("198.51.100.1")
+    assert brake.retry_after("198.51.100.1") == GuessingBrake.WINDOW_S - (GuessingBrake.MAX_FAILURES - 1)
+    assert brake.retry_after("198.51.100.2") is None
+    now[0] += GuessingBrake.WINDOW_S - GuessingBrake.MAX_FAILURES + 1
+    assert brake.retry_after("198.51.100.1") is None  # the oldest failure is a minute old
+    brake.record_failure("198.51.100.1")
+    assert brake.retry_after("198.51.100.1") is not None  # still 10 failures within the last minute
+    brake.record_success("198.51.100.1")
+    assert brake.retry_after("198.51.100.1") is None
+
+
+def test_the_brake_forgets_idle_addresses_beyond_its_bound() -> None:
+    now = [0.0]
+    brake = GuessingBrake(clock=lambda: now[0])
+    for address in range(GuessingBrake.MAX_ADDRESSES):
+        brake.record_failure(f"10.0.{address // 256}.{address % 256}")
+    now[0] += GuessingBrake.WINDOW_S + 1
+    brake.record_failure("198.51.100.1")
+    assert len(brake._failures) == 1
+
+
+# --- the same rules on every path ----------------------------------------------------------------------------------
+
+NON_ASCII_PASSWORD = "pässwörd-Ωmega-🐎"
+
+
+@pytest.fixture(scope="module")
+def non_ascii_server(auth_settings: Settings) -> Iterator[RunningServer]:
+    with running_server(dataclasses.replace(auth_settings, auth_password=NON_ASCII_PASSWORD)) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("authorization", "accepted"),
+    [
+        pytest.param(b"Bearer " + NON_ASCII_PASSWORD.encode(), True, id="bearer, UTF-8"),
+        pytest.param(basic(f"{USERNAME}:{NON_ASCII_PASSWORD}").encode(), True, id="basic, UTF-8"),
+        pytest.param(basic(f"  {USERNAME} :{NON_ASCII_PASSWORD}").encode(), True, id="basic, username with spaces"),
+        pytest.param(b"Bearer " + NON_ASCII_PASSWORD.encode("latin-1", "replace"), False, id="bearer, latin-1"),
+        pytest.param(b"Bearer " + NON_ASCII_PASSWORD.encode()[:-1], False, id="bearer, cut mid-character"),
+        pytest.param(basic(f"{USERNAME}:{NON_ASCII_PASSWORD} ").encode(), False, id="basic, password with a space"),
+    ],
+)
+def test_non_ascii_passwords_and_trimmed_usernames_on_every_path(
+    non_ascii_server: RunningServer, authorization: bytes, accepted: bool
+) -> None:
+    non_ascii_server.app.state.guessing_brake.record_success("127.0.0.1")
+    response = httpx.get(f"{non_ascii_server.url}/v1/models", headers={"Authorization": authorization}, timeout=10)
+    assert response.status_code == (200 if accepted else 401)
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "accepted"),
+    [
+        (USERNAME, NON_ASCII_PASSWORD, True),
+        (f" {USERNAME}  ", NON_ASCII_PASSWORD, True),
+        (USERNAME, f" {NON_ASCII_PASSWORD}", False),
+    ],
+)
+def test_the_login_form_follows_the_same_rules(
+    non_ascii_server: RunningServer, username: str, password: str, accepted: bool
+) -> None:
+    non_ascii_server.app.state.guessing_brake.record_success("127.0.0.1")
+    login = httpx.post(f"{non_ascii_server.url}/login", data={"username": username, "password": password}, timeout=10)
+    assert login.status_code == (200 if accepted else 400)
+
+
+# --- signing out ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def signed_in_client(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.post("/login", data={"username": USERNAME, "password": PASSWORD}).status_code == 200
+        assert client.get("/config").status_code == 200
+        yield client
+
+
+def test_sign_out_is_a_same_origin_post_that_ends_only_the_callers_session(server: RunningServer) -> None:
+    with signed_in_client(server) as mine, signed_in_client(server) as other:
+        my_cookies = dict(mine.cookies)
+        # Neither a link (GET) nor a form on another site signs anyone out.
+        assert mine.get("/logout").status_code == 405
+        assert mine.post("/logout", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert mine.get("/config").status_code == 200
+
+        signed_out = mine.post("/logout", headers={"Origin": server.url})
+        assert signed_out.status_code == 200
+        assert mine.get("/config").status_code == 401
+        # The session is over on the server too, not just forgotten by this client.
+        assert httpx.get(f"{server.url}/config", cookies=my_cookies, timeout=10).status_code == 401
+        assert other.get("/config").status_code == 200
 
 
 def test_credentials_are_checked_before_anything_else(auth_settings: Settings) -> None:
@@ -266,28 +428,19 @@ def test_startup_log_names_the_mode_without_the_password(
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(model_folders: ModelFolders) -> None:
+def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(
+    model_folders: ModelFolders, tmp_path: Path
+) -> None:
     """`python -m inference_app` as the container runs it: the password in INFERENCE_AUTH_PASSWORD (ACA's secretRef),
     uvicorn's access log on; refused and accepted requests of every kind leave no trace of the password."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "inference_app", "--host", "127.0.0.1", "--port", str(port)]
     environ = {
-        **os.environ,
         "INFERENCE_MODEL": str(model_folders.model_path),
         "INFERENCE_ADAPTER": str(model_folders.adapter_path),
         "INFERENCE_AUTH_USERNAME": USERNAME,
         "INFERENCE_AUTH_PASSWORD": PASSWORD,
     }
-    process = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, SUBPROCESS_TIMEOUT_S, "/ready")
+    log_path = tmp_path / "server.log"
+    with app_process(["--host", "127.0.0.1"], log_path, environ) as url:
         assert_refused(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10))
         assert_refused(httpx.get(f"{url}/v1/models", auth=("root", PASSWORD), timeout=10))
         ok = httpx.post(
@@ -296,9 +449,7 @@ def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(m
         assert ok.status_code == 200
         assert httpx.post(f"{url}/login", data={"username": USERNAME, "password": "wrong"}).status_code == 400
         assert httpx.post(f"{url}/login", data={"username": USERNAME, "password": PASSWORD}).status_code == 200
-    finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
+    output = log_path.read_text()
     assert "authentication: password (user admin)" in output
     assert '"GET /v1/models HTTP/1.1" 401' in output  # the access log is on: the check below means something
     assert PASSWORD not in output
@@ -331,3 +482,22 @@ def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
     expect(bot_messages(page)).to_have_count(1)
     expect(message_box(page)).to_be_editable()  # the reply is complete
     assert bot_messages(page).first.inner_text().strip()
+
+    page.get_by_role("button", name=SIGN_OUT_BUTTON).click()
+    expect(page.get_by_role("button", name="Login")).to_be_visible()
+    expect(chat_heading).to_have_count(0)
+    page.reload()
+    expect(page.get_by_role("button", name="Login")).to_be_visible()
+
+
+@pytest.mark.browser
+def test_the_ui_has_no_sign_out_without_password_mode(tiny_settings: Settings, browser: Browser) -> None:
+    with running_server(tiny_settings, start_loading=False) as open_server:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.goto(open_server.url)
+            expect(page.get_by_role("button", name=TRIM_BUTTON)).to_be_visible()
+            expect(page.get_by_role("button", name=SIGN_OUT_BUTTON)).to_have_count(0)
+        finally:
+            context.close()

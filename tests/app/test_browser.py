@@ -3,6 +3,7 @@ conversation it builds from Gradio 6's chat history."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from inference_app.generation import ModelService
 from inference_app.settings import Settings
-from inference_app.ui import conversation
+from inference_app.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
 from tests.app.server_harness import RunningServer, running_server, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -152,3 +153,102 @@ def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> 
     wait_for(lambda: engine_is_idle(server.service), 10, "the generation to stop")
     steps = server.service.generation_stats()["decode_steps"] - steps_before
     assert steps < LONG_REPLY_TOKENS / 2, f"{steps} decode steps: the generation ran on after Stop"
+
+
+def stop_button(page: Page) -> Locator:
+    return page.locator("button.stop-button")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page: Page) -> None:
+    send(page, "Hello")
+    expect(bot_messages(page)).to_have_count(1)
+    expect(message_box(page)).to_be_editable()
+
+    send(page, "word " * 600)  # more tokens than the tiny model's context (512)
+    expect(bot_messages(page)).to_have_count(2)
+    expect(bot_messages(page).nth(1)).to_contain_text(NOT_ANSWERED.strip())
+    expect(bot_messages(page).nth(1)).to_contain_text("shorten the conversation")
+    expect(message_box(page)).to_be_editable()  # not locked: the turn is over
+    expect(stop_button(page)).to_be_hidden()
+
+    # Still too long (the long message stays in the chat) until it is trimmed away.
+    page.get_by_role("button", name=TRIM_BUTTON).click()
+    expect(bot_messages(page)).to_have_count(1)
+    expect(bot_messages(page).first).to_contain_text(NOT_ANSWERED.strip())
+    page.get_by_role("button", name=TRIM_BUTTON).click()
+    expect(bot_messages(page)).to_have_count(0)
+
+    send(page, "Tell me a story about a cat.")
+    expect(bot_messages(page)).to_have_count(1)
+    expect(message_box(page)).to_be_editable()
+    assert NOT_ANSWERED.strip() not in bot_messages(page).first.inner_text()
+    expect(page.locator(".toast-body")).to_have_count(0)  # nothing popped up and went away
+
+
+def test_error_replies_and_trimmed_turns_are_left_out_of_the_prompt() -> None:
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "word " * 600},
+        {"role": "assistant", "content": f"{NOT_ANSWERED}the prompt has 700 tokens"},
+    ]
+    assert conversation("Again", history, None) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "word " * 600},
+        {"role": "user", "content": "Again"},
+    ]
+    assert drop_oldest_exchange(history) == history[2:]
+    assert drop_oldest_exchange(history[2:]) == []
+    assert drop_oldest_exchange([]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_says_while_the_model_loads_and_answers_once_it_is_ready(
+    tiny_settings: Settings, browser: Browser
+) -> None:
+    with running_server(tiny_settings, start_loading=False) as loading:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(loading.url)
+            notice = page.get_by_text("The model is loading")
+            expect(notice).to_be_visible()
+
+            send(page, "Hello")
+            expect(bot_messages(page)).to_have_count(1)
+            expect(bot_messages(page).first).to_contain_text("the model is not ready")
+            expect(message_box(page)).to_be_editable()
+
+            loading.service.start_loading()
+            expect(notice).to_be_hidden()  # the page asks again until the model is ready
+            send(page, "Hello")
+            expect(bot_messages(page)).to_have_count(2)
+            expect(message_box(page)).to_be_editable()
+            assert NOT_ANSWERED.strip() not in bot_messages(page).nth(1).inner_text()
+        finally:
+            context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_says_when_the_model_failed_to_load(tiny_settings: Settings, browser: Browser, tmp_path: Path) -> None:
+    settings = dataclasses.replace(tiny_settings, adapter_path=tmp_path / "no-such-adapter")
+    with running_server(settings, start_loading=False) as failing:
+        failing.service.start_loading()
+        wait_for(lambda: failing.service.status == "failed", 30, "loading to fail")
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(failing.url)
+            expect(page.get_by_text("The model failed to load")).to_be_visible()
+            send(page, "Hello")
+            expect(bot_messages(page).first).to_contain_text("the model is not ready")
+            expect(message_box(page)).to_be_editable()
+        finally:
+            context.close()

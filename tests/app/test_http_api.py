@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +14,17 @@ import httpx
 import pytest
 
 from inference_app.generation import ModelService, SamplingParams
+from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
 from tests.app.conftest import collect_chunks
-from tests.app.server_harness import RunningServer, running_server, sse_events, wait_for
+from tests.app.server_harness import (
+    TINY_MODEL_INFO,
+    RunningServer,
+    app_process,
+    running_server,
+    sse_events,
+    wait_for,
+)
 from tests.model_factory import ModelFolders
 
 pytestmark = pytest.mark.slow
@@ -112,14 +117,7 @@ def test_health_answers_while_loading_and_ready_turns_green_when_loaded(tiny_set
         server.service.start_loading()
         server.wait_until_ready()
         assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-        assert httpx.get(f"{server.url}/ready").json() == {
-            "status": "ready",
-            "model_id": "Phi-3-mini-4k-instruct",
-            "adapter_id": "adapter",
-            "device": "cpu",
-            "dtype": "float32",
-            "context_length": 512,
-        }
+        assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", **TINY_MODEL_INFO}
 
 
 def test_ready_stays_red_with_the_reason_when_loading_fails(tiny_settings: Settings, tmp_path: Path) -> None:
@@ -142,41 +140,15 @@ def test_ready_stays_red_with_the_reason_when_loading_fails(tiny_settings: Setti
 
 def test_python_m_inference_app_serves_the_ui_and_the_api(model_folders: ModelFolders, tmp_path: Path) -> None:
     """The image's command, as a user runs it locally."""
-    with socket.socket() as probe:  # a free port (released for the app to take)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "inference_app",
-        "--model",
-        str(model_folders.model_path),
-        "--adapter",
-        str(model_folders.adapter_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with log_path.open("w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) as process:
-        try:
-
-            def ready() -> bool:
-                assert process.poll() is None, f"the app exited:\n{log_path.read_text()}"
-                return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-
-            wait_for(ready, 120, "python -m inference_app to serve the model")
-            assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-            assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "adapter"
-            completion = httpx.post(f"{url}/v1/chat/completions", json={"messages": CONVERSATION, "max_tokens": 5})
-            assert completion.json()["usage"]["completion_tokens"] == 5
-            assert httpx.get(f"{url}/").status_code == 200
-            assert httpx.get(f"{url}/config").json()["title"] == "Chat with Phi-3-mini-4k-instruct + LoRA adapter"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    arguments = ["--model", str(model_folders.model_path), "--adapter", str(model_folders.adapter_path)]
+    with app_process([*arguments, "--host", "127.0.0.1"], tmp_path / "server.log") as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "adapter"
+        body = {"messages": CONVERSATION, "max_tokens": 5, "temperature": 0}  # greedy: longer than 5 tokens
+        completion = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert completion.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(f"{url}/").status_code == 200
+        assert httpx.get(f"{url}/config").json()["title"] == "Chat with Phi-3-mini-4k-instruct + LoRA adapter"
 
 
 def test_models_lists_the_adapter_as_the_served_model(client: httpx.Client) -> None:
@@ -339,6 +311,74 @@ INVALID_REQUESTS = {
     "five-stops": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
     "tools": ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
     "logprobs": ({"messages": USER, "logprobs": True}, "logprobs", "invalid_value"),
+    # strict types, as OpenAI: nothing is coerced
+    "stream-string": ({"messages": USER, "stream": "yes"}, "stream", "invalid_value"),
+    "max-tokens-string": ({"messages": USER, "max_tokens": "10"}, "max_tokens", "invalid_value"),
+    "max-tokens-bool": ({"messages": USER, "max_tokens": True}, "max_tokens", "invalid_value"),
+    "max-tokens-float": ({"messages": USER, "max_tokens": 10.5}, "max_tokens", "invalid_value"),
+    "n-bool": ({"messages": USER, "n": True}, "n", "invalid_value"),
+    "temperature-bool": ({"messages": USER, "temperature": True}, "temperature", "invalid_value"),
+    "temperature-string": ({"messages": USER, "temperature": "0.5"}, "temperature", "invalid_value"),
+    "top-p-null": ({"messages": USER, "top_p": None}, "top_p", "invalid_value"),
+    "content-number": ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "invalid_value"),
+    "stop-number": ({"messages": USER, "stop": 7}, "stop", "invalid_value"),
+    "include-usage-string": (
+        {"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}},
+        "stream_options.include_usage",
+        "invalid_value",
+    ),
+    "seed-above-64-bits": ({"messages": USER, "seed": 2**64}, "seed", "invalid_value"),
+    "seed-below-64-bits": ({"messages": USER, "seed": -(2**63) - 1}, "seed", "invalid_value"),
+    "seed-string": ({"messages": USER, "seed": "7"}, "seed", "invalid_value"),
+    # what this server cannot honour is refused, not ignored
+    "json-mode": (
+        {"messages": USER, "response_format": {"type": "json_object"}},
+        "response_format.type",
+        "invalid_value",
+    ),
+    "json-schema": (
+        {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format.type",
+        "invalid_value",
+    ),
+    "tool-choice-required": ({"messages": USER, "tool_choice": "required"}, "tool_choice", "invalid_value"),
+    "tool-choice-function": (
+        {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        "tool_choice",
+        "invalid_value",
+    ),
+    "logit-bias": ({"messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", "invalid_value"),
+    "presence-penalty": ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
+    "frequency-penalty": ({"messages": USER, "frequency_penalty": -1}, "frequency_penalty", "invalid_value"),
+    "penalty-out-of-range": ({"messages": USER, "presence_penalty": 3}, "presence_penalty", "invalid_value"),
+    "top-logprobs": ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    # malformed input never reaches the engine as a 500
+    "lone-surrogate": (
+        '{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        "messages[0].content",
+        "invalid_value",
+    ),
+    "lone-surrogate-streamed": (
+        '{"messages": [{"role": "user", "content": "\\udfff"}], "stream": true}',
+        "messages[0].content",
+        "invalid_value",
+    ),
+    "lone-surrogate-in-stop": (
+        '{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}',
+        "stop",
+        "invalid_value",
+    ),
+    "nested-1000-deep": ('{"messages": ' + "[" * 1000 + "]" * 1000 + "}", None, "invalid_json"),
+    "nested-1000-deep-streamed": (
+        '{"stream": true, "messages": ' + "[" * 1000 + "]" * 1000 + "}",
+        None,
+        "invalid_json",
+    ),
+    "nested-content-900-deep": (
+        '{"messages": [{"role": "user", "content": ' + "[" * 900 + "]" * 900 + "}]}",
+        "messages[0].content",
+        "invalid_value",
+    ),
     "prompt-too-long": (
         {"messages": [{"role": "user", "content": "word " * 600}]},
         "messages",
@@ -346,6 +386,12 @@ INVALID_REQUESTS = {
     ),
     "prompt-too-long-streamed": (
         {"messages": [{"role": "user", "content": "word " * 600}], "stream": True},
+        "messages",
+        "context_length_exceeded",
+    ),
+    # more characters than the context could hold whatever the tokens: refused before tokenizing
+    "prompt-far-too-long": (
+        {"messages": [{"role": "user", "content": "x" * (512 * MAX_CHARS_PER_TOKEN + 1)}]},
         "messages",
         "context_length_exceeded",
     ),

@@ -65,11 +65,33 @@ def test_authentication_is_off_unless_a_password_is_set() -> None:
 
 
 def test_credentials_from_environment_or_command_line() -> None:
-    environ = {"INFERENCE_AUTH_USERNAME": "alice@example.com", "INFERENCE_AUTH_PASSWORD": "from:env"}
+    environ = {"INFERENCE_AUTH_USERNAME": "alice@example.com", "INFERENCE_AUTH_PASSWORD": "from:env-12345"}
     settings = parse_settings([], environ=environ)
-    assert (settings.auth_username, settings.auth_password) == ("alice@example.com", "from:env")
-    settings = parse_settings(["--auth-username", "bob", "--auth-password", "from-flag"], environ=environ)
-    assert (settings.auth_username, settings.auth_password) == ("bob", "from-flag")
+    assert (settings.auth_username, settings.auth_password) == ("alice@example.com", "from:env-12345")
+    settings = parse_settings(["--auth-username", "bob", "--auth-password", "from-flag-12345"], environ=environ)
+    assert (settings.auth_username, settings.auth_password) == ("bob", "from-flag-12345")
+    # Exactly the shortest password accepted (as the Pulumi program's minimum), in any script.
+    assert parse_settings(["--auth-password", "ünïcødé-pw12"], environ={}).auth_password == "ünïcødé-pw12"
+
+
+def test_http_options_from_environment_or_command_line() -> None:
+    defaults = parse_settings([], environ={})
+    assert (defaults.max_request_bytes, defaults.allowed_origins) == (1024 * 1024, ())
+    environ = {
+        "INFERENCE_MAX_REQUEST_BYTES": "4096",
+        "INFERENCE_ALLOWED_ORIGINS": "https://chat.example.com, http://localhost:3000/",
+    }
+    settings = parse_settings([], environ=environ)
+    assert settings.max_request_bytes == 4096
+    assert settings.allowed_origins == ("https://chat.example.com", "http://localhost:3000")
+    settings = parse_settings(["--allowed-origins", "https://other.example"], environ=environ)
+    assert settings.allowed_origins == ("https://other.example",)
+
+
+def test_demo_options() -> None:
+    assert (Settings().demo, Settings().demo_dir) == (False, None)
+    settings = parse_settings(["--demo", "--demo-dir", "/tmp/demo"], environ={})
+    assert (settings.demo, settings.demo_dir) == (True, Path("/tmp/demo"))
 
 
 def test_the_password_stays_out_of_repr() -> None:
@@ -106,10 +128,21 @@ def test_merge_defaults_off_when_quantized() -> None:
             "INFERENCE_AUTH_PASSWORD is set but empty: unset it to turn authentication off",
         ),
         (["--auth-password", ""], {}, "--auth-password: is set but empty: unset it to turn authentication off"),
+        (
+            [],
+            {"INFERENCE_AUTH_PASSWORD": "short-pw-11"},
+            "INFERENCE_AUTH_PASSWORD is shorter than 12 characters: choose a longer password",
+        ),
+        (["--auth-password", "ünïcødé-pw1"], {}, "--auth-password: is shorter than 12 characters"),
         ([], {"INFERENCE_AUTH_USERNAME": "ad:min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
         ([], {"INFERENCE_AUTH_USERNAME": "ad min"}, "INFERENCE_AUTH_USERNAME must be non-empty, without ':'"),
         ([], {"INFERENCE_AUTH_USERNAME": ""}, "INFERENCE_AUTH_USERNAME must be non-empty"),
         (["--auth-username", "ad\tmin"], {}, "--auth-username: must be non-empty, without ':' or whitespace"),
+        # HTTP
+        (["--max-request-bytes", "0"], {}, "--max-request-bytes"),
+        ([], {"INFERENCE_ALLOWED_ORIGINS": "chat.example.com"}, "INFERENCE_ALLOWED_ORIGINS has 'chat.example.com'"),
+        (["--allowed-origins", "https://a.example/path"], {}, "--allowed-origins: has 'https://a.example/path'"),
+        (["--allowed-origins", "ftp://a.example"], {}, "give origins as scheme://host[:port]"),
     ],
 )
 def test_invalid_values_exit_with_the_option_named(
