@@ -33,14 +33,20 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status_code, headers=self.headers)
 
 
-def add_api_error_handler(app: FastAPI) -> None:
-    """An ApiError raised anywhere in a route or a dependency becomes its response."""
+def add_api_error_handlers(app: FastAPI) -> None:
+    """An ApiError raised anywhere in a route or a dependency becomes its response; any other exception a 500 with
+    an OpenAI-style body (instead of Starlette's plain text), its details in the log only."""
 
     async def api_error_response(request: Request, error: Exception) -> Response:
         assert isinstance(error, ApiError)  # registered for ApiError only
         return error.response()
 
+    async def unexpected_error_response(request: Request, error: Exception) -> Response:
+        # Starlette logs the exception with its traceback after this answer is sent.
+        return ApiError(500, "internal server error (the server's log has the details)", type="server_error").response()
+
     app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(Exception, unexpected_error_response)
 
 
 # Pydantic names the member of a union that an error is about in its location (stop: str | list[str] fails as

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from inference_app.api_errors import ApiError, add_api_error_handler
+from inference_app.api_errors import ApiError, add_api_error_handlers
 from inference_app.api_schema import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
 from inference_app.auth import Authenticator
 from inference_app.chat_serving import ChatCompletionServing
@@ -23,7 +23,7 @@ def add_api_routes(
     behind the password in password mode (authenticator set). The app must be built without FastAPI's own docs
     routes, which take no dependencies (docs_url, redoc_url and openapi_url None)."""
     credentials = [] if authenticator is None else [Depends(authenticator.require_credentials)]
-    add_api_error_handler(app)
+    add_api_error_handlers(app)
     app.include_router(_health_router(service, authenticator))
     app.include_router(_openai_router(ChatCompletionServing(settings, service), service), dependencies=credentials)
     app.include_router(_docs_router(app), dependencies=credentials)

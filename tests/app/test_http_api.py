@@ -408,6 +408,18 @@ def test_invalid_request_gets_400_with_an_openai_error(
     assert engine_is_idle(server.service)
 
 
+def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
+    client: httpx.Client, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(messages: Any) -> int:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(server.service, "count_prompt_tokens", fail)
+    response = chat(client, max_tokens=3)
+    assert_error(response, 500, "server_error", None, None)
+    assert "secret internal detail" not in response.text
+
+
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/chat/completions"), ("POST", "/v1/completions")])
 def test_unknown_api_url_gets_404_with_an_openai_error(client: httpx.Client, method: str, path: str) -> None:
     response = client.request(method, path, json={"prompt": "Hello"})
