@@ -22,7 +22,7 @@ from inference_app.generation import (
     SamplingParams,
     plain_template_prompt,
 )
-from inference_app.batching import IncrementalDetokenizer, StopMatcher
+from inference_app.text_stream import IncrementalDetokenizer, StopMatcher
 from inference_app.model_loading import load_model
 from inference_app.settings import Settings
 from tests.model_factory import SIZES, ModelFolders
@@ -368,10 +368,11 @@ def test_greedy_reply_is_the_same_alone_and_batched(start_service: StartService,
     assert service.generation_stats()["largest_batch"] == len(PROMPTS)
 
 
+@pytest.mark.usefixtures("paced_decoding")  # replies last long enough that the staggered requests overlap
 def test_requests_joining_a_running_batch_get_the_same_reply(start_service: StartService, reply: Reply) -> None:
     service = start_service(max_batch_size=4)
     alone = _greedy_alone(service, reply)
-    # Later requests join while earlier ones are mid-reply (the cache is re-padded and trimmed as rows come and go).
+    # Later requests join while earlier ones are mid-reply (into free slots; rows leave as their replies end).
     assert asyncio.run(_concurrently(service, stagger=0.02)) == alone
     assert service.generation_stats()["largest_batch"] >= 2
 
