@@ -191,8 +191,9 @@ class BatchingEngine:
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        self._thread.join(timeout=30)
-        self._text.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+            self._text.stop()
 
     def warm_up(self, prompt_ids: list[int]) -> None:
         """One short greedy generation, so the first user doesn't pay for lazy initialisation; raises its error."""

@@ -154,6 +154,31 @@ def test_top_k_one_is_greedy(start_service: StartService, reply: Reply) -> None:
     assert sampled == text_of(reply(service, PROMPT, max_new_tokens=20))
 
 
+def test_each_request_samples_with_its_own_settings_in_a_shared_batch(
+    start_service: StartService, reply: Reply
+) -> None:
+    service = start_service(max_batch_size=4)
+    settings = [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "seed": 7},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 11},
+        {"temperature": 0.0},
+    ]
+    alone = [
+        text_of(reply(service, prompt, max_new_tokens=24, **sampling)) for prompt, sampling in zip(PROMPTS, settings)
+    ]
+
+    async def together() -> list[str]:
+        replies = [
+            _collect(service, user(prompt), SamplingParams(max_new_tokens=24, **sampling), wait=True)
+            for prompt, sampling in zip(PROMPTS, settings)
+        ]
+        return [text_of(chunks) for chunks in await asyncio.gather(*replies)]
+
+    assert asyncio.run(together()) == alone
+    assert service.generation_stats()["largest_batch"] == len(PROMPTS)
+
+
 # ---- stopping ----
 
 
