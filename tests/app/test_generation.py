@@ -293,6 +293,9 @@ def test_detokenizer_streams_exact_text_without_redecoding_the_reply(model_folde
     assert "\ufffd" not in "".join(pieces)
     assert len(ids) > 200
     assert counting.longest_decode <= 5
+    # The tokenizer itself takes the fast path (its Rust decode directly): the same text.
+    direct = IncrementalDetokenizer(tokenizer)
+    assert "".join(direct.push(token) for token in ids) + direct.flush() == text
 
 
 # ---- concurrency ----
