@@ -108,9 +108,10 @@ def build_models(size: str) -> BenchModels:
 
 
 class EngineWay:
-    """The app's engine, as ModelService starts it (KV cache, CUDA graphs, warm-up)."""
+    """The app's engine as ModelService starts it, with the app's defaults (KV cache sized from memory, CUDA
+    graphs, warm-up): levels beyond its slots wait in its queue, as they would in the app."""
 
-    def __init__(self, models: BenchModels, args: argparse.Namespace, slots: int) -> None:
+    def __init__(self, models: BenchModels, args: argparse.Namespace) -> None:
         from inference_app.batching import BatchingEngine, EngineOptions
         from inference_app.generation import encode_prompt
         from inference_app.model_loading import LoadedModel
@@ -127,7 +128,7 @@ class EngineWay:
         )
         self.prompt_ids = encode_prompt(models.tokenizer, BENCH_MESSAGES, None)
         started = time.perf_counter()
-        self.engine = BatchingEngine(loaded, EngineOptions(max_batch_size=slots, cuda_graphs=not args.no_cuda_graphs))
+        self.engine = BatchingEngine(loaded, EngineOptions(cuda_graphs=not args.no_cuda_graphs))
         self.engine.start()
         self.engine.warm_up(self.prompt_ids)
         self.start_s = time.perf_counter() - started
@@ -278,7 +279,7 @@ def main() -> None:
     print(f"building the {args.size} model ...", flush=True)
     models = build_models(args.size)
     print(f"built in {models.build_s:.1f} s; starting the engine ...", flush=True)
-    ways: dict[str, Any] = {"engine": EngineWay(models, args, slots=max(levels)), "generate": GenerateWay(models, args)}
+    ways: dict[str, Any] = {"engine": EngineWay(models, args), "generate": GenerateWay(models, args)}
     if not args.no_toolkit:
         ways["toolkit"] = ToolkitWay(models, args)
     engine: EngineWay = ways["engine"]
@@ -290,12 +291,16 @@ def main() -> None:
         for way in ways.values():  # warm-up: lazy initialisation, allocator caches
             way.run(min(levels))
         for clients in levels:
-            results[clients] = {}
-            for name, way in ways.items():
-                runs = [way.run(clients) for _ in range(1 if name == "toolkit" else args.runs)]
-                results[clients][name] = summarize(runs)
-                print(f"{clients:>3} requests, {name:<8}: {results[clients][name]['tokens_per_s']:.1f} tokens/s",
-                      flush=True)
+            runs: dict[str, list[Run]] = {name: [] for name in ways}
+            # Round-robin, so that load from other processes on a shared machine spreads over every way.
+            for round_number in range(args.runs):
+                for name, way in ways.items():
+                    if name != "toolkit" or round_number == 0:
+                        runs[name].append(way.run(clients))
+            results[clients] = {name: summarize(way_runs) for name, way_runs in runs.items()}
+            print(f"{clients:>3} requests: " + ", ".join(
+                f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items()
+            ) + " tokens/s", flush=True)
     finally:
         for way in ways.values():
             way.close()
