@@ -178,9 +178,10 @@ class BatchingEngine:
 
     def _make_decoder(self) -> DecodeRunner:
         use_graphs = self._options.cuda_graphs and cuda_graphs_supported(self._device)
-        # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten).
+        # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten), the
+        # positions within the shortest attention length the check uses.
         self._batch.tokens.copy_(torch.arange(self._cache.slots) % int(self._model.config.vocab_size))
-        self._batch.positions.copy_(torch.arange(self._cache.slots) % SHORTEST_LENGTH_BUCKET)
+        self._batch.positions.copy_(torch.arange(self._cache.slots) % min(SHORTEST_LENGTH_BUCKET, self._context_length))
         try:
             return make_decoder(self._forward_decode, use_graphs, self._cache.slots, self._context_length)
         finally:
