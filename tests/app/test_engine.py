@@ -26,7 +26,7 @@ from inference_app.generation import ModelService
 from inference_app.kv_cache import SlotAllocator
 from inference_app.model_loading import LoadedModel, load_model
 from inference_app.sampling import BatchSampler, uniform_noise
-from inference_app.settings import Settings
+from inference_app.settings import Settings, parse_settings
 
 # Different lengths, so rows sit at different positions.
 PROMPTS = (
@@ -268,6 +268,21 @@ def test_graphs_that_disagree_with_the_eager_step_are_not_used(
         engine = start_engine(max_batch_size=4)
     assert engine.describe()["decode"] == "eager"
     assert "CUDA graph replay disagreed with the eager decode step" in caplog.text
+
+
+def test_the_cpu_runs_eager_and_sizes_the_cache_from_its_budget(start_engine: Callable[..., BatchingEngine]) -> None:
+    engine = start_engine()
+    facts = engine.describe()
+    assert facts["decode"] == "eager"
+    # The tiny model's full-context rows are small: the CPU budget holds the largest batch bucket.
+    assert (facts["slots"], facts["slot_tokens"]) == (BATCH_BUCKETS[-1], 512)
+
+
+def test_cuda_graphs_switch() -> None:
+    assert parse_settings([], environ={}).cuda_graphs is True
+    assert parse_settings(["--no-cuda-graphs"], environ={}).cuda_graphs is False
+    assert parse_settings([], environ={"INFERENCE_CUDA_GRAPHS": "false"}).cuda_graphs is False
+    assert parse_settings(["--cuda-graphs"], environ={"INFERENCE_CUDA_GRAPHS": "false"}).cuda_graphs is True
 
 
 @pytest.mark.usefixtures("graphs_wanted")

@@ -330,6 +330,21 @@ def test_capacity_error_when_all_slots_are_busy(start_service: StartService) -> 
     assert chunks[-1].completion_tokens == 3
 
 
+def test_concurrent_generations_default_to_the_kv_cache_rows(start_service: StartService) -> None:
+    service = start_service(max_batch_size=2)  # max_concurrent_generations unset
+
+    async def scenario() -> None:
+        started, release = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+        holders = [asyncio.create_task(_first_chunk_then_hold(service, event, release)) for event in started]
+        await asyncio.gather(*(event.wait() for event in started))
+        with pytest.raises(CapacityExceededError, match="all 2 generation slots are busy"):
+            await service.stream_chat(user("hi"), greedy(3), wait=False).__anext__()
+        release.set()
+        await asyncio.gather(*holders)
+
+    asyncio.run(scenario())
+
+
 async def _collect(
     service: ModelService, messages: list[dict[str, str]], params: SamplingParams, *, wait: bool
 ) -> list[GenerationChunk]:
