@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference_app import batching
 from inference_app.batching import BatchingEngine, DecodeBatch, EngineOptions
@@ -219,6 +220,40 @@ def test_graph_decoder_pads_the_batch_and_length_up_to_the_next_bucket() -> None
     assert decoder.run(5, 100).shape == (5, 5)  # beyond the largest bucket: eager
     assert eager_calls == [(5, 100)]
     assert decoder.description == "CUDA graphs (6 captured in 0.5 s)"
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.add(str(func))
+        indices = args[1] if str(func).startswith(("aten.index.", "aten.index_put")) else ()
+        if any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices):
+            self.ops.add("indexing with a boolean mask")  # its size depends on the mask's values: a sync
+        return func(*args, **(kwargs or {}))
+
+
+# Operations a CUDA graph cannot hold: they wait for the device (a value read back on the host) or copy host data in.
+_CAPTURE_BREAKERS = {
+    "aten.item.default",
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.lift_fresh.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
+    "aten.masked_select.default",
+    "indexing with a boolean mask",
+}
+
+
+def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(start_engine: Callable[..., BatchingEngine]) -> None:
+    engine = start_engine(max_batch_size=4)
+    with torch.inference_mode(), _OpRecorder() as recorder:
+        engine._forward_decode(4, 256)  # what GraphDecoder.capture records
+    assert "aten.scaled_dot_product_attention.default" in recorder.ops  # the recorder saw the model run
+    assert recorder.ops & _CAPTURE_BREAKERS == set()
 
 
 # ---- the eager fallback ----
