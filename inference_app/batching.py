@@ -28,13 +28,14 @@ import torch
 from inference_app.decode_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
 from inference_app.engine_types import GenerationChunk, SamplingParams
 from inference_app.kv_cache import CacheShape, SlotAllocator, SlotKVCache, default_slot_count
-from inference_app.model_loading import LoadedModel
+from inference_app.model_loading import LoadedModel, ModelLoadError
 from inference_app.sampling import BatchSampler
 from inference_app.text_stream import IncrementalDetokenizer, Request, StopMatcher, TextStreamer, TokenEvent
 
 logger = logging.getLogger(__name__)
 
 WARM_UP_TIMEOUT_S = 600
+MAX_BATCH_SIZE_OPTION = "--max-batch-size / INFERENCE_MAX_BATCH_SIZE"
 # Prompts prefilled together hold at most this many tokens, padding included (one longer prompt runs alone).
 PREFILL_TOKENS = 8192
 
@@ -165,7 +166,15 @@ class BatchingEngine:
         """Allocates the KV cache, captures the CUDA graphs (on CUDA) and starts the engine and text threads."""
         shape = CacheShape.of(self._model)
         slot_count = self._options.max_batch_size or default_slot_count(shape, self._context_length, self._device)
-        self._cache = SlotKVCache(shape, slot_count, self._context_length, self._device)
+        try:
+            self._cache = SlotKVCache(shape, slot_count, self._context_length, self._device)
+        except torch.OutOfMemoryError:
+            size = shape.bytes_for(slot_count, self._context_length) / 2**30
+            raise ModelLoadError(
+                f"the KV cache for {slot_count} sequences of {self._context_length} tokens ({size:.1f} GiB) does not "
+                f"fit in the {self._device.type.upper()}'s free memory: lower {MAX_BATCH_SIZE_OPTION} or unset it "
+                "(the default sizes the cache from the free memory)"
+            ) from None
         self._slots = SlotAllocator(slot_count)
         self._batch = DecodeBatch(slot_count, self._device)
         self._sampler = BatchSampler(slot_count, int(self._model.config.vocab_size), self._device)

@@ -53,6 +53,9 @@ class CacheShape:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
 
+    def bytes_for(self, slots: int, slot_tokens: int) -> int:
+        return slots * slot_tokens * self.bytes_per_token()
+
 
 def default_slot_count(shape: CacheShape, slot_tokens: int, device: torch.device) -> int:
     """How many full-context sequences fit: in the GPU's free memory less headroom, or in CPU_CACHE_BYTES."""
@@ -61,7 +64,7 @@ def default_slot_count(shape: CacheShape, slot_tokens: int, device: torch.device
         budget = free - max(GPU_HEADROOM_MIN_BYTES, int(GPU_HEADROOM_FRACTION * total))
     else:
         budget = CPU_CACHE_BYTES
-    return max(1, min(DEFAULT_MAX_SLOTS, budget // (shape.bytes_per_token() * slot_tokens)))
+    return max(1, min(DEFAULT_MAX_SLOTS, budget // shape.bytes_for(1, slot_tokens)))
 
 
 class SlotAllocator:
@@ -106,7 +109,7 @@ class SlotKVCache:
 
     @property
     def bytes(self) -> int:
-        return self.slots * self.slot_tokens * self.shape.bytes_per_token()
+        return self.shape.bytes_for(self.slots, self.slot_tokens)
 
     def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
         """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0;

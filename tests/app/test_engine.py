@@ -3,6 +3,7 @@ device, and the eager fallback when CUDA graphs cannot be used."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -313,6 +314,23 @@ def test_the_cpu_runs_eager_and_sizes_the_cache_from_its_budget(start_engine: Ca
     assert (facts["slots"], facts["slot_tokens"]) == (BATCH_BUCKETS[-1], 512)
 
 
+def test_a_kv_cache_too_large_for_memory_fails_loading_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings
+) -> None:
+    def out_of_memory(*args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(batching, "SlotKVCache", out_of_memory)
+    service = ModelService(dataclasses.replace(tiny_settings, max_batch_size=300))
+    service.start_loading()
+    assert service.wait_until_loaded(TIMEOUT_S) == "failed"
+    assert service.failure_reason == (
+        "the KV cache for 300 sequences of 512 tokens (0.1 GiB) does not fit in the CPU's free memory: "
+        "lower --max-batch-size / INFERENCE_MAX_BATCH_SIZE or unset it "
+        "(the default sizes the cache from the free memory)"
+    )
+
+
 def test_cuda_graphs_switch() -> None:
     assert parse_settings([], environ={}).cuda_graphs is True
     assert parse_settings(["--no-cuda-graphs"], environ={}).cuda_graphs is False
@@ -364,12 +382,11 @@ def test_each_row_samples_with_its_own_settings() -> None:
         {},  # plain sampling
     ]
     sampler = _sampler(rows, vocab=4)
-    draws = 4000
-    counts = torch.zeros(len(rows), 4)
-    for position in range(draws):
-        tokens = sampler.sample(logits.expand(len(rows), 4), torch.arange(len(rows)), torch.full((5,), position), True)
-        counts[torch.arange(len(rows)), tokens] += 1
-    frequencies = counts / draws
+    draws = 4000  # per row: one batch holds every row at positions 0..draws-1
+    slots = torch.arange(len(rows)).repeat_interleave(draws)
+    positions = torch.arange(draws).repeat(len(rows))
+    tokens = sampler.sample(logits.expand(len(slots), 4), slots, positions, True).view(len(rows), draws)
+    frequencies = torch.stack([torch.bincount(row, minlength=4) for row in tokens]) / draws
     assert frequencies[0].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert frequencies[1].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert frequencies[2].tolist() == [1.0, 0.0, 0.0, 0.0]
