@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 WARM_UP_TIMEOUT_S = 600
 MAX_BATCH_SIZE_OPTION = "--max-batch-size / INFERENCE_MAX_BATCH_SIZE"
+MAX_SEQUENCE_TOKENS_OPTION = "--max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS"
 # Prompts prefilled together hold at most this many tokens, padding included (one longer prompt runs alone).
 PREFILL_TOKENS = 8192
 
@@ -44,6 +45,7 @@ PREFILL_TOKENS = 8192
 class EngineOptions:
     max_batch_size: int | None = None  # KV-cache rows; None: as many full-context sequences as memory holds
     max_batch_tokens: int | None = None  # prompt + max new tokens of the requests in flight; None: no cap
+    max_sequence_tokens: int | None = None  # tokens of a KV-cache row (prompt + reply); None: the model's context
     cuda_graphs: bool = True  # on CUDA; the CPU always runs eager
 
 
@@ -116,7 +118,8 @@ class BatchingEngine:
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._eos_ids = frozenset(_eos_token_ids(loaded))
         self._options = options
-        self._context_length = loaded.context_length
+        # A KV-cache row holds a whole sequence (prompt + reply): by default the model's context.
+        self.sequence_tokens = min(loaded.context_length, options.max_sequence_tokens or loaded.context_length)
         self._waiting: deque[Request] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -165,15 +168,15 @@ class BatchingEngine:
     def start(self) -> None:
         """Allocates the KV cache, captures the CUDA graphs (on CUDA) and starts the engine and text threads."""
         shape = CacheShape.of(self._model)
-        slot_count = self._options.max_batch_size or default_slot_count(shape, self._context_length, self._device)
+        slot_count = self._options.max_batch_size or default_slot_count(shape, self.sequence_tokens, self._device)
         try:
-            self._cache = SlotKVCache(shape, slot_count, self._context_length, self._device)
+            self._cache = SlotKVCache(shape, slot_count, self.sequence_tokens, self._device)
         except torch.OutOfMemoryError:
-            size = shape.bytes_for(slot_count, self._context_length) / 2**30
+            size = shape.bytes_for(slot_count, self.sequence_tokens) / 2**30
             raise ModelLoadError(
-                f"the KV cache for {slot_count} sequences of {self._context_length} tokens ({size:.1f} GiB) does not "
+                f"the KV cache for {slot_count} sequences of {self.sequence_tokens} tokens ({size:.1f} GiB) does not "
                 f"fit in the {self._device.type.upper()}'s free memory: lower {MAX_BATCH_SIZE_OPTION} or unset it "
-                "(the default sizes the cache from the free memory)"
+                f"(the default sizes the cache from the free memory), or lower {MAX_SEQUENCE_TOKENS_OPTION}"
             ) from None
         self._slots = SlotAllocator(slot_count)
         self._batch = DecodeBatch(slot_count, self._device)
@@ -190,9 +193,10 @@ class BatchingEngine:
         # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten), the
         # positions within the shortest attention length the check uses.
         self._batch.tokens.copy_(torch.arange(self._cache.slots) % int(self._model.config.vocab_size))
-        self._batch.positions.copy_(torch.arange(self._cache.slots) % min(SHORTEST_LENGTH_BUCKET, self._context_length))
+        pattern_positions = torch.arange(self._cache.slots) % min(SHORTEST_LENGTH_BUCKET, self.sequence_tokens)
+        self._batch.positions.copy_(pattern_positions)
         try:
-            return make_decoder(self._forward_decode, use_graphs, self._cache.slots, self._context_length)
+            return make_decoder(self._forward_decode, use_graphs, self._cache.slots, self.sequence_tokens)
         finally:
             self._batch.tokens.zero_()
             self._batch.positions.zero_()
@@ -230,7 +234,7 @@ class BatchingEngine:
         deliver: Callable[[GenerationChunk | BaseException], None],
     ) -> Request:
         """Queues a generation; `deliver` gets its chunks (and an error, if any) on the text thread. The caller
-        keeps prompt + max_new_tokens within the model's context."""
+        keeps prompt + max_new_tokens within `sequence_tokens`."""
         request = Request(
             prompt_ids=prompt_ids,
             params=params,

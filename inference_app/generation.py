@@ -88,6 +88,7 @@ class ModelService:
             engine = BatchingEngine(loaded, EngineOptions(
                 max_batch_size=self.settings.max_batch_size,
                 max_batch_tokens=self.settings.max_batch_tokens,
+                max_sequence_tokens=self.settings.max_sequence_tokens,
                 cuda_graphs=self.settings.cuda_graphs,
             ))
             engine.start()
@@ -207,12 +208,15 @@ class ModelService:
 
     def _max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
         context_length = self._require_loaded().context_length
-        room = context_length - prompt_tokens
+        sequence_tokens = self._require_engine().sequence_tokens
+        room = sequence_tokens - prompt_tokens
         if room < 1:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_tokens} tokens and the model's context holds {context_length}: "
-                "shorten the conversation"
+            holder = (
+                f"the model's context holds {context_length}"
+                if sequence_tokens == context_length
+                else f"this server's sequences hold {sequence_tokens} (--max-sequence-tokens)"
             )
+            raise PromptTooLongError(f"the prompt has {prompt_tokens} tokens and {holder}: shorten the conversation")
         return min(requested, self.settings.max_new_tokens_cap, room)
 
 

@@ -33,6 +33,7 @@ class Settings:
     load_with_mmap: bool = False
     max_batch_size: int | None = None  # None: as many full-context sequences as the KV cache memory holds
     max_batch_tokens: int | None = None  # None: no cap beyond the KV cache
+    max_sequence_tokens: int | None = None  # None: the model's context
     cuda_graphs: bool = True
     auth_username: str = "admin"
     auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
@@ -160,6 +161,13 @@ _OPTIONS = (
         ("--max-batch-tokens",),
         "cap on the tokens in flight across a batch (prompt + max new tokens of each generation; default: none "
         "beyond the KV cache)",
+        _positive_int,
+    ),
+    _Option(
+        "max_sequence_tokens",
+        ("--max-sequence-tokens",),
+        "tokens a KV-cache row holds (prompt + reply; default: the model's context): lower, more rows fit in memory, "
+        "and longer prompts are refused",
         _positive_int,
     ),
     _Option(

@@ -327,7 +327,8 @@ def test_a_kv_cache_too_large_for_memory_fails_loading_with_the_fix(
     assert service.failure_reason == (
         "the KV cache for 300 sequences of 512 tokens (0.1 GiB) does not fit in the CPU's free memory: "
         "lower --max-batch-size / INFERENCE_MAX_BATCH_SIZE or unset it "
-        "(the default sizes the cache from the free memory)"
+        "(the default sizes the cache from the free memory), or lower --max-sequence-tokens / "
+        "INFERENCE_MAX_SEQUENCE_TOKENS"
     )
 
 

@@ -263,6 +263,15 @@ def test_max_new_tokens_is_capped_by_the_context_left(start_service: StartServic
     assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", room)
 
 
+def test_shorter_sequences_cap_replies_and_refuse_longer_prompts(start_service: StartService, reply: Reply) -> None:
+    service = start_service(max_sequence_tokens=64)
+    room = 64 - service.count_prompt_tokens(user(PROMPT))
+    chunks = reply(service, PROMPT, max_new_tokens=100)
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", room)
+    with pytest.raises(PromptTooLongError, match=r"this server's sequences hold 64 \(--max-sequence-tokens\)"):
+        reply(service, "one two three " * 30)
+
+
 def test_prompt_longer_than_the_context_is_refused(start_service: StartService, reply: Reply) -> None:
     service = start_service()
     with pytest.raises(PromptTooLongError, match="context holds 512"):
