@@ -14,7 +14,7 @@ Phi-3-mini shape, built on the GPU in seconds) with a random rank-64 LoRA adapte
 downloaded. Needs only torch, transformers and peft.
 
     python -m bench.engine --size tiny                               # the CPU target: engine >= 0.8x generate at 64
-    python -m bench.engine --size mini --json bench/engine-mini.json # on a GPU (about 2-3 minutes)
+    python -m bench.engine --size mini --json bench/engine-mini.json # on a GPU (about 2-4 minutes)
 """
 
 from __future__ import annotations
