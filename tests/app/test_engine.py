@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from inference_app.kv_cache import SlotAllocator
 from inference_app.model_loading import LoadedModel, load_model
 from inference_app.sampling import BatchSampler, uniform_noise
 from inference_app.settings import Settings, parse_settings
+from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
 
 # Different lengths, so rows sit at different positions.
 PROMPTS = (
@@ -128,6 +130,29 @@ def test_concurrent_greedy_replies_match_generate(
     assert [reply.result() for reply in replies] == expected
     # All join the batch, but for a reply whose first token ends it (PROMPTS[4]'s: it finishes at the prefill).
     assert engine.stats()["largest_batch"] == sum(tokens > 0 for _, tokens in expected)
+
+
+def test_sliding_window_models_match_generate(tmp_path: Path) -> None:
+    """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
+    from transformers import Phi3ForCausalLM
+
+    tokenizer = build_tokenizer(tmp_path)
+    config = phi3_config(SIZES["tiny"], tokenizer, torch.float32)
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config = generation_config(tokenizer, config)
+    windowed = LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+    engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4))
+    prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
+    replies = [Reply() for _ in prompts]
+    for ids, reply in zip(prompts, replies, strict=True):
+        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+    engine.start()
+    try:
+        assert [reply.result() for reply in replies] == [generate_text(windowed, ids) for ids in prompts]
+    finally:
+        engine.stop()
 
 
 def test_requests_joining_and_leaving_mid_batch_match_generate(
