@@ -344,18 +344,38 @@ class FakeAzure(pulumi.runtime.Mocks):
         return found[0]
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One resource as the program registered it: its place in the tree (what its URN is made of) and options."""
+
+    typ: str
+    name: str
+    parent: tuple[str, str] | None  # (type, name) of the parent; None: the stack
+    options: pulumi.ResourceOptions
+
+
 @dataclass
 class ProgramRun:
     azure: FakeAzure
     outputs: dict[str, Any] = field(default_factory=dict)
     secret_outputs: set[str] = field(default_factory=set)
     options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)  # by resource type token
+    registrations: list[Registration] = field(default_factory=list)  # every resource, components included
     secrets: dict[tuple[str, str], bool] = field(default_factory=dict)  # (type, input path) -> is secret
 
 
 def _capture_options(run: ProgramRun) -> None:
     def transformation(args: pulumi.ResourceTransformationArgs) -> None:
         run.options[args.type_] = args.opts
+        parent = args.opts.parent
+        run.registrations.append(
+            Registration(
+                args.type_,
+                args.name,
+                (parent._type, parent._name) if parent is not None else None,  # noqa: SLF001 - no public accessor
+                args.opts,
+            )
+        )
         return None
 
     pulumi.runtime.register_stack_transformation(transformation)
@@ -377,16 +397,18 @@ def collect_stack_outputs(
 
 
 def run_program(
-    azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, workdir: Path | None = None
+    azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, secret_keys: tuple[str, ...] = ()
 ) -> ProgramRun:
-    """Run __main__.py against `azure` with the given stack config (values JSON-encoded when not strings)."""
+    """Run __main__.py against `azure` with the given stack config (values JSON-encoded when not strings); keys in
+    `secret_keys` were set with `pulumi config set --secret`."""
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root stack (and its outputs) for every run
     pulumi.runtime.set_mocks(azure, project=PROJECT, stack=STACK, preview=preview, organization="organization")
     pulumi.runtime.set_all_config(
         {
             (key if ":" in key else f"{PROJECT}:{key}"): (value if isinstance(value, str) else json.dumps(value))
             for key, value in config.items()
-        }
+        },
+        [f"{PROJECT}:{key}" for key in secret_keys],
     )
     run = ProgramRun(azure)
 

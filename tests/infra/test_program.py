@@ -25,6 +25,7 @@ from tests.infra.azure_mocks import (
     is_secret,
     run_program,
 )
+from tests.infra.stacks import write_parameters
 
 GROUP = "rg-phi3-finetune"
 BASE_CONFIG = {"resourceGroupName": GROUP, "location": "westus3"}
@@ -218,17 +219,6 @@ def test_explicit_names_replace_defaults(in_scratch_dir: Path) -> None:
     assert_names(azure, EXPLICIT_NAMES)
     assert run.outputs["STORAGE_ACCOUNT_NAME"] == "mystorage01"
     assert run.outputs["FILE_SHARE_NAME"] == "models-share"
-
-
-def write_parameters(directory: Path, parameters: dict[str, Any]) -> None:
-    path = directory / "infra" / "provision" / "inference.parameters.json"
-    path.parent.mkdir(parents=True)
-    document = {
-        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#",
-        "contentVersion": "1.0.0.0",
-        "parameters": {name: {"value": value} for name, value in parameters.items()},
-    }
-    path.write_text(json.dumps(document), encoding="utf-8")
 
 
 def test_parameters_file_values_are_defaults_and_config_wins(in_scratch_dir: Path) -> None:
