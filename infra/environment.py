@@ -7,7 +7,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import app
 
-from infra.adoption import Adoption, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 from infra.config import StorageAccessMode
 from infra.errors import ConfigError
 
@@ -78,6 +78,7 @@ class EnvironmentArgs:
     storage_account_key: pulumi.Input[str]
     share_name: pulumi.Input[str]
     storage_access_mode: StorageAccessMode
+    ledger: Ledger
 
 
 def _logs(customer_id: pulumi.Input[str], shared_key: pulumi.Input[str]) -> app.AppLogsConfigurationArgs:
@@ -141,6 +142,21 @@ def _storage_properties(args: EnvironmentArgs) -> app.ManagedEnvironmentStorageP
     )
 
 
+def _referenced_gpu_profile(args: EnvironmentArgs) -> str:
+    """The GPU profile of an environment this stack only reads: it must have one of the configured type."""
+    profiles = args.environment.existing.workload_profiles or []
+    gpu_type = _profile_type(args.workload_profiles, args.gpu_profile_name)
+    name = _of_type(profiles, gpu_type)
+    if name is None:
+        raise ConfigError(
+            f"Container Apps environment {args.environment.name!r} has no GPU workload profile of type "
+            f"{gpu_type} (config `gpu`), and existingResources is 'reference' so it cannot be added; its "
+            f"profiles: {_describe(profiles)}. Choose the `gpu` of one of them, add one in Azure, or use "
+            "`pulumi config set existingResources adopt`"
+        )
+    return name
+
+
 class Environment(pulumi.ComponentResource):
     environment_id: pulumi.Output[str]
     storage_name: pulumi.Output[str]
@@ -148,45 +164,35 @@ class Environment(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: EnvironmentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Environment", name, None, opts)
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-        existing = args.environment.existing
         if args.environment.declared:
             environment_args, self.gpu_profile_name = _environment_args(args)
-            environment = app.ManagedEnvironment(
+        else:
+            self.gpu_profile_name = _referenced_gpu_profile(args)
+        environment = declare_or_reference(
+            args.environment,
+            args.ledger,
+            lambda options: app.ManagedEnvironment(
                 "environment",
                 environment_name=args.environment.name,
                 resource_group_name=args.resource_group_name,
                 **environment_args,
-                opts=args.environment.options(parent=self),
-            )
-            self.environment_id = environment.id
-            self.resource_ids[args.environment.key] = environment.id
-            environment_name: pulumi.Input[str] = environment.name
-        else:
-            profiles = existing.workload_profiles or []
-            gpu_type = _profile_type(args.workload_profiles, args.gpu_profile_name)
-            self.gpu_profile_name = _of_type(profiles, gpu_type)
-            if self.gpu_profile_name is None:
-                raise ConfigError(
-                    f"Container Apps environment {args.environment.name!r} has no GPU workload profile of type "
-                    f"{gpu_type} (config `gpu`), and existingResources is 'reference' so it cannot be added; its "
-                    f"profiles: {_describe(profiles)}. Choose the `gpu` of one of them, add one in Azure, or use "
-                    "`pulumi config set existingResources adopt`"
-                )
-            self.environment_id = pulumi.Output.from_input(existing.id)
-            environment_name = args.environment.name
-
-        if args.environment_storage.declared:
-            environment_storage = app.ManagedEnvironmentsStorage(
+                opts=options,
+            ),
+            parent=self,
+        )
+        self.environment_id = environment.output("id")
+        environment_storage = declare_or_reference(
+            args.environment_storage,
+            args.ledger,
+            lambda options: app.ManagedEnvironmentsStorage(
                 "environment-storage",
-                environment_name=environment_name,
+                environment_name=environment.output("name"),
                 resource_group_name=args.resource_group_name,
                 storage_name=args.environment_storage.name,
                 properties=_storage_properties(args),
-                opts=args.environment_storage.options(parent=self),
-            )
-            self.storage_name = environment_storage.name
-            self.resource_ids[args.environment_storage.key] = environment_storage.id
-        else:
-            self.storage_name = pulumi.Output.from_input(args.environment_storage.name)
+                opts=options,
+            ),
+            parent=self,
+        )
+        self.storage_name = environment_storage.output("name")
         self.register_outputs({"environmentId": self.environment_id, "storageName": self.storage_name})

@@ -1,63 +1,23 @@
 """The stack's container registry and the identity the container app pulls with.
 
 No registry password exists anywhere: the admin user is disabled, the app pulls as a user-assigned managed identity
-holding `AcrPull` on the registry, and `pulumi up` pushes with a short-lived Azure AD token (infra/image.py).
+holding `AcrPull` on the registry, and `pulumi up` pushes with a short-lived Azure AD token (infra/acr_token.py).
 """
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
 from pulumi_azure_native import app, authorization, containerregistry, managedidentity
 
-from infra.adoption import Adoption, Mode, PreviousRun, decide, global_name_is_taken, lookup, mirror_inputs
-from infra.errors import ConfigError
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 # Built-in role "AcrPull" (the same id in every tenant).
 ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
-REGISTRY_ADOPTION_KEY = "containerRegistry"
-REGISTRY_SKUS = ("Basic", "Standard", "Premium")
-# Azure: 5-50 alphanumerics, globally unique (the login server is <name>.azurecr.io).
-_REGISTRY_NAME = re.compile(r"[a-zA-Z0-9]{5,50}")
-
-
-def default_registry_name(suffix: str) -> str:
-    """`aiacr<s>`, <s> being the suffix of the toolkit's other default names (infra/naming.py)."""
-    return f"aiacr{suffix}"
-
-
-def validate_registry_name(name: str) -> str:
-    if not _REGISTRY_NAME.fullmatch(name):
-        raise ConfigError(
-            f"registryName: {name!r} is not a valid name: 5-50 letters and digits, globally unique "
-            "(the login server is <name>.azurecr.io)"
-        )
-    return name
 
 
 def acr_pull_role_definition_id(subscription_id: str) -> str:
     return f"/subscriptions/{subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{ACR_PULL_ROLE_ID}"
-
-
-def plan_registry(
-    name: str, resource_group_name: str, group_exists: bool, mode: Mode, previous: PreviousRun, *, explicit: bool
-) -> Adoption:
-    """Create, adopt or reference the registry, like every other resource (infra/adoption.py). A name free in the
-    group but taken elsewhere in Azure (registry names are global) stops the program naming the key to change."""
-    existing = None
-    if group_exists:
-        existing = lookup(
-            f"container registry {name!r}",
-            lambda: containerregistry.get_registry(registry_name=name, resource_group_name=resource_group_name),
-        )
-    if existing is None and global_name_is_taken(f"{name.lower()}.azurecr.io", f"registry name {name!r}"):
-        how = "the name you configured" if explicit else "the default name"
-        raise ConfigError(
-            f"registryName: {name!r} ({how}) is taken by a registry elsewhere in Azure (registry names are global); "
-            "choose another with `pulumi config set registryName <5-50 letters and digits>`"
-        )
-    return decide(REGISTRY_ADOPTION_KEY, name, existing, mode, previous)
 
 
 @dataclass(frozen=True)
@@ -66,6 +26,7 @@ class RegistryArgs:
     location: str
     subscription_id: str
     registry: Adoption
+    ledger: Ledger
     sku: str = "Basic"
 
 
@@ -89,21 +50,20 @@ class Registry(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Registry", name, None, opts)
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-        if args.registry.declared:
-            registry = containerregistry.Registry(
+        registry = declare_or_reference(
+            args.registry,
+            args.ledger,
+            lambda options: containerregistry.Registry(
                 "registry",
                 registry_name=args.registry.name,
                 resource_group_name=args.resource_group_name,
                 **_registry_args(args),
-                opts=args.registry.options(parent=self),
-            )
-            self.login_server = registry.login_server
-            self.registry_id = registry.id
-            self.resource_ids[args.registry.key] = registry.id
-        else:  # existingResources: reference; pull rights are still granted on it
-            self.login_server = pulumi.Output.from_input(args.registry.existing.login_server)
-            self.registry_id = pulumi.Output.from_input(args.registry.existing.id)
+                opts=options,
+            ),
+            parent=self,
+        )  # a referenced registry still gets the pull identity's role assignment
+        self.login_server = registry.output("login_server")
+        self.registry_id = registry.output("id")
 
         identity = managedidentity.UserAssignedIdentity(
             "pull-identity",

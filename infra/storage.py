@@ -10,7 +10,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import storage
 
-from infra.adoption import Adoption, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 SHARE_QUOTA_GIB = 1024
 SHARE_SOFT_DELETE_DAYS = 7
@@ -23,6 +23,7 @@ class StorageArgs:
     account: Adoption
     file_service: Adoption
     share: Adoption
+    ledger: Ledger
 
 
 def _account_args(args: StorageArgs) -> dict[str, Any]:
@@ -74,51 +75,52 @@ class Storage(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Storage", name, None, opts)
-        depends_on: list[pulumi.Resource] = []
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-
-        if args.account.declared:
-            account = storage.StorageAccount(
+        account = declare_or_reference(
+            args.account,
+            args.ledger,
+            lambda options: storage.StorageAccount(
                 "account",
                 account_name=args.account.name,
                 resource_group_name=args.resource_group_name,
                 **_account_args(args),
-                opts=args.account.options(always_retain=True, parent=self),
-            )
-            self.account_name = account.name
-            self.resource_ids[args.account.key] = account.id
-            depends_on.append(account)
-        else:
-            self.account_name = pulumi.Output.from_input(args.account.name)
-
-        if args.file_service.declared:
-            file_service = storage.FileServiceProperties(
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+        )
+        self.account_name = account.output("name")
+        file_service = declare_or_reference(
+            args.file_service,
+            args.ledger,
+            lambda options: storage.FileServiceProperties(
                 "file-service",
                 account_name=self.account_name,
                 resource_group_name=args.resource_group_name,
                 file_services_name="default",
                 **_file_service_args(args.file_service),
-                opts=args.file_service.options(always_retain=True, parent=self),
-            )
-            self.resource_ids[args.file_service.key] = file_service.id
-            depends_on.append(file_service)
-
-        if args.share.declared:
-            share = storage.FileShare(
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+        )
+        depends_on = account.dependencies + file_service.dependencies
+        share = declare_or_reference(
+            args.share,
+            args.ledger,
+            lambda options: storage.FileShare(
                 "share",
                 account_name=self.account_name,
                 resource_group_name=args.resource_group_name,
                 share_name=args.share.name,
                 **_share_args(args.share),
-                opts=pulumi.ResourceOptions.merge(
-                    args.share.options(always_retain=True, protect=True, parent=self),
-                    pulumi.ResourceOptions(depends_on=depends_on),
-                ),
-            )
-            self.share_name = share.name
-            self.resource_ids[args.share.key] = share.id
-        else:
-            self.share_name = pulumi.Output.from_input(args.share.name)
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+            protect=True,
+            depends_on=depends_on,
+        )
+        self.share_name = share.output("name")
 
         keys = storage.list_storage_account_keys_output(
             account_name=self.account_name,

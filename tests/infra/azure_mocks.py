@@ -11,9 +11,11 @@ import json
 import runpy
 import socket
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from urllib.error import HTTPError
 from urllib.request import Request
 
 import pulumi
@@ -175,7 +177,9 @@ class FakeAzure(pulumi.runtime.Mocks):
     previous_outputs: dict[str, Any] = field(default_factory=dict)  # the stack's outputs after its previous run
     declared: list[Declared] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
-    token_exchanges: list[str] = field(default_factory=list)  # URLs the program exchanged a token at
+    invokes: list[str] = field(default_factory=list)  # every invoke's token, in order
+    token_exchanges: list[Request] = field(default_factory=list)  # requests to registries' /oauth2/exchange
+    refuse_token_exchange: bool = False  # the registry answers 401 (no push rights)
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -184,6 +188,7 @@ class FakeAzure(pulumi.runtime.Mocks):
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
         """Success: the result; a provider error: ({}, [(property, reason)]), which the program sees as an exception."""
         token, a = args.token, args.args
+        self.invokes.append(token)
         if token == "azure-native:authorization:getClientConfig":
             return {"subscriptionId": self.subscription_id, "tenantId": TENANT_ID, "clientId": "c", "objectId": "o"}
         if token == "azure-native:authorization:getClientToken":
@@ -332,7 +337,9 @@ class FakeAzure(pulumi.runtime.Mocks):
 
     def exchange_token(self, request: Request, timeout: float) -> io.BytesIO:
         """urlopen as a registry's /oauth2/exchange answers it: an ACR refresh token for the AAD token."""
-        self.token_exchanges.append(request.full_url)
+        self.token_exchanges.append(request)
+        if self.refuse_token_exchange:
+            raise HTTPError(request.full_url, 401, "Unauthorized", Message(), None)
         return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
 
     def by_type(self, typ: str) -> list[Declared]:
@@ -361,7 +368,6 @@ class ProgramRun:
     secret_outputs: set[str] = field(default_factory=set)
     options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)  # by resource type token
     registrations: list[Registration] = field(default_factory=list)  # every resource, components included
-    secrets: dict[tuple[str, str], bool] = field(default_factory=dict)  # (type, input path) -> is secret
 
 
 def _capture_options(run: ProgramRun) -> None:
@@ -422,7 +428,7 @@ def run_program(
     # Global name checks resolve `<name>.blob.core.windows.net` and `<name>.azurecr.io`, and the image's push
     # credentials come from the registry's token endpoint: answer both from the fake instead of the network.
     with mock.patch.object(socket, "getaddrinfo", azure.resolve), mock.patch(
-        "infra.image.urlopen", azure.exchange_token
+        "infra.acr_token.urlopen", azure.exchange_token
     ):
         program()
     return run

@@ -10,10 +10,7 @@ import pulumi
 import pytest
 import yaml
 
-from infra.access import DEFAULT_ACCESS
-from infra.config import InfraConfig
-from infra.gpu import read_gpu_config
-from infra.image import ImageConfig
+from infra.config import read_config
 from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
     REPO_ROOT,
@@ -395,12 +392,16 @@ def test_secrets_stay_secret(fresh: tuple[FakeAzure, Any]) -> None:
     assert STORAGE_KEY not in json.dumps(run.outputs) and WORKSPACE_KEY not in json.dumps(run.outputs)
 
 
-def empty_config() -> pulumi.Config:
-    pulumi.runtime.set_all_config({})
-    return pulumi.Config("aitk-inference")
+def default_config(tmp_path: Path) -> Any:
+    """The program's config when only the required key is set and there is no parameters file."""
+    pulumi.runtime.set_all_config({"aitk-inference:resourceGroupName": GROUP})
+    try:
+        return read_config(pulumi.Config("aitk-inference"), parameters_file=tmp_path / "none.json")
+    finally:
+        pulumi.runtime.set_all_config({})
 
 
-def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
+def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Path) -> None:
     project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text(encoding="utf-8"))
     assert project["runtime"] == {"name": "python", "options": {"toolchain": "pip", "virtualenv": ".venv"}}
     declared = project["config"]
@@ -440,10 +441,9 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
         "existingResources",
     }
     assert all(entry.get("type") and entry.get("description") for entry in declared.values())
-    defaults = InfraConfig(resource_group_name=GROUP, location=None, gpu=read_gpu_config(empty_config()))
-    image_defaults = ImageConfig()
-    assert declared["buildPlatform"]["default"] == image_defaults.build_platform
-    assert declared["registrySku"]["default"] == image_defaults.registry_sku
+    defaults = default_config(tmp_path)
+    assert declared["buildPlatform"]["default"] == defaults.image.build_platform
+    assert declared["registrySku"]["default"] == defaults.registry_sku
     # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
     no_default = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
@@ -457,7 +457,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
     assert declared["skipGpuRegionCheck"]["default"] is defaults.gpu.skip_region_check
     assert declared["minReplicas"]["default"] == defaults.gpu.min_replicas
     assert declared["maxReplicas"]["default"] == defaults.gpu.max_replicas
-    assert declared["access"]["default"] == DEFAULT_ACCESS
+    assert declared["access"]["default"] == defaults.access.mode
     assert declared["accessPassword"]["secret"] is True and declared["entraClientSecret"]["secret"] is True
     assert declared["storageAccessMode"]["default"] == defaults.storage_access_mode
     assert declared["existingResources"]["default"] == defaults.existing_resources

@@ -6,13 +6,16 @@ test_dockerfile.py.)"""
 
 import json
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pulumi_azure_native import authorization
 
-from infra.image import ACR_TOKEN_USERNAME, BUILD_CONTEXT, DEFAULT_PLATFORM, PROJECT_DIR, REPOSITORY, image_tag
+from infra.acr_token import ACR_TOKEN_USERNAME
+from infra.image import BUILD_CONTEXT, PROJECT_DIR, REPOSITORY, image_tag
+from infra.image_config import DEFAULT_PLATFORM
 from infra.registry import ACR_PULL_ROLE_ID
 from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
@@ -20,6 +23,7 @@ from tests.infra.azure_mocks import (
     ACR_TOKEN,
     IDENTITY_PRINCIPAL_ID,
     SUBSCRIPTION_ID,
+    TENANT_ID,
     FakeAzure,
     ProgramRun,
     group_id,
@@ -91,8 +95,11 @@ def test_app_pulls_and_runs_as_the_identity_and_no_password_exists(built: tuple[
     assert app["identity"] == {"type": "UserAssigned", "userAssignedIdentities": [pull_identity]}
     # No registry password secret: the only secret is the endpoint's password (access: password, the default).
     assert [secret["name"] for secret in app["configuration"]["secrets"]] == ["inference-auth-password"]
+    assert not [token for token in azure.invokes if "credential" in token.lower()]  # no registry password is read
     # The first revision pulls at once: the app waits for the role assignment.
-    assert any(isinstance(dependency, authorization.RoleAssignment) for dependency in run.options[APP_TYPE].depends_on)
+    depends_on = run.options[APP_TYPE].depends_on
+    assert isinstance(depends_on, list)
+    assert [type(dependency) for dependency in depends_on] == [authorization.RoleAssignment]
 
 
 def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
@@ -110,8 +117,21 @@ def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
     (registry,) = image.inputs["registries"]
     assert registry == {"address": LOGIN_SERVER, "username": ACR_TOKEN_USERNAME, "password": ACR_TOKEN}
     assert is_secret(image.raw_inputs["registries"])  # the password makes the whole list a secret
-    assert azure.token_exchanges == [f"https://{LOGIN_SERVER}/oauth2/exchange"]
+    (request,) = azure.token_exchanges
+    assert (request.get_method(), request.full_url) == ("POST", f"https://{LOGIN_SERVER}/oauth2/exchange")
+    assert isinstance(request.data, bytes)
+    assert dict(urllib.parse.parse_qsl(request.data.decode())) == {
+        "grant_type": "access_token",
+        "service": LOGIN_SERVER,
+        "tenant": TENANT_ID,
+        "access_token": AAD_TOKEN,
+    }
     assert AAD_TOKEN not in json.dumps(image.inputs)
+
+
+def test_a_refused_token_exchange_names_the_fix(in_scratch_dir: Path) -> None:
+    with pytest.raises(Exception, match="Could not get a push token for registry .* `az login`.*AcrPush"):
+        deploy(azure=FakeAzure(refuse_token_exchange=True))
 
 
 def test_app_runs_the_pushed_digest_with_the_images_own_command(built: tuple[FakeAzure, ProgramRun]) -> None:
@@ -127,6 +147,7 @@ def test_a_prebuilt_image_builds_nothing_and_the_app_runs_it(in_scratch_dir: Pat
     azure, run = deploy({"image": PREBUILT})
     assert azure.by_type(IMAGE_TYPE) == []
     assert azure.token_exchanges == []  # no push, so no push token either
+    assert "azure-native:authorization:getClientToken" not in azure.invokes
     assert container(azure)["image"] == PREBUILT
     assert "command" not in container(azure)
     assert run.outputs["image"] == PREBUILT
@@ -170,6 +191,11 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
         "INFERENCE_MODEL_REVISION": "run7",
     }
+
+
+def test_unset_settings_leave_the_apps_defaults(in_scratch_dir: Path) -> None:
+    azure, _ = deploy({"access": "public"})  # no access variables either
+    assert "env" not in container(azure)
 
 
 def test_a_model_revision_change_changes_the_template_and_the_active_revision(in_scratch_dir: Path) -> None:
@@ -216,11 +242,18 @@ def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> No
     [
         ({"image": "my image:1"}, "image: 'my image:1' is not an image reference"),
         ({"buildPlatform": "linux/sparc"}, "buildPlatform: 'linux/sparc' is not a platform"),
-        ({"registryName": "my-registry"}, "registryName: 'my-registry' is not a valid name"),
+        ({"registryName": "my-registry"}, "registryName: 'my-registry' is not a valid name: 5-50 letters"),
+        ({"registryName": "acr"}, "registryName: 'acr' is not a valid name"),
+        ({"registryName": "a" * 51}, "registryName: '" + "a" * 51 + "' is not a valid name"),
+        ({"registryName": "ünïcode1"}, "registryName: 'ünïcode1' is not a valid name"),
         ({"registrySku": "Free"}, "registrySku: must be one of Basic, Standard, Premium"),
         ({"modelPath": "models/phi3"}, "modelPath: must be an absolute path inside the container"),
+        ({"adapterPath": "adapter"}, "adapterPath: must be an absolute path inside the container"),
         ({"baseOnly": "yes"}, "baseOnly: must be true or false"),
+        ({"quantize4bit": "2"}, "quantize4bit: must be true or false"),
         ({"maxConcurrentGenerations": "0"}, "maxConcurrentGenerations: must be an integer >= 1"),
+        ({"maxConcurrentGenerations": "many"}, "maxConcurrentGenerations: must be an integer >= 1"),
+        ({"modelRevision": " "}, "modelRevision: must be a non-empty string"),
     ],
 )
 def test_invalid_image_config_fails_before_any_cloud_call(

@@ -79,7 +79,7 @@ def plain(value: Any) -> Any:
 
 def _alias(alias: Any) -> dict[str, Any]:
     """The program's own aliases (a moved resource keeping its URN); the SDK's API-version type aliases left out."""
-    given = {key: plain(value) for key, value in vars(alias).items() if value is not ... and value is not None}
+    given = {key: plain(value) for key, value in vars(alias).items() if value is not ...}  # `...`: not given
     return {} if set(given) <= {"type_"} else given
 
 

@@ -1,0 +1,189 @@
+"""The plan: every resource looked up by name before anything is declared, and for each the decision to create,
+adopt or reference it (infra/adoption.py). Azure's "not found" means "create"; any other error stops the program;
+a free name that is taken elsewhere in Azure (storage accounts and registries have global names) is refused naming
+the key to change."""
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pulumi
+from pulumi_azure_native import app, authorization, containerregistry, operationalinsights, resources, storage
+
+from infra.adoption import Adoption, PreviousRun, decide, lookup
+from infra.config import ProgramConfig
+from infra.errors import ConfigError
+from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
+
+T = TypeVar("T")
+
+
+def global_name_is_taken(host: str, description: str) -> bool:
+    """Global names are DNS labels (`<account>.blob.core.windows.net`, `<registry>.azurecr.io`): the host resolves
+    iff some resource anywhere in Azure has the name."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return False
+        pulumi.log.warn(f"Could not check whether {description} is free ({error}); continuing.")
+        return False
+    return True
+
+
+def require_free_storage_account_name(name: str, explicit: bool) -> None:
+    if global_name_is_taken(f"{name}.blob.core.windows.net", f"storage account name {name!r}"):
+        how = "the name you configured" if explicit else "the default name"
+        raise ConfigError(
+            f"storageAccountName: {name!r} ({how}) is taken by a storage account elsewhere in Azure (storage "
+            "account names are global); choose another with "
+            "`pulumi config set storageAccountName <3-24 lowercase letters and digits>`"
+        )
+
+
+def require_free_registry_name(name: str, explicit: bool) -> None:
+    if global_name_is_taken(f"{name.lower()}.azurecr.io", f"registry name {name!r}"):
+        how = "the name you configured" if explicit else "the default name"
+        raise ConfigError(
+            f"registryName: {name!r} ({how}) is taken by a registry elsewhere in Azure (registry names are global); "
+            "choose another with `pulumi config set registryName <5-50 letters and digits>`"
+        )
+
+
+@dataclass(frozen=True)
+class AdoptionPlan:
+    """Everything decided before the first resource is declared."""
+
+    subscription_id: str
+    resource_group_id: str  # as Azure returns it when the group exists (uniqueString is case-sensitive)
+    location: str
+    resource_group: Adoption
+    storage_account: Adoption
+    file_service: Adoption
+    file_share: Adoption
+    log_analytics: Adoption
+    environment: Adoption
+    environment_storage: Adoption
+    container_app: Adoption
+    container_registry: Adoption
+
+    @property
+    def environment_location(self) -> str:
+        """Where the app runs: apps live in their environment's region (an existing one's, else `location`)."""
+        existing = self.environment.existing
+        return str(existing.location) if existing is not None else self.location
+
+    def all(self) -> list[Adoption]:
+        return [
+            self.resource_group,
+            self.storage_account,
+            self.file_service,
+            self.file_share,
+            self.log_analytics,
+            self.environment,
+            self.environment_storage,
+            self.container_app,
+            self.container_registry,
+        ]
+
+
+def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
+    """Look every resource up by name and decide create / adopt / reference for each; logs the decisions."""
+    previous = PreviousRun.read()
+    mode = config.existing_resources
+    group_name = config.resource_group_name
+    subscription_id = authorization.get_client_config().subscription_id
+    group = lookup(
+        f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
+    )
+    group_id = group.id if group is not None else resource_group_id(subscription_id, group_name)
+    names = resource_names(config.names, resource_suffix(group_id))
+
+    location = config.location or (group.location if group is not None else None)
+    location = location or pulumi.Config("azure-native").get("location")
+    if not location:
+        raise ConfigError(
+            f"location: required because resource group {group_name!r} does not exist yet; "
+            "set it with `pulumi config set location <region>` (or `pulumi config set azure-native:location`)"
+        )
+
+    def in_group(description: str, fetch: Callable[[], T]) -> T | None:
+        # Nothing can exist in a group that does not exist; skip the call rather than ask Azure.
+        return lookup(description, fetch) if group is not None else None
+
+    account = in_group(
+        f"storage account {names.storage_account!r}",
+        lambda: storage.get_storage_account(account_name=names.storage_account, resource_group_name=group_name),
+    )
+    if account is None:
+        require_free_storage_account_name(names.storage_account, explicit=config.names.storage_account is not None)
+    file_service = share = None
+    if account is not None:
+        file_service = lookup(
+            f"file service of storage account {names.storage_account!r}",
+            lambda: storage.get_file_service_properties(
+                account_name=names.storage_account, resource_group_name=group_name, file_services_name="default"
+            ),
+        )
+        share = lookup(
+            f"file share {names.file_share!r}",
+            lambda: storage.get_file_share(
+                account_name=names.storage_account, resource_group_name=group_name, share_name=names.file_share
+            ),
+        )
+    workspace = in_group(
+        f"Log Analytics workspace {names.log_analytics!r}",
+        lambda: operationalinsights.get_workspace(workspace_name=names.log_analytics, resource_group_name=group_name),
+    )
+    environment = in_group(
+        f"Container Apps environment {names.environment!r}",
+        lambda: app.get_managed_environment(environment_name=names.environment, resource_group_name=group_name),
+    )
+    environment_storage = None
+    if environment is not None:
+        environment_storage = lookup(
+            f"environment storage {names.environment_storage!r}",
+            lambda: app.get_managed_environments_storage(
+                environment_name=names.environment,
+                resource_group_name=group_name,
+                storage_name=names.environment_storage,
+            ),
+        )
+    container_app = in_group(
+        f"container app {names.container_app!r}",
+        lambda: app.get_container_app(container_app_name=names.container_app, resource_group_name=group_name),
+    )
+    registry = in_group(
+        f"container registry {names.container_registry!r}",
+        lambda: containerregistry.get_registry(
+            registry_name=names.container_registry, resource_group_name=group_name
+        ),
+    )
+    if registry is None:
+        require_free_registry_name(names.container_registry, explicit=config.names.container_registry is not None)
+
+    plan = AdoptionPlan(
+        subscription_id=subscription_id,
+        resource_group_id=group_id,
+        location=location,
+        resource_group=decide("resourceGroup", group_name, group, mode, previous),
+        storage_account=decide("storageAccount", names.storage_account, account, mode, previous),
+        file_service=decide("fileService", "default", file_service, mode, previous),
+        file_share=decide("fileShare", names.file_share, share, mode, previous),
+        log_analytics=decide("logAnalyticsWorkspace", names.log_analytics, workspace, mode, previous),
+        environment=decide("environment", names.environment, environment, mode, previous),
+        environment_storage=decide(
+            "environmentStorage", names.environment_storage, environment_storage, mode, previous
+        ),
+        container_app=decide("containerApp", names.container_app, container_app, mode, previous),
+        container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
+    )
+    for adoption in plan.all():
+        pulumi.log.info(adoption.summary())
+    if any(adoption.import_now for adoption in plan.all()):
+        pulumi.log.info(
+            "Existing resources are imported as they are on this run: "
+            "run `pulumi up` once more to apply this program's settings to them."
+        )
+    return plan, names
