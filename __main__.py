@@ -6,8 +6,6 @@ the environment's Azure Files storage, the container registry with the identity 
 image built from inference_app/ and pushed there, the container app running it, and who may reach it (infra/access.py).
 """
 
-import pulumi
-
 from infra.access import EndpointAccess, needs_sticky_sessions
 from infra.adoption import Ledger
 from infra.app import ContainerApp, ContainerAppArgs
@@ -58,42 +56,35 @@ registry = Registry(
 )
 image = app_image(config.image, registry.login_server)  # inference_app/ built and pushed, unless `image` is set
 access = EndpointAccess("access", config.access)
-container_app = None
-if environment.gpu_profile_name is None:
-    pulumi.log.info(
-        f"Container app {names.container_app}: created on the next `pulumi up`, once the environment imported on "
-        "this run has its GPU workload profile."
-    )
-else:
-    container_app = ContainerApp(
-        "app",
-        ContainerAppArgs(
-            resource_group_name=group.name,
-            location=plan.environment_location,
-            adoption=plan.container_app,
-            ledger=ledger,
-            environment_id=environment.environment_id,
-            environment_storage_name=environment.storage_name,
-            volume_name=f"{names.file_share}volume",
-            image=image,
-            command=container_command(config.image, config.default_commands),
-            env=[*container_env(config.image.settings), *access.env],
-            secrets=access.secrets,
-            registries=[registry.app_registry_credentials()],
-            identity=registry.app_identity(),
-            depends_on=registry.app_depends_on(),
-            cpu=config.gpu.container_cpu,
-            memory=config.gpu.container_memory,
-            workload_profile_name=environment.gpu_profile_name,
-            min_replicas=config.gpu.min_replicas,
-            max_replicas=config.gpu.max_replicas,
-            scale_rules=scale_rules(config.gpu),
-            ip_security_restrictions=access.ip_security_restrictions,
-            sticky_sessions=needs_sticky_sessions(config.gpu.max_replicas),
-        ),
-    )
-    if plan.container_app.declared:  # a referenced app is only read
-        access.protect_app(container_app.name, group.name)
+container_app = ContainerApp(
+    "app",
+    ContainerAppArgs(
+        resource_group_name=group.name,
+        location=plan.environment_location,
+        adoption=plan.container_app,
+        ledger=ledger,
+        environment_id=environment.environment_id,
+        environment_storage_name=environment.storage_name,
+        volume_name=f"{names.file_share}volume",
+        image=image,
+        command=container_command(config.image, config.default_commands),
+        env=[*container_env(config.image.settings), *access.env],
+        secrets=access.secrets,
+        registries=[registry.app_registry_credentials()],
+        identity=registry.app_identity(),
+        depends_on=registry.app_depends_on(),
+        cpu=config.gpu.container_cpu,
+        memory=config.gpu.container_memory,
+        workload_profile_name=environment.gpu_profile_name,
+        min_replicas=config.gpu.min_replicas,
+        max_replicas=config.gpu.max_replicas,
+        scale_rules=scale_rules(config.gpu),
+        ip_security_restrictions=access.ip_security_restrictions,
+        sticky_sessions=needs_sticky_sessions(config.gpu.max_replicas),
+    ),
+)
+if plan.container_app.declared:  # a referenced app is only read
+    access.protect_app(container_app.name, group.name)
 
 export_outputs(
     subscription_id=plan.subscription_id,

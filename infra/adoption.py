@@ -95,7 +95,10 @@ class Adoption:
     name: str
     status: Status
     existing: Any = None  # the lookup result (typed invoke result) when the resource exists in Azure
-    import_now: bool = False  # adopted and not yet in this stack: imported on this run
+    # Adopted and not in this stack yet: the Azure id imported on this run. The engine (Pulumi CLI >= 3.174,
+    # `requiredPulumiVersion`) imports it and applies the declared inputs in the same run; only a diff that would
+    # replace it fails, which infra/plan.py refuses before (see `require_no_replacement`).
+    import_id: str | None = None
 
     @property
     def declared(self) -> bool:
@@ -117,18 +120,15 @@ class Adoption:
         """Resource options: import on the adopting run; adopted resources are never deleted by `destroy`."""
         return pulumi.ResourceOptions(
             parent=parent,
-            import_=self.azure_id if self.import_now else None,
+            import_=self.import_id,
             retain_on_delete=always_retain or self.status == "adopted",
             protect=protect,
             depends_on=list(depends_on) or None,
         )
 
     def summary(self) -> str:
-        if self.import_now:
-            return (
-                f"{self.key} {self.name}: adopted (imported as it is in Azure on this run; the properties this "
-                "program sets are applied on the next `pulumi up`)"
-            )
+        if self.import_id is not None:
+            return f"{self.key} {self.name}: adopted (imported on this run, with this program's settings)"
         return f"{self.key} {self.name}: {self.status}"
 
 
@@ -140,7 +140,7 @@ def decide(key: str, name: str, existing: Any, mode: Mode, previous: PreviousRun
         return Adoption(key, name, managed_status, existing)
     if mode == "reference":
         return Adoption(key, name, "referenced", existing)
-    return Adoption(key, name, "adopted", existing, import_now=True)
+    return Adoption(key, name, "adopted", existing, import_id=existing.id)
 
 
 def _as_input(value: Any) -> Any:

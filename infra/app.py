@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_azure_native import app
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference
 
 TARGET_PORT = 7860
 MOUNT_PATH = "/mount"
@@ -149,19 +149,8 @@ class ContainerApp(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ContainerAppArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:ContainerApp", name, None, opts)
-        if args.adoption.import_now:
-            # An app of this name already exists and is not in this stack: import it as it is; the next
-            # `pulumi up` replaces its configuration with the one below.
-            inputs = mirror_inputs(args.adoption.existing, app.ContainerAppArgs)
-        else:
-            inputs = dict(
-                location=args.location,
-                managed_environment_id=args.environment_id,
-                workload_profile_name=args.workload_profile_name,
-                identity=args.identity or app.ManagedServiceIdentityArgs(type=app.ManagedServiceIdentityType.NONE),
-                configuration=_configuration(args),
-                template=_template(args),
-            )
+        # An existing app of this name is adopted with this configuration in the same run that imports it
+        # (infra/plan.py refuses one in another environment, which would need a replacement).
         container_app = declare_or_reference(
             args.adoption,
             args.ledger,
@@ -169,7 +158,12 @@ class ContainerApp(pulumi.ComponentResource):
                 "app",
                 container_app_name=args.adoption.name,
                 resource_group_name=args.resource_group_name,
-                **inputs,
+                location=args.location,
+                managed_environment_id=args.environment_id,
+                workload_profile_name=args.workload_profile_name,
+                identity=args.identity or app.ManagedServiceIdentityArgs(type=app.ManagedServiceIdentityType.NONE),
+                configuration=_configuration(args),
+                template=_template(args),
                 opts=options,
             ),
             parent=self,

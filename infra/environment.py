@@ -88,9 +88,8 @@ def _logs(customer_id: pulumi.Input[str], shared_key: pulumi.Input[str]) -> app.
     )
 
 
-def _environment_args(args: EnvironmentArgs) -> tuple[dict[str, Any], str | None]:
-    """The environment's inputs and the name of the GPU workload profile the app runs on (None on the run that
-    imports an environment without one: the profile is added on the next run)."""
+def _environment_args(args: EnvironmentArgs) -> tuple[dict[str, Any], str]:
+    """The environment's inputs and the name of the GPU workload profile the app runs on."""
     existing = args.environment.existing
     logs = _logs(args.logs_customer_id, args.logs_shared_key)
     if existing is None:
@@ -106,12 +105,8 @@ def _environment_args(args: EnvironmentArgs) -> tuple[dict[str, Any], str | None
         )
     # Existing environment: everything stays as Azure has it (region, zone redundancy, mTLS, network, profiles)
     # except the logs, which go to this program's workspace (the shared key cannot be read back, so it is always
-    # declared), and the GPU profile, added after the import run when there is none.
+    # declared), and the GPU profile, added when there is none (also on the run that imports it).
     kept = mirror_inputs(existing, app.ManagedEnvironmentArgs) | dict(app_logs_configuration=logs)
-    if args.environment.import_now:
-        profiles = _existing_profiles(existing)
-        gpu_type = _profile_type(args.workload_profiles, args.gpu_profile_name)
-        return kept | dict(workload_profiles=profiles), _of_type(profiles, gpu_type)
     profiles, gpu_name = merge_workload_profiles(
         args.environment.name, existing, args.workload_profiles, args.gpu_profile_name
     )
@@ -160,7 +155,7 @@ def _referenced_gpu_profile(args: EnvironmentArgs) -> str:
 class Environment(pulumi.ComponentResource):
     environment_id: pulumi.Output[str]
     storage_name: pulumi.Output[str]
-    gpu_profile_name: str | None  # None until an adopted environment has a GPU profile (the run after its import)
+    gpu_profile_name: str  # the workload profile the app runs on
 
     def __init__(self, name: str, args: EnvironmentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Environment", name, None, opts)

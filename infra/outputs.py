@@ -27,29 +27,27 @@ def export_outputs(
     resource_group_name: str,
     storage_account_name: pulumi.Input[str],
     file_share_name: pulumi.Input[str],
-    app: ContainerApp | None,
+    app: ContainerApp,
     access: EndpointAccess,
     ledger: Ledger,
 ) -> None:
-    """Exports the outputs; without an app yet (see __main__.py) there is no endpoint and no toolkit file.
-    `activeRevision` changes whenever a `pulumi up` rolled a new revision (new image, settings or modelRevision);
-`accessUsername`/`accessPassword` in password mode."""
+    """Exports the outputs. `activeRevision` changes whenever a `pulumi up` rolled a new revision (new image,
+    settings or modelRevision); `accessUsername`/`accessPassword` in password mode."""
     bicep_outputs: dict[str, pulumi.Output[Any]] = {
         "SUBSCRIPTION_ID": pulumi.Output.from_input(subscription_id),
         "RESOURCE_GROUP_NAME": pulumi.Output.from_input(resource_group_name),
         "STORAGE_ACCOUNT_NAME": pulumi.Output.from_input(storage_account_name),
         "FILE_SHARE_NAME": pulumi.Output.from_input(file_share_name),
+        "ACA_APP_NAME": app.name,
+        "ACA_APP_ENDPOINT": app.fqdn,  # the bicep's output: the fqdn, no scheme
     }
-    if app is not None:
-        bicep_outputs["ACA_APP_NAME"] = app.name
-        bicep_outputs["ACA_APP_ENDPOINT"] = app.fqdn  # the bicep's output: the fqdn, no scheme
-        pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
-        pulumi.export("activeRevision", app.active_revision)
-        pulumi.export("image", app.image)
+    pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
+    pulumi.export("activeRevision", app.active_revision)
+    pulumi.export("image", app.image)
     for name, value in bicep_outputs.items():
         pulumi.export(name, value)
     for name, credential in access.stack_outputs().items():  # the password is a secret output
         pulumi.export(name, credential)
     pulumi.export(ADOPTION_OUTPUT, ledger.output())
-    if app is not None and not pulumi.runtime.is_dry_run():
+    if not pulumi.runtime.is_dry_run():
         pulumi.Output.all(**bicep_outputs).apply(write_toolkit_config)

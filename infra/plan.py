@@ -88,6 +88,27 @@ class AdoptionPlan:
         ]
 
 
+def require_no_replacement(plan: AdoptionPlan, names: ResourceNames) -> None:
+    """Refuse, naming the config key, what would make the engine replace an adopted resource (and so refuse the
+    import): the only such change this program declares is moving an existing container app to another
+    environment (an app's environment is fixed when it is created)."""
+    app = plan.container_app
+    if app.status != "adopted":
+        return
+    current = str(app.existing.managed_environment_id or app.existing.environment_id or "")
+    wanted = plan.environment.azure_id or f"{plan.resource_group_id}/providers/Microsoft.App/managedEnvironments/" + (
+        names.environment
+    )
+    if current.lower() != wanted.lower():
+        raise ConfigError(
+            f"acaAppName: container app {names.container_app!r} already exists in environment "
+            f"{current.rsplit('/', 1)[-1]!r}, not in {names.environment!r} (acaEnvironmentName); an app cannot move "
+            "to another environment without being replaced, which would lose it. Set acaEnvironmentName to its "
+            f"environment (`pulumi config set acaEnvironmentName {current.rsplit('/', 1)[-1]}`) or choose another "
+            "acaAppName"
+        )
+
+
 def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     """Look every resource up by name and decide create / adopt / reference for each; logs the decisions."""
     previous = PreviousRun.read()
@@ -179,11 +200,7 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         container_app=decide("containerApp", names.container_app, container_app, mode, previous),
         container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
     )
+    require_no_replacement(plan, names)
     for adoption in plan.all():
         pulumi.log.info(adoption.summary())
-    if any(adoption.import_now for adoption in plan.all()):
-        pulumi.log.info(
-            "Existing resources are imported as they are on this run: "
-            "run `pulumi up` once more to apply this program's settings to them."
-        )
     return plan, names

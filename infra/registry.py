@@ -32,8 +32,6 @@ class RegistryArgs:
 
 def _registry_args(args: RegistryArgs) -> dict[str, Any]:
     existing = args.registry.existing
-    if args.registry.import_now:  # exactly what exists, so that the import succeeds
-        return mirror_inputs(existing, containerregistry.RegistryArgs)
     owned = dict(admin_user_enabled=False)
     if existing is not None:  # sku, region and the rest stay as Azure has them
         return mirror_inputs(existing, containerregistry.RegistryArgs) | owned

@@ -28,8 +28,6 @@ class StorageArgs:
 
 def _account_args(args: StorageArgs) -> dict[str, Any]:
     existing = args.account.existing
-    if args.account.import_now:  # exactly what exists, so that the import succeeds
-        return mirror_inputs(existing, storage.StorageAccountArgs)
     owned = dict(
         large_file_shares_state=storage.LargeFileSharesState.ENABLED,
         minimum_tls_version=storage.MinimumTlsVersion.TLS1_2,
@@ -61,11 +59,8 @@ def _share_args(adoption: Adoption) -> dict[str, Any]:
     existing = adoption.existing
     if existing is None:
         return dict(share_quota=SHARE_QUOTA_GIB)
-    mirrored = mirror_inputs(existing, storage.FileShareArgs)
-    if adoption.import_now:
-        return mirrored
     # Adoption adds, it does not shrink: a larger quota someone already set is kept.
-    return mirrored | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
+    return mirror_inputs(existing, storage.FileShareArgs) | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
 
 
 class Storage(pulumi.ComponentResource):

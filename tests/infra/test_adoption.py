@@ -80,19 +80,22 @@ def test_fine_tuning_layout_is_adopted_and_only_the_app_is_created(
     assert app.inputs["template"]["volumes"][0]["storageName"] == ENV_STORAGE
     for key in FINE_TUNING_IDS:
         assert any(
-            f"{key} " in line and "adopted (imported as it is in Azure on this run" in line for line in caplog.messages
+            f"{key} " in line and "adopted (imported on this run, with this program's settings)" in line
+            for line in caplog.messages
         ), key
     assert any(f"containerApp {APP}: created" in line for line in caplog.messages)
-    assert "run `pulumi up` once more to apply this program's settings" in caplog.text
+    assert "once more" not in caplog.text and "next `pulumi up`" not in caplog.text  # one run does it all
 
 
-def test_imported_inputs_equal_what_exists(in_scratch_dir: Path) -> None:
-    """Import fails when declared inputs differ from the real resource: the import run declares what is there."""
+def test_the_import_run_declares_this_programs_settings_and_keeps_the_rest(in_scratch_dir: Path) -> None:
+    """Since Pulumi 3.174 an import whose inputs differ is imported and updated in the same run
+    (requiredPulumiVersion): the import run declares the desired state; what the program does not own stays as
+    Azure has it."""
     azure = FakeAzure()
     add_fine_tuning_layout(azure)
     run_program(azure, CONFIG)
     account = azure.one(TYPES["storageAccount"]).inputs
-    assert account["minimumTlsVersion"] == "TLS1_0"  # as in Azure, not yet this program's TLS1_2
+    assert account["minimumTlsVersion"] == "TLS1_2"  # this program's, on the import run itself (Azure has TLS1_0)
     assert account["sku"] == {"name": "Standard_LRS"}  # read-only "tier" dropped
     assert account["accessTier"] == "Hot"
     assert account["encryption"] == {
@@ -162,30 +165,23 @@ def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir:
     assert second_inputs[TYPES["environment"]] == first_inputs[TYPES["environment"]]
 
 
-def test_environment_without_gpu_profile_gets_one_and_keeps_its_profiles(in_scratch_dir: Path) -> None:
+def test_environment_without_gpu_profile_gets_one_and_the_app_in_the_same_run(in_scratch_dir: Path) -> None:
     existing_profiles = [
         {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
         {"name": "general", "workloadProfileType": "D4", "minimumCount": 1, "maximumCount": 3, "enableFips": False},
     ]
-    first_azure = FakeAzure()
-    add_fine_tuning_layout(first_azure, profiles=existing_profiles)
-    first = run_program(first_azure, CONFIG)
-    assert first_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == existing_profiles  # import as is
-    # No GPU profile to run on yet: the app waits for the next run, and there is no endpoint to print.
-    assert first_azure.by_type(TYPES["containerApp"]) == []
-    assert "endpoint" not in first.outputs and "containerApp" not in first.outputs["adoption"]
-    assert not (in_scratch_dir / "infra" / "inference.config.json").exists()
-
-    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
-    second = run_program(second_azure, CONFIG)
-    environment = second_azure.one(TYPES["environment"])
-    assert environment.import_id is None
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure, profiles=existing_profiles)
+    run = run_program(azure, CONFIG)
+    environment = azure.one(TYPES["environment"])
+    assert environment.import_id == environment_id(GROUP, ENVIRONMENT)
     assert environment.inputs["workloadProfiles"] == existing_profiles + [
         {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 2, "enableFips": False}
     ]
-    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "GPU"
-    assert second.outputs["endpoint"].startswith(f"https://{APP}.")
-    assert second.outputs["adoption"]["containerApp"]["status"] == "created"
+    assert azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "GPU"
+    assert run.outputs["endpoint"].startswith(f"https://{APP}.")
+    assert run.outputs["adoption"]["containerApp"]["status"] == "created"
+    assert (in_scratch_dir / "infra" / "inference.config.json").exists()
 
 
 def test_existing_gpu_profile_of_another_name_is_reused(in_scratch_dir: Path) -> None:
@@ -338,11 +334,40 @@ def test_existing_container_app_not_in_stack_is_adopted(in_scratch_dir: Path) ->
     run = run_program(azure, CONFIG)
     app = azure.one(TYPES["containerApp"])
     assert app.import_id == container_app_id(GROUP, APP)
+    # Imported and given this program's configuration in the same run: our image, probes, identity.
     ingress = app.inputs["configuration"]["ingress"]
     assert (ingress["external"], ingress["targetPort"]) == (True, 7860) and "fqdn" not in ingress
-    assert app.inputs["template"]["containers"][0]["image"] == "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    (container,) = app.inputs["template"]["containers"]
+    assert container["image"] == run.outputs["image"] != "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    assert [probe["type"] for probe in container["probes"]] == ["Startup", "Readiness", "Liveness"]
+    assert app.inputs["identity"]["type"] == "UserAssigned"
     assert run.outputs["adoption"]["containerApp"]["status"] == "adopted"
     assert run.options[TYPES["containerApp"]].retain_on_delete is True
+
+
+def test_existing_container_app_in_another_environment_is_refused_naming_the_keys(in_scratch_dir: Path) -> None:
+    """An app's environment is fixed at creation: adopting it into ours would be a replacement, which the engine
+    refuses for an import (and which would lose the app). Caught before anything is declared."""
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    other = environment_id(GROUP, "team-env").replace("/resourceGroups/", "/resourcegroups/")  # Azure's casing varies
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": other})
+    with pytest.raises(
+        Exception,
+        match=f"acaAppName: container app '{APP}' already exists in environment 'team-env', not in '{ENVIRONMENT}' "
+        r"\(acaEnvironmentName\).*pulumi config set acaEnvironmentName team-env",
+    ):
+        run_program(azure, CONFIG)
+    assert azure.declared == []
+
+
+def test_existing_container_app_in_our_environment_passes_whatever_the_id_casing(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    lowercased = environment_id(GROUP, ENVIRONMENT).lower()
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": lowercased})
+    run = run_program(azure, CONFIG)
+    assert run.outputs["adoption"]["containerApp"]["status"] == "adopted"
 
 
 def test_previous_run_is_read_from_this_stack(in_scratch_dir: Path) -> None:

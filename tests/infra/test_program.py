@@ -404,6 +404,8 @@ def default_config(tmp_path: Path) -> Any:
 def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Path) -> None:
     project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text(encoding="utf-8"))
     assert project["runtime"] == {"name": "python", "options": {"toolchain": "pip", "virtualenv": ".venv"}}
+    # Adoption imports and updates in one run, which the engine does since 3.174 (pulumi/pulumi#19339).
+    assert project["requiredPulumiVersion"] == ">=3.174.0"
     declared = project["config"]
     assert set(declared) == {
         "resourceGroupName",

@@ -283,13 +283,14 @@ def existing_registry(azure: FakeAzure, name: str = REGISTRY) -> str:
     return resource_id
 
 
-def test_an_existing_registry_is_adopted_then_its_admin_user_disabled(in_scratch_dir: Path) -> None:
+def test_an_existing_registry_is_adopted_with_its_admin_user_disabled_in_one_run(in_scratch_dir: Path) -> None:
     azure = FakeAzure(taken_registry_names={REGISTRY})  # the name is taken: by this very registry
     resource_id = existing_registry(azure)
     _, first = deploy(azure=azure)
     registry = azure.one(REGISTRY_TYPE)
     assert registry.import_id == resource_id
-    assert registry.inputs["adminUserEnabled"] is True  # imported as it is
+    assert registry.inputs["adminUserEnabled"] is False  # disabled on the import run itself (Azure has it on)
+    assert registry.inputs["sku"] == {"name": "Standard"}  # kept as Azure has it
     assert first.options[REGISTRY_TYPE].retain_on_delete is True
     assert first.outputs["adoption"]["containerRegistry"] == {"status": "adopted", "id": resource_id}
 
