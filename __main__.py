@@ -11,7 +11,7 @@ from infra.adoption import Ledger
 from infra.app import ContainerApp, ContainerAppArgs
 from infra.config import read_config
 from infra.environment import Environment, EnvironmentArgs
-from infra.gpu import require_gpu_region, scale_rules, workload_profiles
+from infra.gpu import require_gpu_region, scale_rules
 from infra.image import app_image
 from infra.image_config import container_command, container_env
 from infra.monitoring import Monitoring, MonitoringArgs
@@ -39,8 +39,7 @@ environment = Environment(
         location=plan.location,
         environment=plan.environment,
         environment_storage=plan.environment_storage,
-        workload_profiles=workload_profiles(config.gpu),
-        gpu_profile_name=config.gpu.profile.profile_name,
+        workload_profiles=plan.workload_profiles,
         logs_customer_id=monitoring.customer_id,
         logs_shared_key=monitoring.shared_key,
         storage_account_name=storage.account_name,

@@ -100,6 +100,9 @@ class GpuConfig:
     maximum_instance_count: int | None  # dedicated only: the most nodes the profile may run
     concurrent_requests: int
     skip_region_check: bool = False  # `skipGpuRegionCheck`: for regions Azure added after the table above
+    # Instance count keys set in config or the parameters file: applied to an adopted environment's GPU profile,
+    # whose live counts are kept otherwise (infra/environment.py).
+    configured_counts: frozenset[str] = frozenset()
 
 
 def normalize_region(location: str) -> str:
@@ -166,6 +169,9 @@ def read_gpu_config(source: ConfigSource) -> GpuConfig:
 
     minimum_count: int | None = None
     maximum_count: int | None = None
+    configured_counts = frozenset(
+        key for key in ("minimumInstanceCount", "maximumInstanceCount") if source.raw(key) is not None
+    )
     if profile.serverless:
         # The parameters file's maximumInstanceCount belongs to the bicep's dedicated profile: only Pulumi config
         # counts here, where setting a count is a mistake worth reporting.
@@ -188,14 +194,8 @@ def read_gpu_config(source: ConfigSource) -> GpuConfig:
                 "NC24-A100 node(s) keep running and billing while the app sits at zero; set minimumInstanceCount 0, "
                 "set minReplicas 1 or more, or use a serverless gpu"
             )
-        if max_replicas > maximum_count:
-            # Each replica takes the node's only A100: more replicas than nodes would never be scheduled.
-            raise ConfigError(
-                f"maxReplicas: {max_replicas} replicas need {max_replicas} NC24-A100 nodes (one GPU each), but "
-                f"maximumInstanceCount is {maximum_count}; raise maximumInstanceCount or lower maxReplicas"
-            )
 
-    return GpuConfig(
+    config = GpuConfig(
         gpu=gpu,
         profile=profile,
         container_cpu=_cpu(source, profile),
@@ -206,6 +206,23 @@ def read_gpu_config(source: ConfigSource) -> GpuConfig:
         maximum_instance_count=maximum_count,
         concurrent_requests=source.integer("scaleConcurrentRequests", DEFAULT_CONCURRENT_REQUESTS, minimum=1),
         skip_region_check=source.boolean("skipGpuRegionCheck", False),
+        configured_counts=configured_counts if not profile.serverless else frozenset(),
+    )
+    if "maximumInstanceCount" in configured_counts:
+        require_nodes_for_replicas(
+            config, maximum_count, "maximumInstanceCount is", "raise maximumInstanceCount or lower maxReplicas"
+        )
+    return config
+
+
+def require_nodes_for_replicas(config: GpuConfig, maximum: int | None, whose_maximum: str, fix: str) -> None:
+    """Each replica takes a dedicated node's only GPU: more replicas than the profile's maximum nodes would never be
+    scheduled."""
+    if config.profile.serverless or maximum is None or config.max_replicas <= maximum:
+        return
+    raise ConfigError(
+        f"maxReplicas: {config.max_replicas} replicas need {config.max_replicas} {config.profile.profile_type} nodes "
+        f"(one GPU each), but {whose_maximum} {maximum}; {fix}"
     )
 
 

@@ -13,6 +13,7 @@ from pulumi_azure_native import app, authorization, containerregistry, operation
 
 from infra.adoption import Adoption, PreviousRun, decide, lookup
 from infra.config import ProgramConfig
+from infra.environment import WorkloadProfiles, plan_workload_profiles
 from infra.errors import ConfigError
 from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
 
@@ -67,6 +68,7 @@ class AdoptionPlan:
     environment_storage: Adoption
     container_app: Adoption
     container_registry: Adoption
+    workload_profiles: WorkloadProfiles  # the environment's, and the GPU profile the app runs on
 
     @property
     def environment_location(self) -> str:
@@ -184,6 +186,7 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     if registry is None:
         require_free_registry_name(names.container_registry, explicit=config.names.container_registry is not None)
 
+    environment_adoption = decide("environment", names.environment, environment, mode, previous)
     plan = AdoptionPlan(
         subscription_id=subscription_id,
         resource_group_id=group_id,
@@ -193,12 +196,13 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         file_service=decide("fileService", "default", file_service, mode, previous),
         file_share=decide("fileShare", names.file_share, share, mode, previous),
         log_analytics=decide("logAnalyticsWorkspace", names.log_analytics, workspace, mode, previous),
-        environment=decide("environment", names.environment, environment, mode, previous),
+        environment=environment_adoption,
         environment_storage=decide(
             "environmentStorage", names.environment_storage, environment_storage, mode, previous
         ),
         container_app=decide("containerApp", names.container_app, container_app, mode, previous),
         container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
+        workload_profiles=plan_workload_profiles(environment_adoption, config.gpu),
     )
     require_no_replacement(plan, names)
     for adoption in plan.all():

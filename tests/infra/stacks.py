@@ -64,16 +64,17 @@ def add_fine_tuning_layout(
     environment_storage: str = ENV_STORAGE,
     workspace: str = WORKSPACE,
     profiles: list[dict[str, Any]] | None = None,
+    location: str = LOCATION,
 ) -> None:
     """What the AI Toolkit's fine-tuning bicep leaves behind, as Azure's GET answers describe it."""
     azure.add(
         group_id(group),
-        {"location": LOCATION, "tags": {"owner": "ml-team"}, "properties": {"provisioningState": "Succeeded"}},
+        {"location": location, "tags": {"owner": "ml-team"}, "properties": {"provisioningState": "Succeeded"}},
     )
     azure.add(
         storage_account_id(group, account),
         {
-            "location": LOCATION,
+            "location": location,
             "kind": "StorageV2",
             "sku": {"name": "Standard_LRS", "tier": "Standard"},
             "largeFileSharesState": "Enabled",
@@ -112,7 +113,7 @@ def add_fine_tuning_layout(
     azure.add(
         workspace_id(group, workspace),
         {
-            "location": LOCATION,
+            "location": location,
             "customerId": WORKSPACE_CUSTOMER_ID,
             "sku": {"name": "PerGB2018", "lastSkuUpdate": "2026-11-01T10:00:00Z"},
             "retentionInDays": 30,
@@ -122,7 +123,7 @@ def add_fine_tuning_layout(
     azure.add(
         environment_id(group, environment),
         {
-            "location": LOCATION,
+            "location": location,
             "appLogsConfiguration": {
                 "destination": "log-analytics",
                 "logAnalyticsConfiguration": {"customerId": WORKSPACE_CUSTOMER_ID},

@@ -165,39 +165,6 @@ def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir:
     assert second_inputs[TYPES["environment"]] == first_inputs[TYPES["environment"]]
 
 
-def test_environment_without_gpu_profile_gets_one_and_the_app_in_the_same_run(in_scratch_dir: Path) -> None:
-    existing_profiles = [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        {"name": "general", "workloadProfileType": "D4", "minimumCount": 1, "maximumCount": 3, "enableFips": False},
-    ]
-    azure = FakeAzure()
-    add_fine_tuning_layout(azure, profiles=existing_profiles)
-    run = run_program(azure, CONFIG)
-    environment = azure.one(TYPES["environment"])
-    assert environment.import_id == environment_id(GROUP, ENVIRONMENT)
-    assert environment.inputs["workloadProfiles"] == existing_profiles + [
-        {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 2, "enableFips": False}
-    ]
-    assert azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "GPU"
-    assert run.outputs["endpoint"].startswith(f"https://{APP}.")
-    assert run.outputs["adoption"]["containerApp"]["status"] == "created"
-    assert (in_scratch_dir / "infra" / "inference.config.json").exists()
-
-
-def test_existing_gpu_profile_of_another_name_is_reused(in_scratch_dir: Path) -> None:
-    profiles = [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        {"name": "a100", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 4, "enableFips": False},
-    ]
-    first_azure = FakeAzure()
-    add_fine_tuning_layout(first_azure, profiles=profiles)
-    first = run_program(first_azure, CONFIG)
-    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
-    run_program(second_azure, CONFIG)
-    assert second_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == profiles
-    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "a100"
-
-
 def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_dir: Path) -> None:
     write_parameters(
         in_scratch_dir,
@@ -299,13 +266,6 @@ def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: 
     assert app["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)
     assert app["template"]["volumes"][0]["storageName"] == ENV_STORAGE
     assert run.outputs["STORAGE_ACCOUNT_NAME"] == ACCOUNT and run.outputs["FILE_SHARE_NAME"] == SHARE
-
-
-def test_reference_mode_without_gpu_profile_says_what_to_do(in_scratch_dir: Path) -> None:
-    azure = FakeAzure()
-    add_fine_tuning_layout(azure, profiles=[{"name": "Consumption", "workloadProfileType": "Consumption"}])
-    with pytest.raises(Exception, match="has no GPU workload profile.*existingResources adopt"):
-        run_program(azure, CONFIG | {"existingResources": "reference"})
 
 
 def test_existing_container_app_not_in_stack_is_adopted(in_scratch_dir: Path) -> None:
