@@ -28,6 +28,7 @@ class ProgramConfig:
     location: str | None  # None: the resource group's location, else azure-native:location
     gpu: GpuConfig  # GPU profile, container sizing and scaling (infra/gpu.py)
     names: NameOverrides = NameOverrides()
+    resource_suffix: str | None = None  # None: from uniqueString(resource group id) (infra/naming.py)
     default_commands: tuple[str, ...] | None = None  # only for a prebuilt `image` (infra/image_config.py)
     storage_access_mode: StorageAccessMode = "ReadWrite"
     existing_resources: ExistingResourcesMode = "adopt"
@@ -48,6 +49,8 @@ NAME_KEYS = {
 }
 
 _RESOURCE_GROUP_NAME = re.compile(r"[-\w.()]{0,89}[-\w()]")
+# `aistorage<s>` must stay a valid storage account name (3-24 lowercase letters and digits).
+_RESOURCE_SUFFIX = re.compile(r"[a-z0-9]{1,15}")
 
 
 def read_config(config: pulumi.Config | None = None, parameters_file: Path = PARAMETERS_FILE) -> ProgramConfig:
@@ -70,8 +73,16 @@ def read_config(config: pulumi.Config | None = None, parameters_file: Path = PAR
         }
     )
 
+    resource_suffix = source.string("resourceSuffix")
+    if resource_suffix is not None and not _RESOURCE_SUFFIX.fullmatch(resource_suffix):
+        raise ConfigError(
+            f"resourceSuffix: {resource_suffix!r} is not a valid suffix: 1-15 lowercase letters and digits (it ends "
+            "every default name, e.g. aistorage<suffix>, a storage account name of at most 24 characters)"
+        )
+
     return ProgramConfig(
         resource_group_name=resource_group_name,
+        resource_suffix=resource_suffix,
         location=source.string("location"),
         gpu=read_gpu_config(source),
         names=names,

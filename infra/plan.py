@@ -121,7 +121,7 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
     )
     group_id = group.id if group is not None else resource_group_id(subscription_id, group_name)
-    names = resource_names(config.names, resource_suffix(group_id))
+    names = resource_names(config.names, config.resource_suffix or resource_suffix(group_id))
 
     location = config.location or (group.location if group is not None else None)
     location = location or pulumi.Config("azure-native").get("location")

@@ -296,6 +296,8 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
         ({"storageAccessMode": "Write"}, "storageAccessMode: must be one of ReadWrite, ReadOnly"),
         ({"existingResources": "import"}, "existingResources: must be one of adopt, reference"),
         ({"defaultCommands": "cd /mount"}, "defaultCommands: must be a non-empty list of strings"),
+        ({"resourceSuffix": "Ab-1"}, "resourceSuffix: 'Ab-1' is not a valid suffix: 1-15 lowercase letters and dig"),
+        ({"resourceSuffix": "a" * 16}, "resourceSuffix: '" + "a" * 16 + "' is not a valid suffix"),
     ],
 )
 def test_invalid_config_fails_before_any_cloud_call(
@@ -306,6 +308,28 @@ def test_invalid_config_fails_before_any_cloud_call(
     with pytest.raises(Exception, match=expected.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
         run_program(azure, merged)
     assert azure.lookups == [] and azure.declared == []
+
+
+def test_resource_suffix_from_the_parameters_file_replaces_the_default_suffix(in_scratch_dir: Path) -> None:
+    """The bicep's `resourceSuffix` parameter: names a migrating user's resources got from it are found again."""
+    write_parameters(in_scratch_dir, {"resourceSuffix": "team7", "acaAppName": "phi3-chat"})
+    azure = FakeAzure()
+    run = run_program(azure, BASE_CONFIG)
+    assert_names(
+        azure,
+        {
+            "storageAccountName": "aistorageteam7",
+            "fileShareName": "aifileshareteam7",
+            "acaEnvironmentName": "aienvteam7",
+            "acaEnvironmentStorageName": "aienvstorageteam7",
+            "acaAppName": "phi3-chat",  # an explicit name still wins
+            "acaLogAnalyticsName": "ailogteam7",
+        },
+    )
+    assert azure.one("azure-native:containerregistry:Registry").inputs["registryName"] == "aiacrteam7"
+    assert run.outputs["STORAGE_ACCOUNT_NAME"] == "aistorageteam7"
+    run_program(azure := FakeAzure(), BASE_CONFIG | {"resourceSuffix": "cfg01"})  # config wins over the file
+    assert azure.one("azure-native:storage:StorageAccount").inputs["accountName"] == "aistoragecfg01"
 
 
 def test_unknown_parameter_in_parameters_file_is_reported(in_scratch_dir: Path) -> None:
@@ -410,6 +434,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     assert set(declared) == {
         "resourceGroupName",
         "location",
+        "resourceSuffix",
         "maximumInstanceCount",
         "defaultCommands",
         *EXPLICIT_NAMES,
@@ -464,7 +489,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     assert declared["storageAccessMode"]["default"] == defaults.storage_access_mode
     assert declared["existingResources"]["default"] == defaults.existing_resources
     # Keys the parameters file can set must not have a Pulumi.yaml default, or the file could never apply.
-    for key in ("location", "maximumInstanceCount", "defaultCommands", *EXPLICIT_NAMES):
+    for key in ("location", "resourceSuffix", "maximumInstanceCount", "defaultCommands", *EXPLICIT_NAMES):
         assert "default" not in declared[key], key
 
 
