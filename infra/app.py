@@ -131,6 +131,16 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
     )
 
 
+def _as_azure_spells_it(environment_id: pulumi.Input[str], adoption: Adoption) -> pulumi.Output[str]:
+    """The environment id as the existing app records it when they differ only in case (ARM ids are
+    case-insensitive, and some GET answers lowercase them): a case-only change of this create-only property would
+    otherwise show as a replacement."""
+    live = str(getattr(adoption.existing, "managed_environment_id", None) or "")
+    return pulumi.Output.from_input(environment_id).apply(
+        lambda wanted: live if live.lower() == wanted.lower() else wanted
+    )
+
+
 def _first_image(template: app.outputs.TemplateResponse | None) -> str:
     return (template.containers[0].image or "") if template is not None and template.containers else ""
 
@@ -159,7 +169,7 @@ class ContainerApp(pulumi.ComponentResource):
                 container_app_name=args.adoption.name,
                 resource_group_name=args.resource_group_name,
                 location=args.location,
-                managed_environment_id=args.environment_id,
+                managed_environment_id=_as_azure_spells_it(args.environment_id, args.adoption),
                 workload_profile_name=args.workload_profile_name,
                 identity=args.identity or app.ManagedServiceIdentityArgs(type=app.ManagedServiceIdentityType.NONE),
                 configuration=_configuration(args),

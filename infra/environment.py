@@ -11,6 +11,7 @@ from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 from infra.config import StorageAccessMode
 from infra.errors import ConfigError
 from infra.gpu import GpuConfig, normalize_region, require_nodes_for_replicas, workload_profiles
+from infra.storage import account_key
 
 
 def _existing_profiles(existing: Any) -> list[app.WorkloadProfileArgs]:
@@ -187,13 +188,19 @@ def _environment_args(args: EnvironmentArgs) -> dict[str, Any]:
 def _storage_properties(args: EnvironmentArgs) -> app.ManagedEnvironmentStoragePropertiesArgs:
     existing = args.environment_storage.existing
     if existing is not None:
-        # An existing environment storage keeps its share and access mode (fine-tuning writes through it); only the
-        # account key, which Azure never returns, is declared.
+        # An existing environment storage keeps its account, share and access mode (fine-tuning writes through it);
+        # only the account key, which Azure never returns, is declared: that of the account it points to, which
+        # need not be storageAccountName (looked up in the stack's resource group).
         azure_file = existing.properties.azure_file
+        key = pulumi.Output.from_input(args.storage_account_name).apply(
+            lambda ours: args.storage_account_key
+            if ours.lower() == str(azure_file.account_name).lower()
+            else account_key(azure_file.account_name, args.resource_group_name)
+        )
         return app.ManagedEnvironmentStoragePropertiesArgs(
             azure_file=app.AzureFilePropertiesArgs(
                 account_name=azure_file.account_name,
-                account_key=args.storage_account_key,
+                account_key=pulumi.Output.secret(key),
                 share_name=azure_file.share_name,
                 access_mode=azure_file.access_mode,
             )

@@ -63,6 +63,20 @@ def _share_args(adoption: Adoption) -> dict[str, Any]:
     return mirror_inputs(existing, storage.FileShareArgs) | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
 
 
+def account_key(
+    account_name: pulumi.Input[str],
+    resource_group_name: pulumi.Input[str],
+    depends_on: list[pulumi.Resource] | None = None,
+) -> pulumi.Output[str]:
+    """The storage account's first key, as a secret."""
+    keys = storage.list_storage_account_keys_output(
+        account_name=account_name,
+        resource_group_name=resource_group_name,
+        opts=pulumi.InvokeOutputOptions(depends_on=depends_on or []),
+    )
+    return pulumi.Output.secret(keys.keys[0].value)
+
+
 class Storage(pulumi.ComponentResource):
     account_name: pulumi.Output[str]
     share_name: pulumi.Output[str]
@@ -117,10 +131,5 @@ class Storage(pulumi.ComponentResource):
         )
         self.share_name = share.output("name")
 
-        keys = storage.list_storage_account_keys_output(
-            account_name=self.account_name,
-            resource_group_name=args.resource_group_name,
-            opts=pulumi.InvokeOutputOptions(depends_on=depends_on),
-        )
-        self.account_key = pulumi.Output.secret(keys.keys[0].value)
+        self.account_key = account_key(self.account_name, args.resource_group_name, depends_on)
         self.register_outputs({"accountName": self.account_name, "shareName": self.share_name})

@@ -178,6 +178,8 @@ class FakeAzure(pulumi.runtime.Mocks):
     declared: list[Declared] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
     invokes: list[str] = field(default_factory=list)  # every invoke's token, in order
+    account_keys: dict[str, str] = field(default_factory=dict)  # storage account -> its key (else STORAGE_KEY)
+    key_listings: list[str] = field(default_factory=list)  # accounts whose keys the program listed
     token_exchanges: list[Request] = field(default_factory=list)  # requests to registries' /oauth2/exchange
     refuse_token_exchange: bool = False  # the registry answers 401 (no push rights)
 
@@ -196,7 +198,9 @@ class FakeAzure(pulumi.runtime.Mocks):
         if token == "pulumi:pulumi:readStackOutputs":
             return {"name": a["name"], "outputs": self.previous_outputs, "secretOutputNames": []}
         if token == "azure-native:storage:listStorageAccountKeys":
-            return {"keys": [{"keyName": "key1", "value": STORAGE_KEY, "permissions": "FULL"}]}
+            self.key_listings.append(a["accountName"])
+            key = self.account_keys.get(a["accountName"], STORAGE_KEY)
+            return {"keys": [{"keyName": "key1", "value": key, "permissions": "FULL"}]}
         if token == "azure-native:operationalinsights:getSharedKeys":
             return {"primarySharedKey": WORKSPACE_KEY, "secondarySharedKey": "secondary"}
         group = a.get("resourceGroupName", "")

@@ -20,7 +20,14 @@ from tests.infra.azure_mocks import (
 
 GROUP = "rg-phi3-finetune"
 LOCATION = "westus3"
-SUFFIX = unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{GROUP}")[:5]
+
+
+def default_suffix(group: str = GROUP) -> str:
+    """The bicep's <s>: the first 5 characters of uniqueString(resource group id), the id as Azure spells it."""
+    return unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{group}")[:5]
+
+
+SUFFIX = default_suffix()
 ACCOUNT, SHARE, ENVIRONMENT = f"aistorage{SUFFIX}", f"aifileshare{SUFFIX}", f"aienv{SUFFIX}"
 ENV_STORAGE, APP, WORKSPACE = f"aienvstorage{SUFFIX}", f"aiacaapp{SUFFIX}", f"ailog{SUFFIX}"
 WORKSPACE_CUSTOMER_ID = "8e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b"

@@ -13,12 +13,15 @@ from tests.infra.azure_mocks import (
     azure_error,
     container_app_id,
     environment_id,
+    environment_storage_id,
     file_service_id,
     file_share_id,
     forbidden,
     group_id,
+    is_secret,
     run_program,
     storage_account_id,
+    workspace_id,
 )
 from tests.infra.stacks import (
     ACCOUNT,
@@ -33,6 +36,7 @@ from tests.infra.stacks import (
     WORKSPACE,
     WORKSPACE_CUSTOMER_ID,
     add_fine_tuning_layout,
+    default_suffix,
     gpu_profiles,
     write_parameters,
 )
@@ -362,3 +366,54 @@ def test_unreadable_previous_outputs_fall_back_to_the_safe_side(
     assert statuses(run)["storageAccount"] == "adopted"
     assert azure.one(TYPES["storageAccount"]).import_id == storage_account_id(GROUP, ACCOUNT)
     assert any("Could not read stack organization/aitk-inference/dev's previous outputs" in m for m in caplog.messages)
+
+
+# -- ids as Azure spells them (issue 11, point 9) --------------------------------------------------------------------
+def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) -> None:
+    """Log Analytics answers with a lowercased id (`/resourcegroups/.../microsoft.operationalinsights/...`); in a
+    group whose name has capitals the recorded and the looked-up ids still match: no second import."""
+    group = "RG-Phi3-Finetune"
+    suffix = default_suffix(group)
+    workspace = f"ailog{suffix}"
+    lowercased = workspace_id(group, workspace).lower()
+    first_azure = FakeAzure()
+    first_azure.add(group_id(group), {"location": LOCATION})
+    first_azure.add(lowercased, {"location": LOCATION, "customerId": WORKSPACE_CUSTOMER_ID, "sku": {"name": "PerGB2018"}})
+    first = run_program(first_azure, {"resourceGroupName": group})
+    assert first_azure.one(TYPES["logAnalyticsWorkspace"]).import_id == lowercased
+    assert first.outputs["adoption"]["logAnalyticsWorkspace"] == {"status": "adopted", "id": lowercased}
+
+    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
+    second = run_program(second_azure, {"resourceGroupName": group})
+    assert second_azure.one(TYPES["logAnalyticsWorkspace"]).import_id is None
+    assert statuses(second)["logAnalyticsWorkspace"] == "adopted"
+    assert second_azure.one(TYPES["storageAccount"]).inputs["accountName"] == f"aistorage{suffix}"  # case kept
+
+
+def test_an_adopted_app_keeps_the_environment_id_as_azure_spells_it(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    lowercased = environment_id(GROUP, ENVIRONMENT).lower()
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": lowercased})
+    run_program(azure, CONFIG)
+    # The same id for ARM; declaring the other casing would show a change of a create-only property.
+    assert azure.one(TYPES["containerApp"]).inputs["managedEnvironmentId"] == lowercased
+
+
+def test_adopted_environment_storage_gets_the_key_of_the_account_it_points_to(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(account_keys={"teamdata01": "dGVhbWRhdGEwMS1rZXk="})
+    add_fine_tuning_layout(azure)
+    azure.add(
+        environment_storage_id(GROUP, ENVIRONMENT, ENV_STORAGE),
+        {"properties": {"azureFile": {"accountName": "teamdata01", "shareName": "models", "accessMode": "ReadOnly"}}},
+    )
+    run_program(azure, CONFIG)
+    declared = azure.one(TYPES["environmentStorage"])
+    assert declared.inputs["properties"]["azureFile"] == {
+        "accountName": "teamdata01",
+        "accountKey": "dGVhbWRhdGEwMS1rZXk=",  # not the key of storageAccountName's account
+        "shareName": "models",
+        "accessMode": "ReadOnly",
+    }
+    assert is_secret(declared.raw_inputs["properties"])
+    assert "teamdata01" in azure.key_listings

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from infra.config import read_config
-from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
     REPO_ROOT,
     STORAGE_KEY,
@@ -22,14 +21,10 @@ from tests.infra.azure_mocks import (
     is_secret,
     run_program,
 )
-from tests.infra.stacks import write_parameters
+from tests.infra.stacks import default_suffix, write_parameters
 
 GROUP = "rg-phi3-finetune"
 BASE_CONFIG = {"resourceGroupName": GROUP, "location": "westus3"}
-
-
-def default_suffix(group: str = GROUP) -> str:
-    return unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{group}")[:5]
 
 
 @pytest.fixture
