@@ -21,11 +21,14 @@ GpuChoice = Literal["dedicated-A100", "serverless-T4", "serverless-A100"]
 DEFAULT_GPU: GpuChoice = "dedicated-A100"
 
 # Where Azure offers each profile type, as lowercase region names without spaces (the form `location` takes).
-# Sources, read 2026-11-25:
-# - serverless: https://learn.microsoft.com/azure/container-apps/gpu-serverless-overview#supported-regions
-#   (T4 in West Europe only in a workload profiles environment created after the profile became available there);
-# - dedicated: https://learn.microsoft.com/azure/container-apps/workload-profiles-overview#dedicated-profile-details
-#   ("GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe"; capacity by support request).
+# Sources (MicrosoftDocs/azure-docs, articles/container-apps/):
+# - dedicated: workload-profiles-overview.md, "Dedicated profile details" (ms.date 2025-11-04, re-checked
+#   2026-11-28): "GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe", capacity by support request;
+#   "GPU-enabled Dedicated profiles must be configured when creating an environment" (infra/environment.py);
+# - serverless: gpu-serverless-overview.md#supported-regions, read 2026-11-25 on learn.microsoft.com (T4 in West
+#   Europe only in a workload profiles environment created after the profile became available there). The copies
+#   of that page reachable on 2026-11-28 are older (they list West US 3, Australia East, Sweden Central, all kept
+#   here), so this list was not narrowed.
 # Azure adds regions over time: `skipGpuRegionCheck: true` skips this check when the table is behind.
 _SERVERLESS_A100_REGIONS = frozenset(
     {

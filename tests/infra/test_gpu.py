@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from infra.app import STARTUP_FAILURE_THRESHOLD, STARTUP_INITIAL_DELAY_S, STARTUP_PERIOD_S
+from infra.gpu import PROFILES
 from tests.infra.azure_mocks import FakeAzure, run_program
 from tests.infra.stacks import GROUP, write_parameters
 
@@ -247,3 +248,12 @@ def test_probes_give_a_cold_start_time_to_serve_and_keep_traffic_away_until_the_
 
     assert by_type["Readiness"]["httpGet"]["path"] == "/ready"  # 503 until the model is loaded
     assert by_type["Liveness"]["httpGet"]["path"] == "/health"
+
+
+def test_region_tables_hold_what_microsofts_tables_say() -> None:
+    """The facts cited in infra/gpu.py: dedicated A100 in West US 3 and North Europe only; serverless GPUs in at
+    least the regions every published version of the serverless page lists; T4, not A100, in West Europe."""
+    assert PROFILES["dedicated-A100"].regions == {"westus3", "northeurope"}
+    for choice in ("serverless-T4", "serverless-A100"):
+        assert {"westus3", "australiaeast", "swedencentral"} <= PROFILES[choice].regions
+    assert "westeurope" in PROFILES["serverless-T4"].regions and "westeurope" not in PROFILES["serverless-A100"].regions
