@@ -3,7 +3,8 @@ adopt or reference it (infra/adoption.py). Azure's "not found" means "create"; a
 a free name that is taken elsewhere in Azure (storage accounts and registries have global names) is refused naming
 the key to change."""
 
-import socket
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,39 +17,65 @@ from infra.config import ProgramConfig
 from infra.environment import WorkloadProfiles, plan_workload_profiles
 from infra.errors import ConfigError
 from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
+from infra.rest import RequestFailed, post
 
 T = TypeVar("T")
 
 
-def global_name_is_taken(host: str, description: str) -> bool:
-    """Global names are DNS labels (`<account>.blob.core.windows.net`, `<registry>.azurecr.io`): the host resolves
-    iff some resource anywhere in Azure has the name."""
+ARM = "https://management.azure.com"
+
+
+@dataclass(frozen=True)
+class GlobalName:
+    """A name unique across Azure, checked with its provider's checkNameAvailability action."""
+
+    key: str  # the config key that sets it
+    provider: str
+    api_version: str
+    resource_type: str
+    description: str
+    rule: str
+
+
+STORAGE_ACCOUNT_NAME = GlobalName(
+    "storageAccountName",
+    "Microsoft.Storage",
+    "2023-05-01",
+    "Microsoft.Storage/storageAccounts",
+    "storage account",
+    "3-24 lowercase letters and digits",
+)
+REGISTRY_NAME = GlobalName(
+    "registryName",
+    "Microsoft.ContainerRegistry",
+    "2023-07-01",
+    "Microsoft.ContainerRegistry/registries",
+    "registry",
+    "5-50 letters and digits",
+)
+
+
+def require_free_name(
+    kind: GlobalName, name: str, *, explicit: bool, subscription_id: str, arm_token: Callable[[], str]
+) -> None:
+    """Stop, naming the key, when ARM says the name is taken (by anyone, anywhere); a check that cannot be made is
+    only a warning (creating the resource would then fail with Azure's own message)."""
+    url = (
+        f"{ARM}/subscriptions/{subscription_id}/providers/{kind.provider}/checkNameAvailability"
+        f"?api-version={kind.api_version}"
+    )
+    body = json.dumps({"name": name, "type": kind.resource_type}).encode()
     try:
-        socket.getaddrinfo(host, 443)
-    except socket.gaierror as error:
-        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-            return False
-        pulumi.log.warn(f"Could not check whether {description} is free ({error}); continuing.")
-        return False
-    return True
-
-
-def require_free_storage_account_name(name: str, explicit: bool) -> None:
-    if global_name_is_taken(f"{name}.blob.core.windows.net", f"storage account name {name!r}"):
+        answer = post(url, body, {"Authorization": f"Bearer {arm_token()}", "Content-Type": "application/json"})
+    except RequestFailed as error:
+        pulumi.log.warn(f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing.")
+        return
+    if isinstance(answer, dict) and answer.get("nameAvailable") is False:
         how = "the name you configured" if explicit else "the default name"
         raise ConfigError(
-            f"storageAccountName: {name!r} ({how}) is taken by a storage account elsewhere in Azure (storage "
-            "account names are global); choose another with "
-            "`pulumi config set storageAccountName <3-24 lowercase letters and digits>`"
-        )
-
-
-def require_free_registry_name(name: str, explicit: bool) -> None:
-    if global_name_is_taken(f"{name.lower()}.azurecr.io", f"registry name {name!r}"):
-        how = "the name you configured" if explicit else "the default name"
-        raise ConfigError(
-            f"registryName: {name!r} ({how}) is taken by a registry elsewhere in Azure (registry names are global); "
-            "choose another with `pulumi config set registryName <5-50 letters and digits>`"
+            f"{kind.key}: {name!r} ({how}) is taken by a {kind.description} elsewhere in Azure ({kind.description} "
+            f"names are global; Azure says: {answer.get('message') or answer.get('reason')}); choose another with "
+            f"`pulumi config set {kind.key} <{kind.rule}>`"
         )
 
 
@@ -117,6 +144,7 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     mode = config.existing_resources
     group_name = config.resource_group_name
     subscription_id = authorization.get_client_config().subscription_id
+    arm_token = functools.cache(lambda: str(authorization.get_client_token().token))  # for the name checks
     group = lookup(
         f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
     )
@@ -140,7 +168,13 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         lambda: storage.get_storage_account(account_name=names.storage_account, resource_group_name=group_name),
     )
     if account is None:
-        require_free_storage_account_name(names.storage_account, explicit=config.names.storage_account is not None)
+        require_free_name(
+            STORAGE_ACCOUNT_NAME,
+            names.storage_account,
+            explicit=config.names.storage_account is not None,
+            subscription_id=subscription_id,
+            arm_token=arm_token,
+        )
     file_service = share = None
     if account is not None:
         file_service = lookup(
@@ -184,7 +218,13 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         ),
     )
     if registry is None:
-        require_free_registry_name(names.container_registry, explicit=config.names.container_registry is not None)
+        require_free_name(
+            REGISTRY_NAME,
+            names.container_registry,
+            explicit=config.names.container_registry is not None,
+            subscription_id=subscription_id,
+            arm_token=arm_token,
+        )
 
     environment_adoption = decide("environment", names.environment, environment, mode, previous)
     plan = AdoptionPlan(

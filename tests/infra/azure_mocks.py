@@ -9,13 +9,12 @@ import hashlib
 import io
 import json
 import runpy
-import socket
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any
 from unittest import mock
-from urllib.error import HTTPError
+from urllib.error import HTTPError, URLError
 from urllib.request import Request
 
 import pulumi
@@ -180,8 +179,12 @@ class FakeAzure(pulumi.runtime.Mocks):
     invokes: list[str] = field(default_factory=list)  # every invoke's token, in order
     account_keys: dict[str, str] = field(default_factory=dict)  # storage account -> its key (else STORAGE_KEY)
     key_listings: list[str] = field(default_factory=list)  # accounts whose keys the program listed
-    token_exchanges: list[Request] = field(default_factory=list)  # requests to registries' /oauth2/exchange
+    requests: list[Request] = field(default_factory=list)  # every HTTPS POST the program made itself
+    token_exchanges: list[Request] = field(default_factory=list)  # those to registries' /oauth2/exchange
     refuse_token_exchange: bool = False  # the registry answers 401 (no push rights)
+    # URL fragment -> how many of the next POSTs to such URLs fail with a connection reset
+    network_failures: dict[str, int] = field(default_factory=dict)
+    sleeps: list[float] = field(default_factory=list)  # the program's waits between retries
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -331,20 +334,35 @@ class FakeAzure(pulumi.runtime.Mocks):
         declared.state = reveal(copy.deepcopy(state))
         return resource_id, state
 
-    def resolve(self, host: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """socket.getaddrinfo as DNS answers for storage and registry endpoints: only taken names resolve."""
-        taken = {f"{name}.blob.core.windows.net" for name in self.taken_storage_account_names}
-        taken |= {f"{name}.azurecr.io" for name in self.taken_registry_names}
-        if host in taken:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("20.60.0.1", 443))]
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    def urlopen(self, request: Request, timeout: float) -> io.BytesIO:
+        """urlopen as the program's HTTPS POSTs see it: a registry's /oauth2/exchange (an ACR refresh token for the
+        AAD token) and ARM's checkNameAvailability (taken: the names in `taken_*` and every existing one)."""
+        self.requests.append(request)
+        for fragment, failures in self.network_failures.items():
+            if fragment in request.full_url and failures:
+                self.network_failures[fragment] -= 1
+                raise URLError(ConnectionResetError(104, "Connection reset by peer"))
+        if request.full_url.endswith("/oauth2/exchange"):
+            self.token_exchanges.append(request)
+            if self.refuse_token_exchange:
+                raise HTTPError(request.full_url, 401, "Unauthorized", Message(), None)
+            return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
+        if "/checkNameAvailability" in request.full_url:
+            assert request.headers["Authorization"] == f"Bearer {AAD_TOKEN}"
+            asked = json.loads(request.data)  # type: ignore[arg-type]
+            return io.BytesIO(json.dumps(self.name_availability(asked["type"], asked["name"])).encode())
+        raise AssertionError(f"the fake Azure has no answer for POST {request.full_url}")
 
-    def exchange_token(self, request: Request, timeout: float) -> io.BytesIO:
-        """urlopen as a registry's /oauth2/exchange answers it: an ACR refresh token for the AAD token."""
-        self.token_exchanges.append(request)
-        if self.refuse_token_exchange:
-            raise HTTPError(request.full_url, 401, "Unauthorized", Message(), None)
-        return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
+    def name_availability(self, resource_type: str, name: str) -> dict[str, Any]:
+        """What ARM's checkNameAvailability answers (storage: names are lowercase; registries: case-insensitive)."""
+        segment, taken = {
+            "Microsoft.Storage/storageAccounts": ("/storageaccounts/", self.taken_storage_account_names),
+            "Microsoft.ContainerRegistry/registries": ("/registries/", self.taken_registry_names),
+        }[resource_type]
+        existing = {key.rsplit("/", 1)[1] for key in self.existing if segment in key and key.count("/") == 8}
+        if name.lower() in {n.lower() for n in taken} | existing:
+            return {"nameAvailable": False, "reason": "AlreadyExists", "message": f"The name {name} is already in use."}
+        return {"nameAvailable": True}
 
     def by_type(self, typ: str) -> list[Declared]:
         return [d for d in self.declared if d.typ == typ]
@@ -429,10 +447,8 @@ def run_program(
         stack = pulumi.runtime.get_root_resource()
         return collect_stack_outputs(stack.outputs, run.outputs, run.secret_outputs)  # type: ignore[union-attr]
 
-    # Global name checks resolve `<name>.blob.core.windows.net` and `<name>.azurecr.io`, and the image's push
-    # credentials come from the registry's token endpoint: answer both from the fake instead of the network.
-    with mock.patch.object(socket, "getaddrinfo", azure.resolve), mock.patch(
-        "infra.acr_token.urlopen", azure.exchange_token
-    ):
+    # Global name checks and the image's push credentials are HTTPS POSTs (infra/rest.py): answered by the fake
+    # instead of the network, and its retries do not wait.
+    with mock.patch("infra.rest.urlopen", azure.urlopen), mock.patch("infra.rest.time.sleep", azure.sleeps.append):
         program()
     return run

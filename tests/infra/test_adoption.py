@@ -1,6 +1,7 @@
 """Issue 4: existing Azure resources are adopted by name (imported with their Azure ids, retained on delete),
 missing ones are created, `reference` mode only reads, and a second run never imports again."""
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.infra.azure_mocks import (
+    SUBSCRIPTION_ID,
     FakeAzure,
     ProgramRun,
     azure_error,
@@ -32,6 +34,7 @@ from tests.infra.stacks import (
     GROUP,
     LOCATION,
     SHARE,
+    SUFFIX,
     TYPES,
     WORKSPACE,
     WORKSPACE_CUSTOMER_ID,
@@ -249,6 +252,43 @@ def test_name_taken_by_our_own_existing_account_is_fine(in_scratch_dir: Path) ->
     add_fine_tuning_layout(azure)
     run = run_program(azure, CONFIG)
     assert statuses(run)["storageAccount"] == "adopted"
+
+
+def test_global_names_are_checked_with_arms_name_availability(in_scratch_dir: Path) -> None:
+    """Not by DNS (a caching resolver can be wrong): ARM's checkNameAvailability of each provider, as the user."""
+    azure = FakeAzure()
+    run_program(azure, CONFIG | {"location": LOCATION})
+    checks = [r for r in azure.requests if "/checkNameAvailability" in r.full_url]
+    assert [(r.get_method(), r.full_url) for r in checks] == [
+        (
+            "POST",
+            f"https://management.azure.com/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Storage/"
+            "checkNameAvailability?api-version=2023-05-01",
+        ),
+        (
+            "POST",
+            f"https://management.azure.com/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.ContainerRegistry/"
+            "checkNameAvailability?api-version=2023-07-01",
+        ),
+    ]
+    assert [json.loads(r.data) for r in checks] == [
+        {"name": ACCOUNT, "type": "Microsoft.Storage/storageAccounts"},
+        {"name": f"aiacr{SUFFIX}", "type": "Microsoft.ContainerRegistry/registries"},
+    ]
+
+
+def test_a_name_check_that_cannot_be_made_is_retried_then_only_a_warning(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    retried = FakeAzure(network_failures={"Microsoft.Storage/checkNameAvailability": 2})
+    run_program(retried, CONFIG | {"location": LOCATION})
+    assert retried.sleeps == [2.0, 4.0] and "Could not check" not in caplog.text
+
+    unreachable = FakeAzure(network_failures={"Microsoft.Storage/checkNameAvailability": 4})
+    run = run_program(unreachable, CONFIG | {"location": LOCATION})
+    assert f"Could not check whether storage account name '{ACCOUNT}' is free" in caplog.text
+    assert statuses(run)["storageAccount"] == "created"  # Azure's own error would stop the creation if taken
 
 
 def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: Path) -> None:

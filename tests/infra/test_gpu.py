@@ -30,16 +30,16 @@ def deploy(location: str = "westus3", **values: Any) -> dict[str, dict[str, Any]
 def gpu_profile(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
     consumption, gpu = resources[ENVIRONMENT]["workloadProfiles"]
     assert consumption == {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False}
-    return gpu  # type: ignore[no-any-return]
+    return gpu
 
 
 def container(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
     (only,) = resources[CONTAINER_APP]["template"]["containers"]
-    return only  # type: ignore[no-any-return]
+    return only
 
 
 def scale(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return resources[CONTAINER_APP]["template"]["scale"]  # type: ignore[no-any-return]
+    return resources[CONTAINER_APP]["template"]["scale"]
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,23 @@ def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
         "access_token": AAD_TOKEN,
     }
     assert AAD_TOKEN not in json.dumps(image.inputs)
+    assert azure.invokes.count("azure-native:authorization:getClientToken") == 2  # name checks, then the push
+
+
+def test_the_token_exchange_is_retried_on_network_errors(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(network_failures={"/oauth2/exchange": 2})
+    _, run = deploy(azure=azure)
+    exchanges = [r.full_url for r in azure.requests if r.full_url.endswith("/oauth2/exchange")]
+    assert exchanges == [f"https://{LOGIN_SERVER}/oauth2/exchange"] * 3
+    assert azure.sleeps == [2.0, 4.0]  # backoff between the attempts
+    assert run.outputs["image"].startswith(f"{LOGIN_SERVER}/{REPOSITORY}@sha256:")
+
+
+def test_a_token_exchange_that_keeps_failing_names_the_fix(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(network_failures={"/oauth2/exchange": 4})
+    with pytest.raises(Exception, match="Could not get a push token for registry .*Connection reset by peer.*az login"):
+        deploy(azure=azure)
+    assert azure.sleeps == [2.0, 4.0, 8.0]  # four attempts, then the error
 
 
 def test_a_refused_token_exchange_names_the_fix(in_scratch_dir: Path) -> None:
@@ -147,7 +164,8 @@ def test_a_prebuilt_image_builds_nothing_and_the_app_runs_it(in_scratch_dir: Pat
     azure, run = deploy({"image": PREBUILT})
     assert azure.by_type(IMAGE_TYPE) == []
     assert azure.token_exchanges == []  # no push, so no push token either
-    assert "azure-native:authorization:getClientToken" not in azure.invokes
+    # One Azure AD token, for ARM's name checks (cached); none for a push (a build asks for a second one).
+    assert azure.invokes.count("azure-native:authorization:getClientToken") == 1
     assert container(azure)["image"] == PREBUILT
     assert "command" not in container(azure)
     assert run.outputs["image"] == PREBUILT

@@ -99,7 +99,7 @@ def snapshot(run: ProgramRun) -> dict[str, Any]:
                 "import": inputs.import_id,
                 "retainOnDelete": bool(options.retain_on_delete),
                 "protect": bool(options.protect),
-                "dependsOn": sorted(plain(list(options.depends_on or []))),  # type: ignore[arg-type]
+                "dependsOn": sorted(plain(list(options.depends_on or []))),
                 "aliases": [alias for alias in map(_alias, options.aliases or []) if alias],
             }
         )

@@ -35,7 +35,7 @@ def run_on(profiles: list[dict[str, Any]], config: dict[str, Any], **layout: Any
 
 
 def declared_profiles(azure: FakeAzure) -> list[dict[str, Any]]:
-    return azure.one(TYPES["environment"]).inputs["workloadProfiles"]  # type: ignore[no-any-return]
+    return azure.one(TYPES["environment"]).inputs["workloadProfiles"]
 
 
 # -- a missing GPU profile -------------------------------------------------------------------------------------------
