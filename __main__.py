@@ -51,7 +51,16 @@ environment = Environment(
 )
 registry = Registry(
     "registry",
-    RegistryArgs(group.name, plan.location, plan.subscription_id, plan.container_registry, ledger, config.registry_sku),
+    RegistryArgs(
+        resource_group_name=group.name,
+        location=plan.location,
+        subscription_id=plan.subscription_id,
+        registry=plan.container_registry,
+        pull_identity=plan.pull_identity,
+        acr_pull=plan.acr_pull,
+        ledger=ledger,
+        sku=config.registry_sku,
+    ),
 )
 image = app_image(config.image, registry.login_server)  # inference_app/ built and pushed, unless `image` is set
 access = EndpointAccess("access", config.access)

@@ -22,6 +22,11 @@ class ResourceNames:
     log_analytics: str
     container_registry: str
 
+    @property
+    def pull_identity(self) -> str:
+        """The user-assigned identity the app pulls from the registry as."""
+        return f"{self.container_registry}-pull"
+
 
 @dataclass(frozen=True)
 class NameOverrides:

@@ -10,14 +10,23 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pulumi
-from pulumi_azure_native import app, authorization, containerregistry, operationalinsights, resources, storage
+from pulumi_azure_native import (
+    app,
+    authorization,
+    containerregistry,
+    managedidentity,
+    operationalinsights,
+    resources,
+    storage,
+)
 
-from infra.adoption import Adoption, PreviousRun, decide, lookup
+from infra.adoption import Adoption, AzureLookupError, PreviousRun, decide, lookup
 from infra.config import ProgramConfig
 from infra.environment import WorkloadProfiles, plan_workload_profiles
 from infra.errors import ConfigError
 from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
-from infra.rest import RequestFailed, post
+from infra.registry import ACR_PULL_ROLE_ID
+from infra.rest import RequestFailed, get, post
 
 T = TypeVar("T")
 
@@ -80,6 +89,34 @@ def require_free_name(
 
 
 @dataclass(frozen=True)
+class RoleAssignmentFound:
+    id: str
+    name: str
+
+
+def find_acr_pull(registry_id: str, principal_id: str, arm_token: Callable[[], str]) -> RoleAssignmentFound | None:
+    """The AcrPull assignment of this principal on the registry itself, if there is one: an existing pull identity
+    usually has it, and ARM refuses a second one (RoleAssignmentExists). azure-native has no invoke to list them."""
+    url = (
+        f"{ARM}{registry_id}/providers/Microsoft.Authorization/roleAssignments?api-version=2022-04-01"
+        f"&$filter=principalId%20eq%20'{principal_id}'"
+    )
+    try:
+        answer = get(url, {"Authorization": f"Bearer {arm_token()}"})
+    except RequestFailed as error:
+        raise AzureLookupError(
+            f"Looking up the role assignments of pull identity {principal_id} on registry {registry_id} failed, so "
+            f"nothing was created or changed. Azure said: {error}"
+        ) from None
+    for assignment in answer.get("value", []) if isinstance(answer, dict) else []:
+        properties = assignment.get("properties", {})
+        same_scope = str(properties.get("scope", "")).lower() == registry_id.lower()
+        if same_scope and str(properties.get("roleDefinitionId", "")).lower().endswith(ACR_PULL_ROLE_ID):
+            return RoleAssignmentFound(assignment["id"], assignment["name"])
+    return None
+
+
+@dataclass(frozen=True)
 class AdoptionPlan:
     """Everything decided before the first resource is declared."""
 
@@ -95,6 +132,8 @@ class AdoptionPlan:
     environment_storage: Adoption
     container_app: Adoption
     container_registry: Adoption
+    pull_identity: Adoption
+    acr_pull: Adoption  # the pull identity's AcrPull role assignment on the registry
     workload_profiles: WorkloadProfiles  # the environment's, and the GPU profile the app runs on
 
     @property
@@ -114,6 +153,8 @@ class AdoptionPlan:
             self.environment_storage,
             self.container_app,
             self.container_registry,
+            self.pull_identity,
+            self.acr_pull,
         ]
 
 
@@ -226,6 +267,16 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
             arm_token=arm_token,
         )
 
+    identity = in_group(
+        f"pull identity {names.pull_identity!r}",
+        lambda: managedidentity.get_user_assigned_identity(
+            resource_name=names.pull_identity, resource_group_name=group_name
+        ),
+    )
+    acr_pull = None
+    if registry is not None and identity is not None:
+        acr_pull = find_acr_pull(registry.id, identity.principal_id, arm_token)
+
     environment_adoption = decide("environment", names.environment, environment, mode, previous)
     plan = AdoptionPlan(
         subscription_id=subscription_id,
@@ -242,6 +293,8 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
         ),
         container_app=decide("containerApp", names.container_app, container_app, mode, previous),
         container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
+        pull_identity=decide("pullIdentity", names.pull_identity, identity, mode, previous),
+        acr_pull=decide("acrPullAssignment", "AcrPull", acr_pull, mode, previous),
         workload_profiles=plan_workload_profiles(environment_adoption, config.gpu),
     )
     require_no_replacement(plan, names)

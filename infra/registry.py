@@ -26,6 +26,8 @@ class RegistryArgs:
     location: str
     subscription_id: str
     registry: Adoption
+    pull_identity: Adoption
+    acr_pull: Adoption
     ledger: Ledger
     sku: str = "Basic"
 
@@ -44,7 +46,6 @@ class Registry(pulumi.ComponentResource):
     identity_id: pulumi.Output[str]  # resource id of the user-assigned identity the app pulls (and runs) as
     identity_principal_id: pulumi.Output[str]
     identity_client_id: pulumi.Output[str]
-    pull_role_assignment: authorization.RoleAssignment
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Registry", name, None, opts)
@@ -63,25 +64,45 @@ class Registry(pulumi.ComponentResource):
         self.login_server = registry.output("login_server")
         self.registry_id = registry.output("id")
 
-        identity = managedidentity.UserAssignedIdentity(
-            "pull-identity",
-            resource_name_=f"{args.registry.name}-pull",
-            resource_group_name=args.resource_group_name,
-            location=args.location,
-            opts=pulumi.ResourceOptions(parent=self),
+        existing_identity = args.pull_identity.existing
+        identity = declare_or_reference(
+            args.pull_identity,
+            args.ledger,
+            lambda options: managedidentity.UserAssignedIdentity(
+                "pull-identity",
+                resource_name_=args.pull_identity.name,
+                resource_group_name=args.resource_group_name,
+                # An existing identity keeps its region and tags (a new region would replace it).
+                **(
+                    mirror_inputs(existing_identity, managedidentity.UserAssignedIdentityArgs)
+                    if existing_identity is not None
+                    else {"location": args.location}
+                ),
+                opts=options,
+            ),
+            parent=self,
         )
-        self.identity_id = identity.id
-        self.identity_principal_id = identity.principal_id
-        self.identity_client_id = identity.client_id
-        self.pull_role_assignment = authorization.RoleAssignment(
-            "acr-pull",
-            principal_id=identity.principal_id,
-            # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
-            principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,
-            role_definition_id=acr_pull_role_definition_id(args.subscription_id),
-            scope=self.registry_id,
-            opts=pulumi.ResourceOptions(parent=self),
+        self.identity_id = identity.output("id")
+        self.identity_principal_id = identity.output("principal_id")
+        self.identity_client_id = identity.output("client_id")
+        adopted_assignment = args.acr_pull.existing if args.acr_pull.status == "adopted" else None
+        assignment = declare_or_reference(
+            args.acr_pull,
+            args.ledger,
+            lambda options: authorization.RoleAssignment(
+                "acr-pull",
+                # An adopted assignment keeps its name (the name is its identity); a new one gets a generated GUID.
+                role_assignment_name=adopted_assignment.name if adopted_assignment is not None else None,
+                principal_id=self.identity_principal_id,
+                # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
+                principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,
+                role_definition_id=acr_pull_role_definition_id(args.subscription_id),
+                scope=self.registry_id,
+                opts=options,
+            ),
+            parent=self,
         )
+        self._pull_ready = assignment.dependencies
         self.register_outputs(
             {
                 "loginServer": self.login_server,
@@ -102,5 +123,6 @@ class Registry(pulumi.ComponentResource):
         )
 
     def app_depends_on(self) -> list[pulumi.Resource]:
-        """The app must wait for the AcrPull assignment, or its first revision fails to pull the image."""
-        return [self.pull_role_assignment]
+        """The app must wait for the AcrPull assignment, or its first revision fails to pull the image (nothing to
+        wait for when the assignment already exists and is only referenced)."""
+        return self._pull_ready

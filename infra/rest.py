@@ -1,5 +1,6 @@
-"""HTTPS POSTs the program makes itself (the registry's token exchange, ARM's name-availability checks), retried
-with backoff on network errors and on Azure's "try again" answers (429, 5xx); any other HTTP error is final."""
+"""HTTPS requests the program makes itself (the registry's token exchange, ARM calls azure-native has no invoke for:
+name-availability checks, role assignments of a principal), retried with backoff on network errors and on Azure's
+"try again" answers (429, 5xx); any other HTTP error is final."""
 
 import json
 import time
@@ -18,7 +19,15 @@ class RequestFailed(Exception):
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> Any:
     """POST `body` and return the JSON answer."""
-    request = Request(url, data=body, headers=headers, method="POST")
+    return _send(Request(url, data=body, headers=headers, method="POST"))
+
+
+def get(url: str, headers: dict[str, str]) -> Any:
+    """GET the JSON answer."""
+    return _send(Request(url, headers=headers, method="GET"))
+
+
+def _send(request: Request) -> Any:
     for delay in (*RETRY_DELAYS_S, None):
         try:
             with urlopen(request, timeout=TIMEOUT_S) as response:

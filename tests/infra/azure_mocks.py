@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import runpy
+import urllib.parse
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -241,6 +242,10 @@ class FakeAzure(pulumi.runtime.Mocks):
                 registry_id(group, a["registryName"]),
                 [group_id(group)],
             ),
+            "azure-native:managedidentity:getUserAssignedIdentity": lambda: (
+                identity_id(group, a["resourceName"]),
+                [group_id(group)],
+            ),
         }
         if token not in ids:
             return {}, [("", f"the fake Azure has no answer for {token}")]
@@ -347,11 +352,27 @@ class FakeAzure(pulumi.runtime.Mocks):
             if self.refuse_token_exchange:
                 raise HTTPError(request.full_url, 401, "Unauthorized", Message(), None)
             return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
+        if "/providers/Microsoft.Authorization/roleAssignments?" in request.full_url:
+            return io.BytesIO(json.dumps({"value": self.role_assignments(request.full_url)}).encode())
         if "/checkNameAvailability" in request.full_url:
             assert request.headers["Authorization"] == f"Bearer {AAD_TOKEN}"
             asked = json.loads(request.data)  # type: ignore[arg-type]
             return io.BytesIO(json.dumps(self.name_availability(asked["type"], asked["name"])).encode())
         raise AssertionError(f"the fake Azure has no answer for POST {request.full_url}")
+
+    def role_assignments(self, url: str) -> list[dict[str, Any]]:
+        """ARM's list of role assignments at a scope, filtered by `principalId eq '...'` (those at the scope and
+        above it, as ARM answers)."""
+        assert url.startswith(ARM) and "api-version=" in url
+        scope = url[len(ARM) :].split("/providers/Microsoft.Authorization/roleAssignments?")[0]
+        principal = urllib.parse.unquote(url).split("principalId eq '")[1].rstrip("'")
+        return [
+            {"id": found["id"], "name": found["name"], "properties": found["properties"]}
+            for key, found in self.existing.items()
+            if "/providers/microsoft.authorization/roleassignments/" in key
+            and found["properties"]["principalId"] == principal
+            and scope.lower().startswith(found["properties"]["scope"].lower())
+        ]
 
     def name_availability(self, resource_type: str, name: str) -> dict[str, Any]:
         """What ARM's checkNameAvailability answers (storage: names are lowercase; registries: case-insensitive)."""

@@ -204,6 +204,8 @@ def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_di
         "environmentStorage": "created",
         "containerApp": "created",
         "containerRegistry": "created",
+        "pullIdentity": "created",
+        "acrPullAssignment": "created",
     }
     assert azure.one(TYPES["fileShare"]).import_id == file_share_id(GROUP, "teamstorage01", "team-models")
     assert azure.one(TYPES["fileShare"]).inputs["shareQuota"] == 2048  # never shrunk
@@ -305,6 +307,8 @@ def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: 
     assert statuses(run) == {key: "referenced" for key in FINE_TUNING_IDS} | {
         "containerApp": "created",
         "containerRegistry": "created",
+        "pullIdentity": "created",
+        "acrPullAssignment": "created",
     }
     app = azure.one(TYPES["containerApp"]).inputs
     assert app["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)

@@ -340,3 +340,88 @@ def test_a_registry_name_taken_elsewhere_is_a_clear_error(in_scratch_dir: Path) 
     ):
         deploy({"registryName": "sharedregistry"}, azure)
     assert azure.declared == []
+
+
+# -- the pull identity is adopted like the other resources (issue 11, point 6) ------------------------------------
+EXISTING_PRINCIPAL = "5c4b3a29-1807-4f6e-9d5c-4b3a29180706"
+
+
+def existing_identity(azure: FakeAzure, *, with_acr_pull: bool) -> tuple[str, str]:
+    """What a first stack on the same group (or one that lost its state) left: `<registry>-pull`, and usually
+    its AcrPull assignment on the registry. Returns their ids."""
+    resource_id = identity_id(GROUP, f"{REGISTRY}-pull")
+    azure.add(
+        resource_id,
+        {
+            "location": "eastus",  # not the stack's region: kept, a new one would replace the identity
+            "tags": {"owner": "ml-team"},
+            "principalId": EXISTING_PRINCIPAL,
+            "clientId": "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            "tenantId": TENANT_ID,
+        },
+    )
+    assignment_id = f"{registry_id(GROUP, REGISTRY)}/providers/Microsoft.Authorization/roleAssignments/7c9e6679"
+    if with_acr_pull:
+        azure.add(
+            assignment_id,
+            {
+                "properties": {
+                    "principalId": EXISTING_PRINCIPAL,
+                    "roleDefinitionId": f"/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Authorization/"
+                    f"roleDefinitions/{ACR_PULL_ROLE_ID}",
+                    "scope": registry_id(GROUP, REGISTRY),
+                }
+            },
+        )
+    return resource_id, assignment_id
+
+
+def test_an_existing_pull_identity_and_its_acr_pull_are_adopted(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, assignment = existing_identity(azure, with_acr_pull=True)
+    _, run = deploy(azure=azure)
+    declared = azure.one(IDENTITY_TYPE)
+    assert declared.import_id == identity
+    assert declared.inputs == {
+        "resourceName": f"{REGISTRY}-pull",
+        "resourceGroupName": GROUP,
+        "location": "eastus",
+        "tags": {"owner": "ml-team"},
+    }
+    role = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert role.import_id == assignment  # not a second one, which ARM refuses (RoleAssignmentExists)
+    assert role.inputs["roleAssignmentName"] == "7c9e6679" and role.inputs["principalId"] == EXISTING_PRINCIPAL
+    assert run.options[IDENTITY_TYPE].retain_on_delete is True
+    assert {key: run.outputs["adoption"][key] for key in ("pullIdentity", "acrPullAssignment")} == {
+        "pullIdentity": {"status": "adopted", "id": identity},
+        "acrPullAssignment": {"status": "adopted", "id": assignment},
+    }
+    assert azure.one(APP_TYPE).inputs["identity"]["userAssignedIdentities"] == [identity]
+
+    second_azure = FakeAzure(existing=azure.existing, previous_outputs={"adoption": run.outputs["adoption"]})
+    deploy(azure=second_azure)
+    assert second_azure.one(IDENTITY_TYPE).import_id is None and second_azure.one(ROLE_ASSIGNMENT_TYPE).import_id is None
+
+
+def test_an_existing_pull_identity_without_acr_pull_gets_it(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, _ = existing_identity(azure, with_acr_pull=False)
+    _, run = deploy(azure=azure)
+    assert azure.one(IDENTITY_TYPE).import_id == identity
+    role = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert role.import_id is None and "roleAssignmentName" not in role.inputs
+    assert role.inputs["principalId"] == EXISTING_PRINCIPAL
+    assert run.outputs["adoption"]["acrPullAssignment"]["status"] == "created"
+
+
+def test_reference_mode_uses_the_existing_identity_and_assignment_as_they_are(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, _ = existing_identity(azure, with_acr_pull=True)
+    _, run = deploy({"existingResources": "reference"}, azure)
+    assert azure.by_type(IDENTITY_TYPE) == [] and azure.by_type(ROLE_ASSIGNMENT_TYPE) == []
+    app = azure.one(APP_TYPE).inputs
+    assert app["configuration"]["registries"] == [{"server": LOGIN_SERVER, "identity": identity}]
+    assert not run.options[APP_TYPE].depends_on  # the assignment exists: nothing to wait for
