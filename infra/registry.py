@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+import pulumiverse_time
 from pulumi_azure_native import app, authorization, containerregistry, managedidentity
 
 from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 # Built-in role "AcrPull" (the same id in every tenant).
 ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
+# How long a new AcrPull assignment is given to take effect before the app pulls (reports say 1-5 minutes); it runs
+# while the image builds, so a build usually hides it.
+ACR_PULL_PROPAGATION = "3m"
 
 
 def acr_pull_role_definition_id(subscription_id: str) -> str:
@@ -103,6 +107,18 @@ class Registry(pulumi.ComponentResource):
             parent=self,
         )
         self._pull_ready = assignment.dependencies
+        if args.acr_pull.status == "created":
+            # A new assignment takes minutes to reach the registry (microsoft/azure-container-apps#646: the first
+            # revision's pull fails and the deployment times out). Wait once, when it is created: the Sleep is
+            # created with it (and again only if it is replaced); adopted or referenced ones are in effect already.
+            self._pull_ready = [
+                pulumiverse_time.Sleep(
+                    "acr-pull-propagation",
+                    create_duration=ACR_PULL_PROPAGATION,
+                    triggers={"roleAssignmentId": assignment.output("id")},
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=assignment.dependencies),
+                )
+            ]
         self.register_outputs(
             {
                 "loginServer": self.login_server,

@@ -170,6 +170,8 @@ def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir:
     second_inputs = {d.typ: d.inputs for d in second_azure.declared}
     assert second_inputs[TYPES["containerApp"]] == first_inputs[TYPES["containerApp"]]  # no diff
     assert second_inputs[TYPES["environment"]] == first_inputs[TYPES["environment"]]
+    sleep = "time:index/sleep:Sleep"  # the AcrPull propagation wait: unchanged, so not waited for again
+    assert second_inputs[sleep] == first_inputs[sleep]
 
 
 def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_dir: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pulumiverse_time
 from pulumi_azure_native import authorization
 
 from infra.acr_token import ACR_TOKEN_USERNAME
@@ -44,6 +45,7 @@ REGISTRY_TYPE = "azure-native:containerregistry:Registry"
 IDENTITY_TYPE = "azure-native:managedidentity:UserAssignedIdentity"
 ROLE_ASSIGNMENT_TYPE = "azure-native:authorization:RoleAssignment"
 IMAGE_TYPE = "docker-build:index:Image"
+SLEEP_TYPE = "time:index/sleep:Sleep"
 APP_TYPE = "azure-native:app:ContainerApp"
 
 
@@ -96,10 +98,19 @@ def test_app_pulls_and_runs_as_the_identity_and_no_password_exists(built: tuple[
     # No registry password secret: the only secret is the endpoint's password (access: password, the default).
     assert [secret["name"] for secret in app["configuration"]["secrets"]] == ["inference-auth-password"]
     assert not [token for token in azure.invokes if "credential" in token.lower()]  # no registry password is read
-    # The first revision pulls at once: the app waits for the role assignment.
+    # The first revision pulls at once: the app waits for the new role assignment to take effect.
     depends_on = run.options[APP_TYPE].depends_on
     assert isinstance(depends_on, list)
-    assert [type(dependency) for dependency in depends_on] == [authorization.RoleAssignment]
+    assert [type(dependency) for dependency in depends_on] == [pulumiverse_time.Sleep]
+
+
+def test_a_new_acr_pull_assignment_is_given_time_to_take_effect(built: tuple[FakeAzure, ProgramRun]) -> None:
+    """microsoft/azure-container-apps#646: a revision created right after the assignment fails its pull."""
+    azure, run = built
+    sleep = azure.one(SLEEP_TYPE)
+    assignment = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert sleep.inputs == {"createDuration": "3m", "triggers": {"roleAssignmentId": assignment.state["id"]}}
+    assert [type(d) for d in run.options[SLEEP_TYPE].depends_on] == [authorization.RoleAssignment]
 
 
 def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
@@ -391,6 +402,8 @@ def test_an_existing_pull_identity_and_its_acr_pull_are_adopted(in_scratch_dir: 
     }
     role = azure.one(ROLE_ASSIGNMENT_TYPE)
     assert role.import_id == assignment  # not a second one, which ARM refuses (RoleAssignmentExists)
+    assert azure.by_type(SLEEP_TYPE) == []  # in effect already: no wait
+    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [authorization.RoleAssignment]
     assert role.inputs["roleAssignmentName"] == "7c9e6679" and role.inputs["principalId"] == EXISTING_PRINCIPAL
     assert run.options[IDENTITY_TYPE].retain_on_delete is True
     assert {key: run.outputs["adoption"][key] for key in ("pullIdentity", "acrPullAssignment")} == {
@@ -414,6 +427,7 @@ def test_an_existing_pull_identity_without_acr_pull_gets_it(in_scratch_dir: Path
     assert role.import_id is None and "roleAssignmentName" not in role.inputs
     assert role.inputs["principalId"] == EXISTING_PRINCIPAL
     assert run.outputs["adoption"]["acrPullAssignment"]["status"] == "created"
+    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [pulumiverse_time.Sleep]  # new: wait for it
 
 
 def test_reference_mode_uses_the_existing_identity_and_assignment_as_they_are(in_scratch_dir: Path) -> None:
