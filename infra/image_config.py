@@ -97,14 +97,6 @@ def container_env(settings: InferenceSettings) -> list[app.EnvironmentVarArgs]:
     return env
 
 
-def secret_env(secret_name: str, variable: str, value: pulumi.Input[str]) -> tuple[app.SecretArgs, app.EnvironmentVarArgs]:
-    """A secret setting: a container app secret (never in the template in plain text) and the variable reading it."""
-    return (
-        app.SecretArgs(name=secret_name, value=pulumi.Output.secret(value)),
-        app.EnvironmentVarArgs(name=variable, secret_ref=secret_name),
-    )
-
-
 def container_command(config: ImageConfig, default_commands: Sequence[str] | None) -> list[str] | None:
     """The container's command: the image's own, except for a prebuilt `image` with `defaultCommands` (the bicep's
     `/bin/bash -c '<commands joined by "; ">'`, for a stock image that installs and starts the app itself)."""

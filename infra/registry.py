@@ -18,6 +18,7 @@ ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
 # How long a new AcrPull assignment is given to take effect before the app pulls (reports say 1-5 minutes); it runs
 # while the image builds, so a build usually hides it.
 ACR_PULL_PROPAGATION = "3m"
+AZURE_REGISTRY_DOMAIN = ".azurecr.io"
 
 
 def acr_pull_role_definition_id(subscription_id: str) -> str:
@@ -66,6 +67,13 @@ class Registry(pulumi.ComponentResource):
             parent=self,
         )  # a referenced registry still gets the pull identity's role assignment
         self.login_server = registry.output("login_server")
+        existing_registry = args.registry.existing
+        self._login_server = (
+            str(existing_registry.login_server).lower()
+            if existing_registry is not None
+            else f"{args.registry.name.lower()}{AZURE_REGISTRY_DOMAIN}"
+        )
+        self._identity_name = args.pull_identity.name
         self.registry_id = registry.output("id")
 
         existing_identity = args.pull_identity.existing
@@ -127,9 +135,25 @@ class Registry(pulumi.ComponentResource):
             }
         )
 
-    def app_registry_credentials(self) -> app.RegistryCredentialsArgs:
-        """The container app's registry entry: pull as the identity, no password secret."""
-        return app.RegistryCredentialsArgs(server=self.login_server, identity=self.identity_id)
+    def app_registries(self, image: str | None) -> list[app.RegistryCredentialsArgs]:
+        """The container app's registry entries: the stack's registry, and the registry of a prebuilt `image` in
+        another Azure Container Registry (Container Apps picks credentials by server; without an entry it pulls
+        anonymously, which a private registry refuses). Both pull as the identity, no password secret."""
+        entries = [app.RegistryCredentialsArgs(server=self.login_server, identity=self.identity_id)]
+        host = image.split("/", 1)[0].lower() if image is not None and "/" in image else ""
+        if host.endswith(AZURE_REGISTRY_DOMAIN) and host != self._login_server:
+            entries.append(app.RegistryCredentialsArgs(server=host, identity=self.identity_id))
+            name = host.removesuffix(AZURE_REGISTRY_DOMAIN)
+            self.identity_principal_id.apply(
+                lambda principal_id: pulumi.log.warn(
+                    f"image: pulled from {host} as the identity {self._identity_name} (principal id {principal_id}), "
+                    "which needs AcrPull on that registry; grant it once, e.g. `az role assignment create "
+                    f"--assignee-object-id {principal_id} --assignee-principal-type ServicePrincipal --role AcrPull "
+                    f"--scope $(az acr show --name {name} --query id --output tsv)`",
+                    resource=self,
+                )
+            )
+        return entries
 
     def app_identity(self) -> app.ManagedServiceIdentityArgs:
         """The container app's identity: the same user-assigned identity (it must be attached to pull with it)."""

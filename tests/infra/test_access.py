@@ -254,7 +254,11 @@ ENTRA = {"access": "entra", "entraClientId": CLIENT_ID, "entraTenantId": TENANT_
             r"entraClientSecret: is stored in plain text .* `pulumi config set --secret entraClientSecret",
         ),
         ((), ENTRA | {"entraAllowedAudiences": "api://x"}, "entraAllowedAudiences: must be a list of strings"),
-        ((), ENTRA | {"accessUsername": "admin"}, "accessUsername: only used when access is password, but access is entra"),
+        (
+            (),
+            ENTRA | {"accessUsername": "admin"},
+            "accessUsername: only used when access is password, but access is entra",
+        ),
         ((), {"entraClientId": CLIENT_ID}, "entraClientId: only used when access is entra, but access is password"),
         (
             ("accessPassword",),

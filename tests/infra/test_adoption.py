@@ -424,7 +424,9 @@ def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) 
     lowercased = workspace_id(group, workspace).lower()
     first_azure = FakeAzure()
     first_azure.add(group_id(group), {"location": LOCATION})
-    first_azure.add(lowercased, {"location": LOCATION, "customerId": WORKSPACE_CUSTOMER_ID, "sku": {"name": "PerGB2018"}})
+    first_azure.add(
+        lowercased, {"location": LOCATION, "customerId": WORKSPACE_CUSTOMER_ID, "sku": {"name": "PerGB2018"}}
+    )
     first = run_program(first_azure, {"resourceGroupName": group})
     assert first_azure.one(TYPES["logAnalyticsWorkspace"]).import_id == lowercased
     assert first.outputs["adoption"]["logAnalyticsWorkspace"] == {"status": "adopted", "id": lowercased}

@@ -184,6 +184,38 @@ def test_a_prebuilt_image_builds_nothing_and_the_app_runs_it(in_scratch_dir: Pat
     assert azure.one(APP_TYPE).inputs["configuration"]["registries"][0]["server"] == LOGIN_SERVER
 
 
+@pytest.mark.parametrize(
+    ("image", "servers"),
+    [
+        # Another private Azure registry: an entry for it too, pulling as the same identity.
+        (PREBUILT, [LOGIN_SERVER, "myregistry.azurecr.io"]),
+        # The stack's own registry (any case), or a public registry: the stack's entry only.
+        (f"{REGISTRY.upper()}.azurecr.io/inference-app:1", [LOGIN_SERVER]),
+        ("docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", [LOGIN_SERVER]),
+    ],
+)
+def test_a_prebuilt_image_in_another_azure_registry_is_pulled_as_the_identity(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture, image: str, servers: list[str]
+) -> None:
+    """Container Apps picks registry credentials by server: without an entry a private registry is pulled from
+    anonymously, and refuses."""
+    caplog.set_level(logging.WARNING)
+    azure, _ = deploy({"image": image})
+    registries = azure.one(APP_TYPE).inputs["configuration"]["registries"]
+    pull_identity = identity_id(GROUP, f"{REGISTRY}-pull")
+    assert registries == [{"server": server, "identity": pull_identity} for server in servers]
+    grant = [message for message in caplog.messages if message.startswith("image: pulled from")]
+    if len(servers) == 2:  # the identity needs AcrPull there, which this stack cannot grant: say so
+        assert grant == [
+            f"image: pulled from myregistry.azurecr.io as the identity {REGISTRY}-pull (principal id "
+            f"{IDENTITY_PRINCIPAL_ID}), which needs AcrPull on that registry; grant it once, e.g. `az role "
+            f"assignment create --assignee-object-id {IDENTITY_PRINCIPAL_ID} --assignee-principal-type "
+            "ServicePrincipal --role AcrPull --scope $(az acr show --name myregistry --query id --output tsv)`"
+        ]
+    else:
+        assert grant == []
+
+
 def test_default_commands_apply_only_with_a_prebuilt_image(
     in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
