@@ -162,10 +162,10 @@ def require_no_replacement(plan: AdoptionPlan, names: ResourceNames) -> None:
     """Refuse, naming the config key, what would make the engine replace an adopted resource (and so refuse the
     import): the only such change this program declares is moving an existing container app to another
     environment (an app's environment is fixed when it is created)."""
-    app = plan.container_app
-    if app.status != "adopted":
+    container_app = plan.container_app
+    if container_app.status != "adopted":
         return
-    current = str(app.existing.managed_environment_id or app.existing.environment_id or "")
+    current = str(container_app.existing.managed_environment_id or container_app.existing.environment_id or "")
     wanted = plan.environment.azure_id or f"{plan.resource_group_id}/providers/Microsoft.App/managedEnvironments/" + (
         names.environment
     )
