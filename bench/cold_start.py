@@ -98,6 +98,7 @@ def phases_child(args: argparse.Namespace) -> None:
         "weights": timings.get("weights"),
         "adapter": timings.get("adapter"),
         "merge": timings.get("merge"),
+        "KV cache + CUDA graphs": timings.get("kv_cache_and_graphs"),
         "warm-up": timings.get("warmup"),
         "loading other": loaded_at - set_up_at - sum(timings.values()),
         "total": loaded_at - started_at,

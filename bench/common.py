@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -169,6 +170,8 @@ def running_server(command: Sequence[str], port: int, ready_timeout_s: float = 6
 
 def wait_for_status(server: Server, path: str, timeout_s: float, expected: int = 200) -> float:
     """Polls `path` until it answers `expected`; returns seconds since the process started."""
+    import httpx  # the web client: not needed by the in-process benches (bench/engine.py runs without it)
+
     deadline = time.perf_counter() + timeout_s
     with httpx.Client(timeout=5) as client:
         while time.perf_counter() < deadline:
@@ -228,6 +231,8 @@ async def stream_chat(
     client: httpx.AsyncClient, base_url: str, payload: dict[str, Any], stop_after_first_text: bool = False
 ) -> RequestResult:
     """One streaming chat completion, timed; `stop_after_first_text` hangs up after the first text (a cancel)."""
+    import httpx
+
     started = time.perf_counter()
     ttft = None
     text_chunks = 0
@@ -355,9 +360,10 @@ def describe_machine(facts: dict[str, Any]) -> str:
     )
 
 
-def write_results(script: str, results: dict[str, Any]) -> Path:
-    """Writes the results as JSON next to the script (bench/<script>.json), with the command and the machine."""
-    path = Path(script).resolve().with_suffix(".json")
+def write_results(script: str, results: dict[str, Any], path: Path | None = None) -> Path:
+    """Writes the results as JSON (default: next to the script, bench/<script>.json), with the command and the
+    machine."""
+    path = path or Path(script).resolve().with_suffix(".json")
     document = {
         "command": command_line(),
         "finished_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -25,17 +25,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from threading import Thread
 from typing import Any
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-TOOLKIT_TEMPLATE = "<|user|>\n{}<|end|>\n<|assistant|>"
+from bench.toolkit_model import ToolkitStyleModel
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,44 +44,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     return parser.parse_args(argv)
-
-
-class ToolkitStyleModel:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(args.dtype) or getattr(
-            torch, args.dtype
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model: Any = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=self.device)
-        model.resize_token_embeddings(len(self.tokenizer))  # as the toolkit does (a no-op for the bench models)
-        self.using_adapter = not args.base_only
-        if self.using_adapter:
-            model = PeftModel.from_pretrained(model, args.adapter)  # unmerged, as the toolkit serves it
-        self.model = model
-        self.model_id = (args.model if args.base_only else args.adapter).name
-
-    def stream(self, user_text: str, max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str | int]:
-        """Yields the reply's text pieces as the streamer hands them over, then its token count."""
-        prompt = TOOLKIT_TEMPLATE.format(user_text) if self.using_adapter else user_text
-        model_inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, timeout=10.0, skip_prompt=True, skip_special_tokens=True)
-        generate_kwargs = dict(
-            model_inputs,
-            streamer=streamer,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        if temperature > 0:
-            generate_kwargs.update(temperature=temperature, top_p=top_p)
-        outputs: list[Any] = []
-        thread = Thread(target=lambda: outputs.append(self.model.generate(**generate_kwargs)))
-        thread.start()
-        yield from streamer
-        thread.join()
-        yield int(outputs[0].shape[1] - model_inputs["input_ids"].shape[1]) if outputs else 0
 
 
 def build_app(toolkit_model: ToolkitStyleModel) -> FastAPI:
@@ -150,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     print("Running on device:", "cuda" if torch.cuda.is_available() else "cpu", flush=True)
     print("CPU threads:", torch.get_num_threads(), flush=True)
-    toolkit_model = ToolkitStyleModel(args)
+    toolkit_model = ToolkitStyleModel.load(args)
     print(f"Model {args.model} loaded successfully", flush=True)
     uvicorn.run(build_app(toolkit_model), host=args.host, port=args.port, log_level="warning")
 

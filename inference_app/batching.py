@@ -1,9 +1,12 @@
 """The batching engine: one thread runs every generation, sharing each decode step among the requests in flight.
 
-Each new request is prefilled on its own (no padding), then joins the running batch at a step boundary; one
-decode step then produces the next token of every request at once. The batch's KV caches are left-padded to a
-common length, and padding no row needs any more is trimmed when rows leave. Each request keeps its own sampling
-settings, seed, stop strings and token budget, and streams its text back through a callback.
+Requests wait in a queue; at each step boundary the ones that fit join: their prompts are prefilled together
+(right-padded) into free rows (slots) of the static KV cache (inference_app.kv_cache), and their first tokens
+sampled. One decode step then produces the next token of every request at once: each row at its own position,
+the whole batch sampled on the device (inference_app.sampling), one device-to-host copy of the new tokens. On a
+GPU the step replays a CUDA graph (inference_app.decode_graphs). Each request keeps its own sampling settings,
+seed, stop strings and token budget; its tokens become text on the text thread (inference_app.text_stream), off
+the step's critical path.
 
 The transformers continuous-batching API (`generate_batch` / `init_continuous_batching`) was not used: it samples
 with one do_sample and seed setting for the whole batch and has no stop strings.
@@ -13,159 +16,198 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.nn import functional
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.cache_utils import Cache, DynamicLayer
 
-from inference_app.generation import GenerationChunk, SamplingParams
-from inference_app.model_loading import LoadedModel
+from inference_app.decode_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
+from inference_app.engine_types import GenerationChunk, SamplingParams
+from inference_app.kv_cache import CacheShape, SlotAllocator, SlotKVCache, default_slot_count
+from inference_app.model_loading import LoadedModel, ModelLoadError
+from inference_app.sampling import BatchSampler
+from inference_app.text_stream import IncrementalDetokenizer, Request, StopMatcher, TextStreamer, TokenEvent
 
 logger = logging.getLogger(__name__)
 
 WARM_UP_TIMEOUT_S = 600
-# Room a KV buffer gains each time it is full: one copy of the cache per this many decode steps.
-KV_GROWTH_TOKENS = 128
+MAX_BATCH_SIZE_OPTION = "--max-batch-size / INFERENCE_MAX_BATCH_SIZE"
+MAX_SEQUENCE_TOKENS_OPTION = "--max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS"
+# Prompts prefilled together hold at most this many tokens, padding included (one longer prompt runs alone).
+PREFILL_TOKENS = 8192
 
 
-class IncrementalDetokenizer:
-    """Turns tokens into text one at a time, decoding only a short window (never the whole reply).
-
-    The window starts one token before the new ones, so tokenizers that drop a leading space at the start of
-    a decode still produce the right text; text ending in an incomplete UTF-8 sequence waits for more tokens.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens before this index have been emitted
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        emitted = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        if text.endswith("\ufffd") or len(text) < len(emitted):
-            return ""  # an incomplete character: wait for the tokens that complete it
-        # Move the window on even when the token has no text (a skipped special token), so it stays short.
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(emitted) :]
-
-    def flush(self) -> str:
-        """Whatever is left (possibly an incomplete character) at the end of the reply."""
-        emitted = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return text[len(emitted) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True)) if ids else ""
+@dataclass(frozen=True)
+class EngineOptions:
+    max_batch_size: int | None = None  # KV-cache rows; None: as many full-context sequences as memory holds
+    max_batch_tokens: int | None = None  # prompt + max new tokens of the requests in flight; None: no cap
+    max_sequence_tokens: int | None = None  # tokens of a KV-cache row (prompt + reply); None: the model's context
+    cuda_graphs: bool = True  # on CUDA; the CPU always runs eager
 
 
-class StopMatcher:
-    """Holds back text that might be the start of a stop string, so a stop string is never emitted."""
+class DecodeBatch:
+    """The running batch: which request holds which slot, and per slot (on the device) the next input token, its
+    position and whether a request holds the slot. Rows are slots: a decode step runs over slots 0..width-1."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = tuple(stop for stop in stops if stop)
-        self._held = ""
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.requests: dict[int, Request] = {}
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._next_positions: dict[int, int] = {}  # host copy of `positions` for the slots in use
+        self._device = device
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was reached)."""
-        if not self._stops:
-            return text, False
-        buffer = self._held + text
-        found = [buffer.find(stop) for stop in self._stops if stop in buffer]
-        if found:
-            self._held = ""
-            return buffer[: min(found)], True
-        keep = self._partial_stop_length(buffer)
-        self._held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-    def _partial_stop_length(self, buffer: str) -> int:
-        longest = min(len(buffer), max(len(stop) for stop in self._stops) - 1)
-        for length in range(longest, 0, -1):
-            if any(stop.startswith(buffer[-length:]) for stop in self._stops):
-                return length
-        return 0
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    deliver: Callable[[GenerationChunk | BaseException], None]
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopMatcher
-    sampler: Any  # a transformers LogitsProcessorList, or None for greedy
-    generator: Any  # torch.Generator when seeded, else None (the engine thread's global RNG)
-    completion_tokens: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def __len__(self) -> int:
+        return len(self.requests)
 
     @property
-    def tokens_in_flight(self) -> int:
-        return len(self.prompt_ids) + self.max_new_tokens
+    def width(self) -> int:
+        """Rows a decode step must cover: up to the highest slot in use."""
+        return max(self.requests) + 1
 
-    def chunk(self, text: str, finish_reason: Literal["stop", "length"] | None) -> GenerationChunk:
-        return GenerationChunk(text, finish_reason, len(self.prompt_ids), self.completion_tokens)
+    @property
+    def length(self) -> int:
+        """Key positions a decode step must attend to: up to the furthest row's new token."""
+        return max(self._next_positions.values()) + 1
+
+    @property
+    def any_sampled(self) -> bool:
+        return any(not request.params.greedy for request in self.requests.values())
+
+    def add(self, slots: list[int], requests: list[Request], tokens: torch.Tensor, positions: list[int]) -> None:
+        index = torch.tensor(slots, device=self._device)
+        self.tokens[index] = tokens
+        self.positions[index] = torch.tensor(positions, device=self._device)
+        self.active[index] = True
+        for slot, request, position in zip(slots, requests, positions, strict=True):
+            self.requests[slot] = request
+            self._next_positions[slot] = position
+
+    def advance(self, new_tokens: torch.Tensor, width: int) -> None:
+        """The rows in use take their new token as the next input, one position further (on the device)."""
+        active = self.active[:width]
+        self.tokens[:width] = torch.where(active, new_tokens, 0)
+        self.positions[:width] += active
+        for slot in self._next_positions:
+            self._next_positions[slot] += 1
+
+    def remove(self, slots: list[int]) -> None:
+        """Frees the slots: their rows go on computing (when below the width) at position 0 of a free slot."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self._device)
+        self.tokens[index] = 0
+        self.positions[index] = 0
+        self.active[index] = False
+        for slot in slots:
+            del self.requests[slot]
+            del self._next_positions[slot]
 
 
 class BatchingEngine:
     """Runs all generations on one thread, sharing each decode step among the requests in the batch."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(self, loaded: LoadedModel, options: EngineOptions) -> None:
         self._model = loaded.model
         self._device = torch.device(loaded.device)
-        # The engine decodes on its own thread: a private copy avoids sharing the Rust tokenizer across threads.
+        # The engine streams text on its own thread: a private copy avoids sharing the Rust tokenizer across threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
-        self._eos_ids = _eos_token_ids(loaded)
-        self._max_batch_size = max_batch_size
-        self._max_batch_tokens = max_batch_tokens
-        self._waiting: deque[_Request] = deque()
+        self._eos_ids = frozenset(_eos_token_ids(loaded))
+        self._options = options
+        # A KV-cache row holds a whole sequence (prompt + reply): by default the model's context.
+        self.sequence_tokens = min(loaded.context_length, options.max_sequence_tokens or loaded.context_length)
+        self._waiting: deque[Request] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
-        # The running batch: one row per request.
-        self._rows: list[_Request] = []
-        self._cache: Any = None  # transformers DynamicCache, left-padded to a common length
-        self._attention_mask: Any = None  # [rows, cache length]: 1 for real tokens, 0 for padding
-        self._positions: Any = None  # [rows]: position id of each row's next input token
-        self._next_tokens: Any = None  # [rows]: each row's last sampled token, the next step's input
+        self._text = TextStreamer()
         self._largest_batch = 0
         self._decode_steps = 0
+        # Set by start(): the KV cache and what goes with its slots.
+        self._cache: SlotKVCache
+        self._slots: SlotAllocator
+        self._batch: DecodeBatch
+        self._sampler: BatchSampler
+        self._decoder: DecodeRunner
+        self._slot_index: torch.Tensor  # 0..slots-1 on the device
+
+    @property
+    def slots(self) -> int:
+        """Requests that can run at once (KV-cache rows); known after start()."""
+        return self._cache.slots
+
+    def describe(self) -> dict[str, Any]:
+        """The KV cache and the decode mode, for logs and benchmarks."""
+        cache = self._cache
+        summary = (
+            f"KV cache {cache.slots} sequences x {cache.slot_tokens} tokens ({cache.bytes / 2**30:.2f} GiB), "
+            f"decode step {self._decoder.description}"
+        )
+        return {
+            "slots": cache.slots,
+            "slot_tokens": cache.slot_tokens,
+            "kv_cache_bytes": cache.bytes,
+            "decode": self._decoder.description,
+            "summary": summary,
+        }
 
     def stats(self) -> dict[str, int]:
         with self._wakeup:
             waiting = len(self._waiting)
         return {
-            "running": len(self._rows),
+            "running": len(self._batch),
             "waiting": waiting,
             "largest_batch": self._largest_batch,
             "decode_steps": self._decode_steps,
         }
 
     def start(self) -> None:
+        """Allocates the KV cache, captures the CUDA graphs (on CUDA) and starts the engine and text threads."""
+        shape = CacheShape.of(self._model)
+        slot_count = self._options.max_batch_size or default_slot_count(shape, self.sequence_tokens, self._device)
+        try:
+            self._cache = SlotKVCache(shape, slot_count, self.sequence_tokens, self._device)
+        except torch.OutOfMemoryError:
+            size = shape.bytes_for(slot_count, self.sequence_tokens) / 2**30
+            raise ModelLoadError(
+                f"the KV cache for {slot_count} sequences of {self.sequence_tokens} tokens ({size:.1f} GiB) does not "
+                f"fit in the {self._device.type.upper()}'s free memory: lower {MAX_BATCH_SIZE_OPTION} or unset it "
+                f"(the default sizes the cache from the free memory), or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+            ) from None
+        self._slots = SlotAllocator(slot_count)
+        self._batch = DecodeBatch(slot_count, self._device)
+        self._sampler = BatchSampler(slot_count, int(self._model.config.vocab_size), self._device)
+        self._slot_index = torch.arange(slot_count, device=self._device)
+        with torch.inference_mode():
+            self._decoder = self._make_decoder()
+        logger.info("generation engine: %s", self.describe()["summary"])
+        self._text.start()
         self._thread.start()
+
+    def _make_decoder(self) -> DecodeRunner:
+        use_graphs = self._options.cuda_graphs and cuda_graphs_supported(self._device)
+        # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten), the
+        # positions within the shortest attention length the check uses.
+        self._batch.tokens.copy_(torch.arange(self._cache.slots) % int(self._model.config.vocab_size))
+        pattern_positions = torch.arange(self._cache.slots) % min(SHORTEST_LENGTH_BUCKET, self.sequence_tokens)
+        self._batch.positions.copy_(pattern_positions)
+        try:
+            return make_decoder(self._forward_decode, use_graphs, self._cache.slots, self.sequence_tokens)
+        finally:
+            self._batch.tokens.zero_()
+            self._batch.positions.zero_()
 
     def stop(self) -> None:
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+            self._text.stop()
 
     def warm_up(self, prompt_ids: list[int]) -> None:
         """One short greedy generation, so the first user doesn't pay for lazy initialisation; raises its error."""
@@ -190,258 +232,194 @@ class BatchingEngine:
         params: SamplingParams,
         max_new_tokens: int,
         deliver: Callable[[GenerationChunk | BaseException], None],
-    ) -> _Request:
-        request = _Request(
+    ) -> Request:
+        """Queues a generation; `deliver` gets its chunks (and an error, if any) on the text thread. The caller
+        keeps prompt + max_new_tokens within `sequence_tokens`."""
+        request = Request(
             prompt_ids=prompt_ids,
             params=params,
             max_new_tokens=max_new_tokens,
             deliver=deliver,
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stop_matcher=StopMatcher(params.stop),
-            sampler=self._sampler(params),
-            generator=self._generator(params.seed),
+            seed=random.getrandbits(63) if params.seed is None else params.seed % 2**63,
         )
         with self._wakeup:
             self._waiting.append(request)
             self._wakeup.notify()
         return request
 
-    def _sampler(self, params: SamplingParams) -> Any:
-        if params.temperature == 0:
-            return None
-        warpers: list[Any] = [TemperatureLogitsWarper(params.temperature)]
-        if params.top_k is not None:
-            warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1:
-            warpers.append(TopPLogitsWarper(params.top_p))
-        return LogitsProcessorList(warpers)
-
-    def _generator(self, seed: int | None) -> Any:
-        if seed is None:
-            return None
-        return torch.Generator(device=self._device).manual_seed(seed)
-
     # ---- engine thread ----
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                new_requests = self._take_new_requests()
-                if new_requests is None:
+                joining = self._take_new_requests()
+                if joining is None:
                     return
-                for request in new_requests:
-                    self._run_safely(self._prefill, [request], request)
-                if self._rows:  # rows just prefilled take part too: they already have their first token
-                    self._run_safely(self._decode_step, list(self._rows))
+                for group in _prefill_groups(joining):
+                    self._run_safely(self._prefill, group, group)
+                if self._batch.requests:  # rows just prefilled take part too: they already have their first token
+                    self._run_safely(self._decode_step, list(self._batch.requests.values()))
 
-    def _run_safely(self, work: Callable[..., None], requests: list[_Request], *args: Any) -> None:
+    def _run_safely(self, work: Callable[..., None], requests: list[Request], *args: Any) -> None:
         """Runs one prefill or decode step; if it fails (e.g. out of memory) its requests get the error and leave
         the batch, and the engine keeps serving."""
         try:
             work(*args)
         except Exception as error:
             logger.exception("generation failed")
-            for request in requests:
-                request.deliver(error)
-            self._drop_rows({request for request in requests if request in self._rows})
+            self._text.put([(request, error) for request in requests])
+            failed = set(requests)
+            self._release([slot for slot, request in self._batch.requests.items() if request in failed])
 
-    def _take_new_requests(self) -> list[_Request] | None:
+    def _take_new_requests(self) -> list[Request] | None:
         """Requests that join the batch at this step boundary (waits while there is nothing to do); None: stop."""
         with self._wakeup:
-            while not self._stopping and not self._rows and not self._waiting:
+            while not self._stopping and not self._batch.requests and not self._waiting:
                 self._wakeup.wait()
             if self._stopping:
                 return None
-            in_flight = sum(request.tokens_in_flight for request in self._rows)
-            joining: list[_Request] = []
-            while self._waiting and len(self._rows) + len(joining) < self._max_batch_size:
+            in_flight = sum(request.tokens_in_flight for request in self._batch.requests.values())
+            token_cap = self._options.max_batch_tokens
+            joining: list[Request] = []
+            while self._waiting and len(joining) < self._slots.free:
                 request = self._waiting[0]
-                if request.cancelled.is_set():
+                if request.done.is_set():
                     self._waiting.popleft()
                     continue
-                batch_is_empty = not self._rows and not joining
-                if in_flight + request.tokens_in_flight > self._max_batch_tokens and not batch_is_empty:
+                batch_is_empty = not self._batch.requests and not joining
+                if token_cap is not None and in_flight + request.tokens_in_flight > token_cap and not batch_is_empty:
                     break
                 joining.append(self._waiting.popleft())
                 in_flight += request.tokens_in_flight
             return joining
 
-    def _prefill(self, request: _Request) -> None:
-        """Runs the prompt alone (no padding), samples the first token and adds the request to the batch."""
-        cache = Cache(layer_class_to_replicate=GrowingKVLayer)
-        input_ids = torch.tensor([request.prompt_ids], device=self._device)
-        logits = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        token = self._sample(request, logits[0, -1])
-        if self._accept(request, token):
-            return
-        self._add_row(request, cache, token)
+    def _prefill(self, requests: list[Request]) -> None:
+        """Runs the prompts together (right-padded) into free slots, samples each first token, and adds the
+        requests that go on to the batch."""
+        slots = [self._slots.take() for _ in requests]
+        try:
+            first_tokens = self._prefill_forward(slots, requests)
+        except BaseException:
+            for slot in slots:
+                self._slots.give_back(slot)
+            raise
+        host_tokens = first_tokens.tolist()
+        events: list[TokenEvent] = []
+        going_on: list[int] = []  # indexes of the requests that join the batch
+        for index, (slot, request) in enumerate(zip(slots, requests, strict=True)):
+            if self._accept(request, host_tokens[index], events):
+                self._slots.give_back(slot)
+            else:
+                going_on.append(index)
+        self._text.put(events)
+        if going_on:
+            self._batch.add(
+                [slots[index] for index in going_on],
+                [requests[index] for index in going_on],
+                first_tokens[torch.tensor(going_on, device=self._device)],
+                [len(requests[index].prompt_ids) for index in going_on],
+            )
+            self._largest_batch = max(self._largest_batch, len(self._batch))
 
-    def _add_row(self, request: _Request, cache: Any, token: int) -> None:
-        length = len(request.prompt_ids)
-        mask = torch.ones((1, length), dtype=torch.long, device=self._device)
-        position = torch.tensor([length], device=self._device)
-        next_token = torch.tensor([token], device=self._device)
-        if not self._rows:
-            self._cache, self._attention_mask = cache, mask
-            self._positions, self._next_tokens = position, next_token
-        else:
-            common = max(length, self._attention_mask.shape[1])
-            # Build everything first and assign after, so a failure (out of memory) leaves the batch as it was.
-            merged = [
-                (
-                    torch.cat([_pad_left(batch_layer.keys, common), _pad_left(row_layer.keys, common)]),
-                    torch.cat([_pad_left(batch_layer.values, common), _pad_left(row_layer.values, common)]),
-                )
-                for batch_layer, row_layer in zip(self._cache.layers, cache.layers, strict=True)
-            ]
-            attention_mask = torch.cat([_pad_left(self._attention_mask, common), _pad_left(mask, common)])
-            for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
-                layer.keys, layer.values = keys, values
-            self._attention_mask = attention_mask
-            self._positions = torch.cat([self._positions, position])
-            self._next_tokens = torch.cat([self._next_tokens, next_token])
-        self._rows.append(request)
-
-    def _decode_step(self) -> None:
-        cancelled = {request for request in self._rows if request.cancelled.is_set()}
-        if cancelled:
-            self._drop_rows(cancelled)
-            if not self._rows:
-                return
-        ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self._device)
-        self._attention_mask = torch.cat([self._attention_mask, ones], dim=1)
+    def _prefill_forward(self, slots: list[int], requests: list[Request]) -> torch.Tensor:
+        lengths = [len(request.prompt_ids) for request in requests]
+        longest = max(lengths)
+        input_ids = torch.tensor(
+            [request.prompt_ids + [0] * (longest - len(request.prompt_ids)) for request in requests],
+            device=self._device,
+        )
+        slot_index = torch.tensor(slots, device=self._device)
+        length_tensor = torch.tensor(lengths, device=self._device)
+        mask = self._cache.prepare_prefill(slot_index, length_tensor, longest)
+        # Only the logits of each prompt's last token: the distinct last positions, then each row's own.
+        last_positions = sorted(set(lengths))
+        keep = torch.tensor([length - 1 for length in last_positions], device=self._device)
         logits = self._model(
-            input_ids=self._next_tokens[:, None],
-            attention_mask=self._attention_mask,
-            position_ids=self._positions[:, None],
+            input_ids=input_ids,
+            position_ids=torch.arange(longest, device=self._device).expand(len(requests), longest),
+            attention_mask=mask,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+        column = torch.tensor([last_positions.index(length) for length in lengths], device=self._device)
+        row_logits = logits[torch.arange(len(requests), device=self._device), column]
+        self._sampler.set_rows(
+            slots,
+            [request.params.temperature for request in requests],
+            [request.params.top_k for request in requests],
+            [request.params.top_p for request in requests],
+            [request.seed for request in requests],
+        )
+        any_sampled = any(not request.params.greedy for request in requests)
+        return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
+
+    def _forward_decode(self, batch: int, length: int) -> torch.Tensor:
+        """The model's decode step over slots 0..batch-1 (what CUDA graphs capture): logits [batch, vocab]."""
+        mask = self._cache.prepare_decode(self._batch.positions, batch, length)
+        return self._model(
+            input_ids=self._batch.tokens[:batch, None],
+            position_ids=self._batch.positions[:batch, None],
+            attention_mask=mask,
             past_key_values=self._cache,
             use_cache=True,
         ).logits[:, -1]
-        self._positions += 1
-        self._decode_steps += 1
-        self._largest_batch = max(self._largest_batch, len(self._rows))
-        greedy_tokens = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
-        tokens = [
-            greedy_token if request.sampler is None else self._sample(request, row_logits)
-            for request, row_logits, greedy_token in zip(self._rows, logits, greedy_tokens, strict=True)
-        ]
-        self._next_tokens = torch.tensor(tokens, device=self._device)
-        finished = {request for request, token in zip(self._rows, tokens, strict=True) if self._accept(request, token)}
-        if finished:
-            self._drop_rows(finished)
 
-    def _sample(self, request: _Request, logits: Any) -> int:
-        if request.sampler is None:
-            return int(logits.argmax())
-        scores = request.sampler(None, logits.float()[None])
-        probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, 1, generator=request.generator))
-
-    def _accept(self, request: _Request, token: int) -> bool:
-        """Streams the token's text to the request's caller; True when the request is finished."""
-        if request.cancelled.is_set():
-            return True
-        if token in self._eos_ids:
-            self._finish(request, request.stop_matcher.flush() + request.detokenizer.flush(), "stop")
-            return True
-        request.completion_tokens += 1
-        text, stopped = request.stop_matcher.push(request.detokenizer.push(token))
-        if stopped:
-            self._finish(request, text, "stop")
-            return True
-        if request.completion_tokens >= request.max_new_tokens:
-            tail, _ = request.stop_matcher.push(request.detokenizer.flush())
-            self._finish(request, text + tail + request.stop_matcher.flush(), "length")
-            return True
-        if text:
-            request.deliver(request.chunk(text, None))
-        return False
-
-    def _finish(self, request: _Request, text: str, finish_reason: Literal["stop", "length"]) -> None:
-        request.deliver(request.chunk(text, finish_reason))
-
-    def _drop_rows(self, requests: set[_Request]) -> None:
-        """Removes finished or cancelled rows and the padding columns no remaining row needs."""
-        keep = [index for index, request in enumerate(self._rows) if request not in requests]
-        self._rows = [self._rows[index] for index in keep]
-        if not self._rows:
-            self._cache = self._attention_mask = self._positions = self._next_tokens = None
+    def _decode_step(self) -> None:
+        self._release([slot for slot, request in self._batch.requests.items() if request.done.is_set()])
+        if not self._batch.requests:
             return
-        index = torch.tensor(keep, device=self._device)
-        self._attention_mask = self._attention_mask[index]
-        first_used = int(self._attention_mask.any(dim=0).nonzero()[0])
-        self._attention_mask = self._attention_mask[:, first_used:]
-        for layer in self._cache.layers:
-            # Both slices before either assignment: assigning `keys` changes the filled length `values` reads.
-            keys, values = layer.keys[index, :, first_used:], layer.values[index, :, first_used:]
-            layer.keys, layer.values = keys, values
-        self._positions = self._positions[index]
-        self._next_tokens = self._next_tokens[index]
+        width, length = self._batch.width, self._batch.length
+        logits = self._decoder.run(width, length)[:width]
+        positions = self._batch.positions[:width]
+        new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self._batch.any_sampled)
+        self._batch.advance(new_tokens, width)
+        host_tokens = new_tokens.tolist()  # the step's one device-to-host copy
+        self._decode_steps += 1
+        self._largest_batch = max(self._largest_batch, len(self._batch))
+        events: list[TokenEvent] = []
+        finished = [
+            slot for slot, request in self._batch.requests.items() if self._accept(request, host_tokens[slot], events)
+        ]
+        self._text.put(events)
+        self._release(finished)
+
+    def _accept(self, request: Request, token: int, events: list[TokenEvent]) -> bool:
+        """Adds the token's event for the text thread; True when the request is finished (end-of-reply token or
+        token budget)."""
+        if token in self._eos_ids:
+            events.append((request, None, "stop"))
+            return True
+        request.generated += 1
+        finished = request.generated >= request.max_new_tokens
+        events.append((request, token, "length" if finished else None))
+        return finished
+
+    def _release(self, slots: list[int]) -> None:
+        self._batch.remove(slots)
+        for slot in slots:
+            self._slots.give_back(slot)
 
 
-class GrowingKVLayer(DynamicLayer):
-    """A KV-cache layer that writes each step's keys and values into spare room in its buffers.
-
-    transformers' DynamicLayer concatenates on every step, copying the whole cache each time; here the buffers
-    grow by KV_GROWTH_TOKENS when full, so a decode step copies one position. `keys` and `values` are the filled
-    part; assigning them (as the engine does when rows join or leave the batch) replaces the buffers.
-    """
-
-    def __init__(self) -> None:
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-        self._length = 0
-        super().__init__()
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._key_buffer is None else self._key_buffer[:, :, : self._length]
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._key_buffer = tensor
-        self._length = 0 if tensor is None or tensor.dim() < 3 else tensor.shape[2]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._value_buffer is None else self._value_buffer[:, :, : self._length]
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._value_buffer = tensor
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized or self._key_buffer is None or self._key_buffer.dim() < 3:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self.keys, self.values = key_states, value_states
-            return key_states, value_states
-        assert self._value_buffer is not None
-        start, end = self._length, self._length + key_states.shape[2]
-        if end > self._key_buffer.shape[2]:
-            self._key_buffer = _grow(self._key_buffer, start, end + KV_GROWTH_TOKENS)
-            self._value_buffer = _grow(self._value_buffer, start, end + KV_GROWTH_TOKENS)
-        self._key_buffer[:, :, start:end] = key_states
-        self._value_buffer[:, :, start:end] = value_states
-        self._length = end
-        return self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+def cuda_graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
-def _grow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
-    shape = (*buffer.shape[:2], capacity, *buffer.shape[3:])
-    grown = buffer.new_zeros(shape)
-    grown[:, :, :used] = buffer[:, :, :used]
-    return grown
-
-
-def _pad_left(tensor: Any, length: int) -> Any:
-    """Zero-pads dimension 2 (sequence) of a [batch, heads, seq, dim] cache, or dimension 1 of a [batch, seq] mask."""
-    missing = length - (tensor.shape[2] if tensor.dim() == 4 else tensor.shape[1])
-    if missing == 0:
-        return tensor
-    padding = (0, 0, missing, 0) if tensor.dim() == 4 else (missing, 0)
-    return functional.pad(tensor, padding)
+def _prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """The joining requests in arrival order, grouped so a group's padded prompts hold at most PREFILL_TOKENS."""
+    groups: list[list[Request]] = []
+    longest = 0
+    for request in requests:
+        length = len(request.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * max(longest, length) <= PREFILL_TOKENS:
+            groups[-1].append(request)
+            longest = max(longest, length)
+        else:
+            groups.append([request])
+            longest = length
+    return groups
 
 
 def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:

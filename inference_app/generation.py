@@ -12,9 +12,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from inference_app.engine_types import GenerationChunk, SamplingParams
 from inference_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 # and start serving /health while those heavy imports run.
 
 logger = logging.getLogger(__name__)
+
+# The web layers import these from here.
+__all__ = [
+    "CapacityExceededError",
+    "GenerationChunk",
+    "ModelNotReadyError",
+    "ModelService",
+    "PromptTooLongError",
+    "SamplingParams",
+    "encode_prompt",
+    "plain_template_prompt",
+]
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 ROLES = ("system", "user", "assistant")
@@ -42,34 +54,6 @@ class ModelNotReadyError(RuntimeError):
     """The model is still loading, or loading failed (the reason is in the message)."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be at least 1")
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    text: str  # new text since the previous chunk (stop sequences never included)
-    finish_reason: Literal["stop", "length"] | None  # None while running
-    prompt_tokens: int
-    completion_tokens: int
-
-
 class ModelService:
     """Owns loading in the background and generation; the only object the web layers talk to."""
 
@@ -80,7 +64,7 @@ class ModelService:
         self.load_timings: dict[str, float] = {}  # seconds per loading phase, for logs and the cold-start bench
         self._loaded: LoadedModel | None = None
         self._engine: BatchingEngine | None = None
-        self._slots = _Slots(settings.max_concurrent_generations)
+        self._slots: _Slots | None = None  # sized once the engine knows its KV cache
         self._loading_done = threading.Event()
 
     # ---- loading ----
@@ -95,21 +79,33 @@ class ModelService:
         return self.status
 
     def _load(self) -> None:
-        from inference_app.batching import BatchingEngine
+        from inference_app.batching import BatchingEngine, EngineOptions
         from inference_app.model_loading import ModelLoadError, load_model
 
         try:
             loaded = load_model(self.settings)
-            engine = BatchingEngine(loaded, self.settings.max_batch_size, self.settings.max_batch_tokens)
-            engine.start()
             started = time.perf_counter()
+            engine = BatchingEngine(loaded, EngineOptions(
+                max_batch_size=self.settings.max_batch_size,
+                max_batch_tokens=self.settings.max_batch_tokens,
+                max_sequence_tokens=self.settings.max_sequence_tokens,
+                cuda_graphs=self.settings.cuda_graphs,
+            ))
+            engine.start()
+            engine_started = time.perf_counter()
             try:
                 engine.warm_up(encode_prompt(loaded.tokenizer, _WARM_UP_MESSAGES, self.settings.prompt_template))
             except BaseException:
                 engine.stop()
                 raise
-            self.load_timings = {**loaded.timings, "warmup": time.perf_counter() - started}
+            self.load_timings = {
+                **loaded.timings,
+                "kv_cache_and_graphs": engine_started - started,
+                "warmup": time.perf_counter() - engine_started,
+            }
+            self._slots = _Slots(self.settings.max_concurrent_generations or engine.slots)
             self._loaded, self._engine = loaded, engine
+            logger.info("generations at once: %d", self._slots.limit)
             self.status = "ready"
             logger.info("model ready: %s (%s)", self.info(), _format_timings(self.load_timings))
         except ModelLoadError as error:
@@ -165,14 +161,14 @@ class ModelService:
         iterator (client gone, task cancelled) stops the generation and frees its slot.
         """
         engine = self._require_engine()
+        slots = self._slots
+        assert slots is not None  # set with the engine
         prompt_ids = self._prompt_ids(messages)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_new_tokens)
         if wait:
-            await self._slots.acquire()
-        elif not self._slots.try_acquire():
-            raise CapacityExceededError(
-                f"all {self.settings.max_concurrent_generations} generation slots are busy; retry shortly"
-            )
+            await slots.acquire()
+        elif not slots.try_acquire():
+            raise CapacityExceededError(f"all {slots.limit} generation slots are busy; retry shortly")
         try:
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
@@ -195,7 +191,7 @@ class ModelService:
             finally:
                 request.cancel()
         finally:
-            self._slots.release()
+            slots.release()
 
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
@@ -212,12 +208,15 @@ class ModelService:
 
     def _max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
         context_length = self._require_loaded().context_length
-        room = context_length - prompt_tokens
+        sequence_tokens = self._require_engine().sequence_tokens
+        room = sequence_tokens - prompt_tokens
         if room < 1:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_tokens} tokens and the model's context holds {context_length}: "
-                "shorten the conversation"
+            holder = (
+                f"the model's context holds {context_length}"
+                if sequence_tokens == context_length
+                else f"this server's sequences hold {sequence_tokens} (--max-sequence-tokens)"
             )
+            raise PromptTooLongError(f"the prompt has {prompt_tokens} tokens and {holder}: shorten the conversation")
         return min(requested, self.settings.max_new_tokens_cap, room)
 
 
@@ -258,14 +257,14 @@ class _Slots:
     """A counting semaphore usable from any thread and any event loop (waiters are served first come first)."""
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
+        self.limit = limit
         self._used = 0
         self._lock = threading.Lock()
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
     def try_acquire(self) -> bool:
         with self._lock:
-            if self._used < self._limit and not self._waiters:
+            if self._used < self.limit and not self._waiters:
                 self._used += 1
                 return True
             return False
@@ -273,7 +272,7 @@ class _Slots:
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._used < self._limit and not self._waiters:
+            if self._used < self.limit and not self._waiters:
                 self._used += 1
                 return
             waiter: asyncio.Future[None] = loop.create_future()

@@ -1,4 +1,4 @@
-"""Builds random-weight Phi-3-family models, a local tokenizer (with Phi-3's chat template) and a LoRA adapter on disk.
+"""Builds random-weight Phi-3-family models, a local tokenizer (Phi-3's chat template) and a LoRA adapter on disk.
 
 The folders follow the AI Toolkit's layout on the Azure Files share, so the app loads them through the
 same code path as in Azure:
@@ -155,7 +155,7 @@ def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(state))
 
 
-def _phi3_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype) -> Phi3Config:
+def phi3_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype) -> Phi3Config:
     eos_id = _token_id(tokenizer, END_OF_TEXT)
     return Phi3Config(
         vocab_size=len(tokenizer),
@@ -190,15 +190,20 @@ def build_base_model(
     """Saves tokenizer, config, generation config and random weights of a Phi-3-family model in `path`."""
     model_size = _model_size(size)
     tokenizer = build_tokenizer(path, model_size.vocab_size)
-    config = _phi3_config(model_size, tokenizer, dtype)
+    config = phi3_config(model_size, tokenizer, dtype)
     torch.manual_seed(seed)
     model = Phi3ForCausalLM._from_config(config, dtype=dtype)
-    model.generation_config = GenerationConfig(
+    model.generation_config = generation_config(tokenizer, config)
+    model.save_pretrained(path)
+
+
+def generation_config(tokenizer: PreTrainedTokenizerFast, config: Phi3Config) -> GenerationConfig:
+    """Phi-3's: generation stops on any of STOP_TOKENS."""
+    return GenerationConfig(
         eos_token_id=[_token_id(tokenizer, token) for token in STOP_TOKENS],
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
     )
-    model.save_pretrained(path)
 
 
 def build_adapter(
@@ -214,8 +219,16 @@ def build_adapter(
     `base_model_name` goes into adapter_config.json as the toolkit writes it (the hub name, not the path).
     """
     base = Phi3ForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, lora_config(size))
+    peft_model.save_pretrained(str(adapter_path))
+    _set_base_model_name(adapter_path, base_model_name)
+
+
+def lora_config(size: str | ModelSize) -> LoraConfig:
+    """The toolkit's LoRA settings for Phi-3 at the size's rank, with random non-zero A and B weights."""
     rank = _model_size(size).lora_rank
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
@@ -224,10 +237,6 @@ def build_adapter(
         # Random B (peft's default is B = 0, which would leave outputs unchanged).
         init_lora_weights=False,
     )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, lora_config)
-    peft_model.save_pretrained(str(adapter_path))
-    _set_base_model_name(adapter_path, base_model_name)
 
 
 def _set_base_model_name(adapter_path: Path, base_model_name: str) -> None:

@@ -27,12 +27,14 @@ class Settings:
     dtype: str = "auto"
     quantize_4bit: bool = False
     merge_adapter: bool | None = None  # None: merge unless quantized (merging into 4-bit weights is lossy)
-    max_concurrent_generations: int = 16
+    max_concurrent_generations: int | None = None  # None: as many as the KV cache holds (max_batch_size)
     max_new_tokens_cap: int = 1024
     prompt_template: str | None = None
     load_with_mmap: bool = False
-    max_batch_size: int = 16
-    max_batch_tokens: int = 32768
+    max_batch_size: int | None = None  # None: as many full-context sequences as the KV cache memory holds
+    max_batch_tokens: int | None = None  # None: no cap beyond the KV cache
+    max_sequence_tokens: int | None = None  # None: the model's context
+    cuda_graphs: bool = True
     auth_username: str = "admin"
     auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
     max_request_bytes: int = 1024 * 1024
@@ -153,7 +155,8 @@ _OPTIONS = (
     _Option(
         "max_concurrent_generations",
         ("--max-concurrent-generations",),
-        "generations running at once; more wait in the UI's queue or get 429 from the API",
+        "generations running at once; more wait in the UI's queue or get 429 from the API "
+        "(default: --max-batch-size)",
         _positive_int,
     ),
     _Option("max_new_tokens_cap", ("--max-new-tokens-cap",), "upper bound on new tokens per reply", _positive_int),
@@ -173,14 +176,29 @@ _OPTIONS = (
     _Option(
         "max_batch_size",
         ("--max-batch-size",),
-        "generations sharing one forward pass (1 turns batching off)",
+        "generations sharing one decode step: the rows of the static KV cache, each as long as the model's context "
+        "(1 turns batching off; default: as many as fit in the GPU's free memory after loading, at most 64; "
+        "on the CPU in 2 GiB)",
         _positive_int,
     ),
     _Option(
         "max_batch_tokens",
         ("--max-batch-tokens",),
-        "tokens in flight across a batch (prompt + max new tokens of each generation); bounds KV-cache memory",
+        "cap on the tokens in flight across a batch (prompt + max new tokens of each generation; default: none "
+        "beyond the KV cache)",
         _positive_int,
+    ),
+    _Option(
+        "max_sequence_tokens",
+        ("--max-sequence-tokens",),
+        "tokens a KV-cache row holds (prompt + reply; default: the model's context): lower, more rows fit in memory, "
+        "and longer prompts are refused",
+        _positive_int,
+    ),
+    _Option(
+        "cuda_graphs",
+        ("--cuda-graphs",),
+        "capture the decode step as CUDA graphs at start (on CUDA; if capture fails the app logs it and runs eager)",
     ),
     _Option(
         "auth_username",

@@ -12,7 +12,6 @@ config is a child resource of the app, so it is declared afterwards with `Endpoi
 """
 
 import ipaddress
-import json
 import re
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
@@ -21,6 +20,7 @@ import pulumi
 import pulumi_random
 from pulumi_azure_native import app
 
+from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
 AccessMode = Literal["public", "password", "entra"]
@@ -67,21 +67,6 @@ class AccessConfig:
     allowed_ip_ranges: tuple[str, ...] = ()  # normalized IPv4 CIDRs; empty: any address
 
 
-def _string_list(config: pulumi.Config, key: str, example: str) -> list[str]:
-    text = config.get(key)
-    if text is None:
-        return []
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(
-            f"{key}: must be a list of strings, e.g. `pulumi config set --path '{key}[0]' {example}`, got {text!r}"
-        )
-    return value
-
-
 def normalize_ip_range(key: str, value: str) -> str:
     """An IPv4 address or CIDR block, as Azure expects it (`203.0.113.7` becomes `203.0.113.7/32`)."""
     try:
@@ -95,52 +80,40 @@ def normalize_ip_range(key: str, value: str) -> str:
     return str(network)
 
 
-def _read_allowed_ip_ranges(config: pulumi.Config) -> tuple[str, ...]:
+def _read_allowed_ip_ranges(source: ConfigSource) -> tuple[str, ...]:
     ranges = [
         normalize_ip_range("allowedIpRanges", item)
-        for item in _string_list(config, "allowedIpRanges", "203.0.113.0/24")
+        for item in source.string_list("allowedIpRanges", "203.0.113.0/24") or ()
     ]
     return tuple(dict.fromkeys(ranges))  # a range listed twice is one rule
 
 
-def _reject_keys_of_other_modes(config: pulumi.Config, mode: AccessMode) -> None:
+def _reject_keys_of_other_modes(source: ConfigSource, mode: AccessMode) -> None:
     """A key of another mode is most likely a mode set wrongly: say so rather than ignore it."""
     for keys, owner in ((PASSWORD_KEYS, "password"), (ENTRA_KEYS, "entra")):
         if owner == mode:
             continue
         for key in keys:
-            if config.get(key) is not None:
+            if source.in_stack_config(key):
                 raise ConfigError(
                     f"{key}: only used when access is {owner}, but access is {mode}; "
                     f"`pulumi config set access {owner}` or `pulumi config rm {key}`"
                 )
 
 
-def _secret(config: pulumi.Config, key: str) -> pulumi.Output[str] | None:
-    """A config value that must be stored encrypted (`pulumi config set --secret`)."""
-    if config.get(key) is None:
-        return None
-    if not pulumi.runtime.is_config_secret(config.full_key(key)):
-        raise ConfigError(
-            f"{key}: is stored in plain text in the stack file; store it encrypted with "
-            f"`pulumi config set --secret {key} <value>`"
-        )
-    return config.get_secret(key)
-
-
-def _read_password(config: pulumi.Config) -> pulumi.Output[str] | None:
-    raw = config.get("accessPassword")
+def _read_password(source: ConfigSource) -> pulumi.Output[str] | None:
+    raw = source.raw("accessPassword")
     if raw is not None and len(raw) < MIN_PASSWORD_LENGTH:
         raise ConfigError(
             f"accessPassword: must be at least {MIN_PASSWORD_LENGTH} characters; or `pulumi config rm accessPassword` "
             "to have one generated"
         )
-    return _secret(config, "accessPassword")
+    return source.secret("accessPassword")
 
 
-def _read_entra(config: pulumi.Config) -> EntraConfig:
-    client_id = config.get("entraClientId")
-    tenant_id = config.get("entraTenantId")
+def _read_entra(source: ConfigSource) -> EntraConfig:
+    client_id = source.raw("entraClientId")
+    tenant_id = source.raw("entraTenantId")
     if client_id is None or not _GUID.fullmatch(client_id.strip()):
         raise ConfigError(
             "entraClientId: required when access is entra: the Application (client) ID of your app registration, "
@@ -152,35 +125,32 @@ def _read_entra(config: pulumi.Config) -> EntraConfig:
             f"or a domain such as contoso.onmicrosoft.com), got {tenant_id!r}"
         )
     client_id = client_id.strip().lower()
-    audiences = _string_list(config, "entraAllowedAudiences", f"api://{client_id}") or [f"api://{client_id}"]
+    audiences = source.string_list("entraAllowedAudiences", f"api://{client_id}") or (f"api://{client_id}",)
     return EntraConfig(
         client_id=client_id,
         tenant_id=tenant_id.strip(),
-        client_secret=_secret(config, "entraClientSecret"),
+        client_secret=source.secret("entraClientSecret"),
         allowed_audiences=tuple(audiences),
     )
 
 
-def read_access_config(config: pulumi.Config) -> AccessConfig:
+def read_access_config(source: ConfigSource) -> AccessConfig:
     """Read and validate `access`, its mode's keys and `allowedIpRanges`; raises ConfigError naming the key and the
     rule."""
-    mode = config.get("access") or DEFAULT_ACCESS
-    if mode not in get_args(AccessMode):
-        raise ConfigError(f"access: must be one of {', '.join(get_args(AccessMode))}, got {mode!r}")
-    access_mode = cast(AccessMode, mode)
-    _reject_keys_of_other_modes(config, access_mode)
-    allowed_ip_ranges = _read_allowed_ip_ranges(config)
+    access_mode = cast(AccessMode, source.choice("access", get_args(AccessMode), DEFAULT_ACCESS))
+    _reject_keys_of_other_modes(source, access_mode)
+    allowed_ip_ranges = _read_allowed_ip_ranges(source)
     if access_mode == "password":
-        username = (config.get("accessUsername") or DEFAULT_USERNAME).strip()
+        username = (source.raw("accessUsername") or DEFAULT_USERNAME).strip()
         if not _USERNAME.fullmatch(username):
             raise ConfigError(
                 f"accessUsername: 1-64 letters, digits, '.', '_', '@' or '-' (no ':' or spaces), got {username!r}"
             )
         return AccessConfig(
-            access_mode, username=username, password=_read_password(config), allowed_ip_ranges=allowed_ip_ranges
+            access_mode, username=username, password=_read_password(source), allowed_ip_ranges=allowed_ip_ranges
         )
     if access_mode == "entra":
-        return AccessConfig(access_mode, entra=_read_entra(config), allowed_ip_ranges=allowed_ip_ranges)
+        return AccessConfig(access_mode, entra=_read_entra(source), allowed_ip_ranges=allowed_ip_ranges)
     return AccessConfig(access_mode, allowed_ip_ranges=allowed_ip_ranges)
 
 

@@ -1,32 +1,20 @@
-"""Decide, per resource, whether this run creates it, adopts (imports) it, or only references it.
+"""Create, adopt or reference: the one way the program declares an Azure resource that may already exist.
 
-How it works (the "why" is in the README section "Using existing Azure resources"):
-- Every resource is looked up by name with the azure-native lookup invokes before anything is declared. Azure's
-  "not found" answers mean "create"; any other error (403, throttling, bad credentials) stops the program.
-- An existing resource that this stack does not manage yet is imported (`import_` with its Azure id) with inputs
-  equal to what exists, so the import succeeds on every engine version; the properties this program owns are brought
-  to their declared values on the next `pulumi up`.
-- The engine treats `import_` with the id of a resource already in the state as an ordinary resource
-  (pulumi/pulumi developer-docs/architecture/import.md, step_generator.go `isImport`), but a program cannot see its
-  state. So each run exports `adoption` = {resource: {status, id}} and the next run reads it back from its own stack
-  with the engine's builtin `pulumi:pulumi:readStackOutputs` invoke (the synchronous form of a StackReference).
+`decide` turns a lookup by name into an `Adoption` (created / adopted / referenced), `declare_or_reference` declares
+the resource (or, when it is only referenced, keeps what the lookup found) and records its id in the `Ledger`, which
+is exported as the stack output `adoption` and read back by the next run (`PreviousRun`). How and why: docs/
+(existing resources).
 """
 
 import inspect
 import re
-import socket
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
 
 import pulumi
 from pulumi._types import is_output_type
-from pulumi_azure_native import app, authorization, operationalinsights, resources, storage
-
-from infra.config import InfraConfig
-from infra.errors import ConfigError
-from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
 
 Status = Literal["created", "adopted", "referenced"]
 Mode = Literal["adopt", "reference"]
@@ -40,6 +28,7 @@ _NOT_FOUND = re.compile(
 )
 
 T = TypeVar("T")
+R = TypeVar("R", bound=pulumi.CustomResource)
 
 
 class AzureLookupError(Exception):
@@ -106,7 +95,10 @@ class Adoption:
     name: str
     status: Status
     existing: Any = None  # the lookup result (typed invoke result) when the resource exists in Azure
-    import_now: bool = False  # adopted and not yet in this stack: imported on this run
+    # Adopted and not in this stack yet: the Azure id imported on this run. The engine (Pulumi CLI >= 3.174,
+    # `requiredPulumiVersion`) imports it and applies the declared inputs in the same run; only a diff that would
+    # replace it fails, which infra/plan.py refuses before (see `require_no_replacement`).
+    import_id: str | None = None
 
     @property
     def declared(self) -> bool:
@@ -118,22 +110,25 @@ class Adoption:
         return getattr(self.existing, "id", None)
 
     def options(
-        self, *, always_retain: bool = False, protect: bool = False, parent: pulumi.Resource | None = None
+        self,
+        *,
+        always_retain: bool = False,
+        protect: bool = False,
+        parent: pulumi.Resource | None = None,
+        depends_on: Sequence[pulumi.Resource] = (),
     ) -> pulumi.ResourceOptions:
         """Resource options: import on the adopting run; adopted resources are never deleted by `destroy`."""
         return pulumi.ResourceOptions(
             parent=parent,
-            import_=self.azure_id if self.import_now else None,
+            import_=self.import_id,
             retain_on_delete=always_retain or self.status == "adopted",
             protect=protect,
+            depends_on=list(depends_on) or None,
         )
 
     def summary(self) -> str:
-        if self.import_now:
-            return (
-                f"{self.key} {self.name}: adopted (imported as it is in Azure on this run; the properties this "
-                "program sets are applied on the next `pulumi up`)"
-            )
+        if self.import_id is not None:
+            return f"{self.key} {self.name}: adopted (imported on this run, with this program's settings)"
         return f"{self.key} {self.name}: {self.status}"
 
 
@@ -145,7 +140,7 @@ def decide(key: str, name: str, existing: Any, mode: Mode, previous: PreviousRun
         return Adoption(key, name, managed_status, existing)
     if mode == "reference":
         return Adoption(key, name, "referenced", existing)
-    return Adoption(key, name, "adopted", existing, import_now=True)
+    return Adoption(key, name, "adopted", existing, import_id=existing.id)
 
 
 def _as_input(value: Any) -> Any:
@@ -168,147 +163,56 @@ def mirror_inputs(existing: Any, args_type: type) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def global_name_is_taken(host: str, description: str) -> bool:
-    """Global names are DNS labels (`<account>.blob.core.windows.net`, `<registry>.azurecr.io`): the host resolves
-    iff some resource anywhere in Azure has the name."""
-    try:
-        socket.getaddrinfo(host, 443)
-    except socket.gaierror as error:
-        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-            return False
-        pulumi.log.warn(f"Could not check whether {description} is free ({error}); continuing.")
-        return False
-    return True
+@dataclass
+class Ledger:
+    """What this stack manages, resource key -> (status, Azure id): exported as `adoption`, the record the next run
+    reads back (PreviousRun)."""
 
+    entries: dict[str, tuple[Status, pulumi.Output[str]]] = field(default_factory=dict)
 
-def storage_account_name_is_taken(name: str) -> bool:
-    return global_name_is_taken(f"{name}.blob.core.windows.net", f"storage account name {name!r}")
+    def record(self, adoption: Adoption, resource_id: pulumi.Input[str]) -> None:
+        self.entries[adoption.key] = (adoption.status, pulumi.Output.from_input(resource_id))
 
-
-def require_free_storage_account_name(name: str, explicit: bool) -> None:
-    if storage_account_name_is_taken(name):
-        how = "the name you configured" if explicit else "the default name"
-        raise ConfigError(
-            f"storageAccountName: {name!r} ({how}) is taken by a storage account elsewhere in Azure (storage "
-            "account names are global); choose another with "
-            "`pulumi config set storageAccountName <3-24 lowercase letters and digits>`"
+    def output(self) -> pulumi.Output[dict[str, dict[str, str]]]:
+        statuses = {key: status for key, (status, _) in self.entries.items()}
+        return pulumi.Output.all(**{key: resource_id for key, (_, resource_id) in self.entries.items()}).apply(
+            lambda ids: {key: {"status": statuses[key], "id": ids[key]} for key in statuses}
         )
 
 
 @dataclass(frozen=True)
-class AdoptionPlan:
-    """Everything decided before the first resource is declared."""
+class Managed(Generic[R]):
+    """A resource this run declares, or, when it is only referenced, what its lookup found."""
 
-    subscription_id: str
-    resource_group_id: str  # as Azure returns it when the group exists (uniqueString is case-sensitive)
-    location: str
-    resource_group: Adoption
-    storage_account: Adoption
-    file_service: Adoption
-    file_share: Adoption
-    log_analytics: Adoption
-    environment: Adoption
-    environment_storage: Adoption
-    container_app: Adoption
+    adoption: Adoption
+    resource: R | None  # None: referenced
 
     @property
-    def environment_location(self) -> str:
-        """Where the app runs: apps live in their environment's region (an existing one's, else `location`)."""
-        existing = self.environment.existing
-        return str(existing.location) if existing is not None else self.location
+    def dependencies(self) -> list[pulumi.Resource]:
+        """What something using it waits for: the declared resource; nothing when it is only referenced."""
+        return [self.resource] if self.resource is not None else []
 
-    def all(self) -> list[Adoption]:
-        return [
-            self.resource_group,
-            self.storage_account,
-            self.file_service,
-            self.file_share,
-            self.log_analytics,
-            self.environment,
-            self.environment_storage,
-            self.container_app,
-        ]
+    def output(self, attribute: str) -> pulumi.Output[Any]:
+        """The declared resource's output, or the lookup's value of the same name (the SDK names both alike)."""
+        if self.resource is not None:
+            return getattr(self.resource, attribute)
+        value = getattr(self.adoption.existing, attribute)
+        # apply keeps a typed lookup result (e.g. ConfigurationResponse) as it is; from_input would make it a dict.
+        return pulumi.Output.from_input(0).apply(lambda _: value)
 
 
-def plan_resources(config: InfraConfig, previous: PreviousRun) -> tuple[AdoptionPlan, ResourceNames]:
-    """Look every resource up by name and decide create / adopt / reference for each."""
-    mode = config.existing_resources
-    group_name = config.resource_group_name
-    subscription_id = authorization.get_client_config().subscription_id
-    group = lookup(
-        f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
-    )
-    group_id = group.id if group is not None else resource_group_id(subscription_id, group_name)
-    names = resource_names(config.names, resource_suffix(group_id))
-
-    location = config.location or (group.location if group is not None else None)
-    location = location or pulumi.Config("azure-native").get("location")
-    if not location:
-        raise ConfigError(
-            f"location: required because resource group {group_name!r} does not exist yet; "
-            "set it with `pulumi config set location <region>` (or `pulumi config set azure-native:location`)"
-        )
-
-    def in_group(description: str, fetch: Callable[[], T]) -> T | None:
-        # Nothing can exist in a group that does not exist; skip the call rather than ask Azure.
-        return lookup(description, fetch) if group is not None else None
-
-    account = in_group(
-        f"storage account {names.storage_account!r}",
-        lambda: storage.get_storage_account(account_name=names.storage_account, resource_group_name=group_name),
-    )
-    if account is None:
-        require_free_storage_account_name(names.storage_account, explicit=config.names.storage_account is not None)
-    file_service = share = None
-    if account is not None:
-        file_service = lookup(
-            f"file service of storage account {names.storage_account!r}",
-            lambda: storage.get_file_service_properties(
-                account_name=names.storage_account, resource_group_name=group_name, file_services_name="default"
-            ),
-        )
-        share = lookup(
-            f"file share {names.file_share!r}",
-            lambda: storage.get_file_share(
-                account_name=names.storage_account, resource_group_name=group_name, share_name=names.file_share
-            ),
-        )
-    workspace = in_group(
-        f"Log Analytics workspace {names.log_analytics!r}",
-        lambda: operationalinsights.get_workspace(workspace_name=names.log_analytics, resource_group_name=group_name),
-    )
-    environment = in_group(
-        f"Container Apps environment {names.environment!r}",
-        lambda: app.get_managed_environment(environment_name=names.environment, resource_group_name=group_name),
-    )
-    environment_storage = None
-    if environment is not None:
-        environment_storage = lookup(
-            f"environment storage {names.environment_storage!r}",
-            lambda: app.get_managed_environments_storage(
-                environment_name=names.environment,
-                resource_group_name=group_name,
-                storage_name=names.environment_storage,
-            ),
-        )
-    container_app = in_group(
-        f"container app {names.container_app!r}",
-        lambda: app.get_container_app(container_app_name=names.container_app, resource_group_name=group_name),
-    )
-
-    plan = AdoptionPlan(
-        subscription_id=subscription_id,
-        resource_group_id=group_id,
-        location=location,
-        resource_group=decide("resourceGroup", group_name, group, mode, previous),
-        storage_account=decide("storageAccount", names.storage_account, account, mode, previous),
-        file_service=decide("fileService", "default", file_service, mode, previous),
-        file_share=decide("fileShare", names.file_share, share, mode, previous),
-        log_analytics=decide("logAnalyticsWorkspace", names.log_analytics, workspace, mode, previous),
-        environment=decide("environment", names.environment, environment, mode, previous),
-        environment_storage=decide(
-            "environmentStorage", names.environment_storage, environment_storage, mode, previous
-        ),
-        container_app=decide("containerApp", names.container_app, container_app, mode, previous),
-    )
-    return plan, names
+def declare_or_reference(
+    adoption: Adoption,
+    ledger: Ledger,
+    declare: Callable[[pulumi.ResourceOptions], R],
+    *,
+    parent: pulumi.Resource,
+    always_retain: bool = False,
+    protect: bool = False,
+    depends_on: Sequence[pulumi.Resource] = (),
+) -> Managed[R]:
+    """Declare the resource with `declare(options)` unless it is only referenced, and record its id in the ledger."""
+    options = adoption.options(always_retain=always_retain, protect=protect, parent=parent, depends_on=depends_on)
+    managed = Managed(adoption, declare(options) if adoption.declared else None)
+    ledger.record(adoption, managed.output("id"))
+    return managed

@@ -1,9 +1,9 @@
 """The inference container app: one container on the GPU workload profile, the file share mounted at /mount, HTTPS
 ingress on port 7860.
 
-Everything other features plug in (registry credentials, identity, secrets, env vars, probes, scale rules, IP
-allow-list, sticky sessions) is a plain argument, so those features are wired in __main__.py without changing this
-module.
+Everything other features plug in (registry credentials, identity, secrets, env vars, scale rules, IP allow-list,
+sticky sessions) is a plain argument, so those features are wired in __main__.py without changing this module. The
+probes are the app's own: they know its health endpoints and how long it takes to load a model.
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_azure_native import app
 
-from infra.adoption import Adoption, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference
 
 TARGET_PORT = 7860
 MOUNT_PATH = "/mount"
@@ -23,6 +23,7 @@ class ContainerAppArgs:
     resource_group_name: pulumi.Input[str]
     location: str
     adoption: Adoption
+    ledger: Ledger
     environment_id: pulumi.Input[str]
     environment_storage_name: pulumi.Input[str]
     volume_name: str  # bicep: '<fileShareName>volume'
@@ -30,7 +31,6 @@ class ContainerAppArgs:
     command: Sequence[str] | None = None  # None: the image's own entrypoint
     cpu: float = 24.0
     memory: str = "220Gi"
-    probes: Sequence[app.ContainerAppProbeArgs] = ()  # infra/gpu.py: sized for a cold start
     env: Sequence[app.EnvironmentVarArgs] = ()
     secrets: Sequence[app.SecretArgs] = ()
     registries: Sequence[app.RegistryCredentialsArgs] = ()
@@ -42,6 +42,48 @@ class ContainerAppArgs:
     ip_security_restrictions: Sequence[app.IpSecurityRestrictionRuleArgs] = ()
     sticky_sessions: bool = False
     depends_on: Sequence[pulumi.Resource] = field(default_factory=list)
+
+
+# Startup probe: the server must answer within 10 s + 10 x 30 s = 310 s of the container starting (time enough for
+# the bicep's default command, which pip-installs the app's requirements before serving); a 30 s period keeps the
+# wait after it answers short, which a cold start from zero pays on its first request. Loading the model can take
+# longer than that: readiness (`/ready`, 503 until the model is loaded) keeps traffic away meanwhile without
+# restarting the replica. ACA caps: initial delay <= 60 s, period <= 240 s, failure threshold <= 10.
+STARTUP_INITIAL_DELAY_S = 10
+STARTUP_PERIOD_S = 30
+STARTUP_FAILURE_THRESHOLD = 10
+
+
+def probes(port: int) -> list[app.ContainerAppProbeArgs]:
+    """Startup and liveness on `/health` (the server is up), readiness on `/ready` (the model is loaded)."""
+
+    def http_get(path: str) -> app.ContainerAppProbeHttpGetArgs:
+        return app.ContainerAppProbeHttpGetArgs(path=path, port=port, scheme=app.Scheme.HTTP)
+
+    return [
+        app.ContainerAppProbeArgs(
+            type=app.Type.STARTUP,
+            http_get=http_get("/health"),
+            initial_delay_seconds=STARTUP_INITIAL_DELAY_S,
+            period_seconds=STARTUP_PERIOD_S,
+            timeout_seconds=5,
+            failure_threshold=STARTUP_FAILURE_THRESHOLD,
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.READINESS,
+            http_get=http_get("/ready"),
+            period_seconds=5,
+            timeout_seconds=5,
+            failure_threshold=3,
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.LIVENESS,
+            http_get=http_get("/health"),
+            period_seconds=30,
+            timeout_seconds=5,
+            failure_threshold=3,
+        ),
+    ]
 
 
 def _configuration(args: ContainerAppArgs) -> app.ConfigurationArgs:
@@ -72,7 +114,7 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
                 command=list(args.command) if args.command is not None else None,
                 resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                 env=list(args.env) or None,
-                probes=list(args.probes) or None,
+                probes=probes(TARGET_PORT),
                 volume_mounts=[app.VolumeMountArgs(volume_name=args.volume_name, mount_path=MOUNT_PATH)],
             )
         ],
@@ -89,8 +131,22 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
     )
 
 
+def _as_azure_spells_it(environment_id: pulumi.Input[str], adoption: Adoption) -> pulumi.Output[str]:
+    """The environment id as the existing app records it when they differ only in case (ARM ids are
+    case-insensitive, and some GET answers lowercase them): a case-only change of this create-only property would
+    otherwise show as a replacement."""
+    live = str(getattr(adoption.existing, "managed_environment_id", None) or "")
+    return pulumi.Output.from_input(environment_id).apply(
+        lambda wanted: live if live.lower() == wanted.lower() else wanted
+    )
+
+
 def _first_image(template: app.outputs.TemplateResponse | None) -> str:
     return (template.containers[0].image or "") if template is not None and template.containers else ""
+
+
+def _fqdn(configuration: app.outputs.ConfigurationResponse | None) -> str:
+    return (configuration.ingress.fqdn if configuration and configuration.ingress else None) or ""
 
 
 class ContainerApp(pulumi.ComponentResource):
@@ -103,48 +159,28 @@ class ContainerApp(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ContainerAppArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:ContainerApp", name, None, opts)
-        options = pulumi.ResourceOptions.merge(
-            args.adoption.options(parent=self), pulumi.ResourceOptions(depends_on=list(args.depends_on))
-        )
-        if not args.adoption.declared:  # existingResources: reference, and an app of this name exists
-            existing = args.adoption.existing
-            self.name = pulumi.Output.from_input(args.adoption.name)
-            self.fqdn = pulumi.Output.from_input(existing.configuration.ingress.fqdn or "")
-            self.active_revision = pulumi.Output.from_input(existing.latest_ready_revision_name or "")
-            self.image = pulumi.Output.from_input(_first_image(existing.template))
-            self.resource_ids: dict[str, pulumi.Output[str]] = {}
-            self.register_outputs({"fqdn": self.fqdn, "activeRevision": self.active_revision})
-            return
-        if args.adoption.import_now:
-            # An app of this name already exists and is not in this stack: import it as it is; the next
-            # `pulumi up` replaces its configuration with the one below.
-            container_app = app.ContainerApp(
-                "app",
-                container_app_name=args.adoption.name,
-                resource_group_name=args.resource_group_name,
-                **mirror_inputs(args.adoption.existing, app.ContainerAppArgs),
-                opts=options,
-            )
-        else:
-            container_app = app.ContainerApp(
+        # An existing app of this name is adopted with this configuration in the same run that imports it
+        # (infra/plan.py refuses one in another environment, which would need a replacement).
+        container_app = declare_or_reference(
+            args.adoption,
+            args.ledger,
+            lambda options: app.ContainerApp(
                 "app",
                 container_app_name=args.adoption.name,
                 resource_group_name=args.resource_group_name,
                 location=args.location,
-                managed_environment_id=args.environment_id,
+                managed_environment_id=_as_azure_spells_it(args.environment_id, args.adoption),
                 workload_profile_name=args.workload_profile_name,
                 identity=args.identity or app.ManagedServiceIdentityArgs(type=app.ManagedServiceIdentityType.NONE),
                 configuration=_configuration(args),
                 template=_template(args),
                 opts=options,
-            )
-        self.name = container_app.name
-        self.active_revision = container_app.latest_ready_revision_name
-        self.image = container_app.template.apply(_first_image)
-        self.resource_ids = {args.adoption.key: container_app.id}
-        self.fqdn = container_app.configuration.apply(
-            lambda configuration: (
-                (configuration.ingress.fqdn if configuration and configuration.ingress else None) or ""
-            )
+            ),
+            parent=self,
+            depends_on=args.depends_on,
         )
+        self.name = container_app.output("name")
+        self.active_revision = container_app.output("latest_ready_revision_name").apply(lambda name: name or "")
+        self.image = container_app.output("template").apply(_first_image)
+        self.fqdn = container_app.output("configuration").apply(_fqdn)
         self.register_outputs({"fqdn": self.fqdn, "activeRevision": self.active_revision})

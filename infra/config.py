@@ -1,32 +1,40 @@
-"""Typed configuration of the program: Pulumi config (project namespace, camelCase keys) over the legacy parameters
-file over defaults, validated before any cloud call."""
+"""The whole program's configuration, read and validated before any cloud call: Pulumi config (project namespace,
+camelCase keys) over the legacy parameters file over defaults (infra/config_source.py)."""
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Literal, cast, get_args
 
 import pulumi
 
+from infra.access import AccessConfig, read_access_config
+from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 from infra.gpu import GpuConfig, read_gpu_config
+from infra.image_config import ImageConfig, read_image_config
 from infra.naming import NameOverrides, validate_name
 from infra.parameters_file import DEFAULT_PATH as PARAMETERS_FILE
 from infra.parameters_file import read_parameters_file
 
 StorageAccessMode = Literal["ReadWrite", "ReadOnly"]
 ExistingResourcesMode = Literal["adopt", "reference"]
+RegistrySku = Literal["Basic", "Standard", "Premium"]
+
 
 @dataclass(frozen=True)
-class InfraConfig:
+class ProgramConfig:
     resource_group_name: str
     location: str | None  # None: the resource group's location, else azure-native:location
     gpu: GpuConfig  # GPU profile, container sizing and scaling (infra/gpu.py)
     names: NameOverrides = NameOverrides()
-    default_commands: tuple[str, ...] | None = None  # only for a prebuilt `image` (see infra/image.py)
+    resource_suffix: str | None = None  # None: from uniqueString(resource group id) (infra/naming.py)
+    default_commands: tuple[str, ...] | None = None  # only for a prebuilt `image` (infra/image_config.py)
     storage_access_mode: StorageAccessMode = "ReadWrite"
     existing_resources: ExistingResourcesMode = "adopt"
+    registry_sku: RegistrySku = "Basic"
+    image: ImageConfig = field(default_factory=ImageConfig)  # what the app runs and its app settings
+    access: AccessConfig = AccessConfig("password")  # who may reach the endpoint (infra/access.py)
 
 
 # Config keys (camelCase, as the parameters file) -> NameOverrides fields.
@@ -37,60 +45,17 @@ NAME_KEYS = {
     "acaEnvironmentStorageName": "environment_storage",
     "acaAppName": "container_app",
     "acaLogAnalyticsName": "log_analytics",
+    "registryName": "container_registry",
 }
 
 _RESOURCE_GROUP_NAME = re.compile(r"[-\w.()]{0,89}[-\w()]")
+# `aistorage<s>` must stay a valid storage account name (3-24 lowercase letters and digits).
+_RESOURCE_SUFFIX = re.compile(r"[a-z0-9]{1,15}")
 
 
-class _Source:
-    """One value lookup: Pulumi config first, then the parameters file, then the caller's default."""
-
-    def __init__(self, config: pulumi.Config, parameters: dict[str, Any]) -> None:
-        self._config = config
-        self._parameters = parameters
-
-    def raw(self, key: str) -> Any:
-        text = self._config.get(key)
-        if text is not None:
-            return text
-        return self._parameters.get(key)
-
-    def string(self, key: str) -> str | None:
-        value = self.raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{key}: must be a non-empty string")
-        return value.strip()
-
-    def string_list(self, key: str) -> tuple[str, ...] | None:
-        value = self.raw(key)
-        if value is None:
-            return None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = None
-        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
-            raise ConfigError(
-                f"{key}: must be a non-empty list of strings, e.g. pulumi config set --path '{key}[0]' 'cd /mount'"
-            )
-        return tuple(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-
-def read_config(config: pulumi.Config, parameters_file: Path = PARAMETERS_FILE) -> InfraConfig:
+def read_config(config: pulumi.Config | None = None, parameters_file: Path = PARAMETERS_FILE) -> ProgramConfig:
     """Read and validate every key; raises ConfigError naming the key and the rule."""
-    parameters = read_parameters_file(parameters_file)
-    source = _Source(config, parameters)
+    source = ConfigSource(config or pulumi.Config(), read_parameters_file(parameters_file))
 
     resource_group_name = source.string("resourceGroupName")
     if resource_group_name is None:
@@ -108,18 +73,29 @@ def read_config(config: pulumi.Config, parameters_file: Path = PARAMETERS_FILE) 
         }
     )
 
-    return InfraConfig(
+    resource_suffix = source.string("resourceSuffix")
+    if resource_suffix is not None and not _RESOURCE_SUFFIX.fullmatch(resource_suffix):
+        raise ConfigError(
+            f"resourceSuffix: {resource_suffix!r} is not a valid suffix: 1-15 lowercase letters and digits (it ends "
+            "every default name, e.g. aistorage<suffix>, a storage account name of at most 24 characters)"
+        )
+
+    return ProgramConfig(
         resource_group_name=resource_group_name,
+        resource_suffix=resource_suffix,
         location=source.string("location"),
-        gpu=read_gpu_config(config, parameters=parameters),
+        gpu=read_gpu_config(source),
         names=names,
-        default_commands=source.string_list("defaultCommands"),
+        default_commands=source.string_list("defaultCommands", "'cd /mount'", non_empty=True),
         storage_access_mode=cast(
             StorageAccessMode,
-            source.choice("storageAccessMode", get_args(StorageAccessMode), InfraConfig.storage_access_mode),
+            source.choice("storageAccessMode", get_args(StorageAccessMode), ProgramConfig.storage_access_mode),
         ),
         existing_resources=cast(
             ExistingResourcesMode,
-            source.choice("existingResources", get_args(ExistingResourcesMode), InfraConfig.existing_resources),
+            source.choice("existingResources", get_args(ExistingResourcesMode), ProgramConfig.existing_resources),
         ),
+        registry_sku=cast(RegistrySku, source.choice("registrySku", get_args(RegistrySku), "Basic")),
+        image=read_image_config(source),
+        access=read_access_config(source),
     )

@@ -3,29 +3,32 @@
 Config `gpu` picks a workload profile: `dedicated-A100` (the bicep's `NC24-A100` nodes, billed per running node, with
 `minimumInstanceCount`/`maximumInstanceCount`) or a serverless GPU (`serverless-T4`, `serverless-A100`: billed per
 second per replica, scales to zero, no instance counts). The container's cpu/memory default to the profile's
-per-replica size; `minReplicas`/`maxReplicas` bound the app, an HTTP concurrency rule scales it, and the probes let a
-replica that starts from zero load the model before it gets traffic.
+per-replica size; `minReplicas`/`maxReplicas` bound the app and an HTTP concurrency rule scales it. (The probes that
+give a replica starting from zero time to load the model are the app's: infra/app.py.)
 """
 
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Literal, cast, get_args
 
-import pulumi
 from pulumi_azure_native import app
 
+from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
 GpuChoice = Literal["dedicated-A100", "serverless-T4", "serverless-A100"]
 DEFAULT_GPU: GpuChoice = "dedicated-A100"
 
 # Where Azure offers each profile type, as lowercase region names without spaces (the form `location` takes).
-# Sources, read 2026-11-25:
-# - serverless: https://learn.microsoft.com/azure/container-apps/gpu-serverless-overview#supported-regions
-#   (T4 in West Europe only in a workload profiles environment created after the profile became available there);
-# - dedicated: https://learn.microsoft.com/azure/container-apps/workload-profiles-overview#dedicated-profile-details
-#   ("GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe"; capacity by support request).
+# Sources (MicrosoftDocs/azure-docs, articles/container-apps/):
+# - dedicated: workload-profiles-overview.md, "Dedicated profile details" (ms.date 2025-11-04, re-checked
+#   2026-11-28): "GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe", capacity by support request;
+#   "GPU-enabled Dedicated profiles must be configured when creating an environment" (infra/environment.py);
+# - serverless: gpu-serverless-overview.md#supported-regions, read 2026-11-25 on learn.microsoft.com (T4 in West
+#   Europe only in a workload profiles environment created after the profile became available there). The copies
+#   of that page reachable on 2026-11-28 are older (they list West US 3, Australia East, Sweden Central, all kept
+#   here), so this list was not narrowed.
 # Azure adds regions over time: `skipGpuRegionCheck: true` skips this check when the table is behind.
 _SERVERLESS_A100_REGIONS = frozenset(
     {
@@ -100,6 +103,9 @@ class GpuConfig:
     maximum_instance_count: int | None  # dedicated only: the most nodes the profile may run
     concurrent_requests: int
     skip_region_check: bool = False  # `skipGpuRegionCheck`: for regions Azure added after the table above
+    # Instance count keys set in config or the parameters file: applied to an adopted environment's GPU profile,
+    # whose live counts are kept otherwise (infra/environment.py).
+    configured_counts: frozenset[str] = frozenset()
 
 
 def normalize_region(location: str) -> str:
@@ -107,40 +113,8 @@ def normalize_region(location: str) -> str:
     return location.replace(" ", "").lower()
 
 
-class _Reader:
-    """Pulumi config first, then the legacy parameters file (only `maximumInstanceCount` is in both)."""
-
-    def __init__(self, config: pulumi.Config, parameters: Mapping[str, Any]) -> None:
-        self.config = config
-        self.parameters = parameters
-
-    def is_set(self, key: str) -> bool:
-        return self.config.get(key) is not None
-
-    def raw(self, key: str) -> Any:
-        value = self.config.get(key)
-        return value if value is not None else self.parameters.get(key)
-
-    def integer(self, key: str, default: int, minimum: int) -> int:
-        value = self.raw(key)
-        if value is None:
-            return default
-        text = str(value).strip()
-        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text) or int(text) < minimum:
-            raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-        return int(text)
-
-    def flag(self, key: str) -> bool:
-        value = self.raw(key)
-        if value is None:
-            return False
-        if str(value).lower() not in ("true", "false"):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return str(value).lower() == "true"
-
-
-def _cpu(reader: _Reader, profile: GpuProfile) -> float:
-    value = reader.raw("containerCpu")
+def _cpu(source: ConfigSource, profile: GpuProfile) -> float:
+    value = source.raw("containerCpu")
     if value is None:
         return profile.cpu
     try:
@@ -155,8 +129,8 @@ def _cpu(reader: _Reader, profile: GpuProfile) -> float:
     return cpu
 
 
-def _memory(reader: _Reader, profile: GpuProfile) -> str:
-    value = reader.raw("containerMemory")
+def _memory(source: ConfigSource, profile: GpuProfile) -> str:
+    value = source.raw("containerMemory")
     if value is None:
         return profile.memory
     match = _MEMORY.fullmatch(str(value).strip())
@@ -184,38 +158,35 @@ def require_gpu_region(config: GpuConfig, location: str) -> None:
     )
 
 
-def read_gpu_config(config: pulumi.Config, *, parameters: Mapping[str, Any] | None = None) -> GpuConfig:
+def read_gpu_config(source: ConfigSource) -> GpuConfig:
     """Read and validate `gpu`, sizing, replica range, instance counts and scaling; raises ConfigError naming the
-    key and the rule. `parameters` are the legacy parameters file's values (they supply `maximumInstanceCount` when
-    Pulumi config does not). The region check needs the environment's region, known after the lookups:
+    key and the rule. The region check needs the environment's region, known after the lookups:
     `require_gpu_region`."""
-    reader = _Reader(config, parameters or {})
-
-    choice = reader.raw("gpu") or DEFAULT_GPU
-    if choice not in PROFILES:
-        raise ConfigError(f"gpu: must be one of {', '.join(get_args(GpuChoice))}, got {choice!r}")
-    gpu = cast(GpuChoice, choice)
+    gpu = cast(GpuChoice, source.choice("gpu", get_args(GpuChoice), DEFAULT_GPU))
     profile = PROFILES[gpu]
 
-    min_replicas = reader.integer("minReplicas", 1, minimum=0)
-    max_replicas = reader.integer("maxReplicas", 1, minimum=1)
+    min_replicas = source.integer("minReplicas", 1, minimum=0)
+    max_replicas = source.integer("maxReplicas", 1, minimum=1)
     if min_replicas > max_replicas:
         raise ConfigError(f"minReplicas: must not exceed maxReplicas ({min_replicas} > {max_replicas})")
 
     minimum_count: int | None = None
     maximum_count: int | None = None
+    configured_counts = frozenset(
+        key for key in ("minimumInstanceCount", "maximumInstanceCount") if source.raw(key) is not None
+    )
     if profile.serverless:
         # The parameters file's maximumInstanceCount belongs to the bicep's dedicated profile: only Pulumi config
         # counts here, where setting a count is a mistake worth reporting.
-        counts = [key for key in ("minimumInstanceCount", "maximumInstanceCount") if reader.is_set(key)]
+        counts = [key for key in ("minimumInstanceCount", "maximumInstanceCount") if source.in_stack_config(key)]
         if counts:
             raise ConfigError(
                 f"{counts[0]}: serverless GPU profiles ({gpu}) have no instance counts, they bill per replica; "
                 f"remove it with `pulumi config rm {counts[0]}`, or use gpu dedicated-A100"
             )
     else:
-        minimum_count = reader.integer("minimumInstanceCount", DEFAULT_MINIMUM_INSTANCE_COUNT, minimum=0)
-        maximum_count = reader.integer("maximumInstanceCount", DEFAULT_MAXIMUM_INSTANCE_COUNT, minimum=1)
+        minimum_count = source.integer("minimumInstanceCount", DEFAULT_MINIMUM_INSTANCE_COUNT, minimum=0)
+        maximum_count = source.integer("maximumInstanceCount", DEFAULT_MAXIMUM_INSTANCE_COUNT, minimum=1)
         if minimum_count > maximum_count:
             raise ConfigError(
                 f"minimumInstanceCount: must not exceed maximumInstanceCount ({minimum_count} > {maximum_count})"
@@ -226,24 +197,35 @@ def read_gpu_config(config: pulumi.Config, *, parameters: Mapping[str, Any] | No
                 "NC24-A100 node(s) keep running and billing while the app sits at zero; set minimumInstanceCount 0, "
                 "set minReplicas 1 or more, or use a serverless gpu"
             )
-        if max_replicas > maximum_count:
-            # Each replica takes the node's only A100: more replicas than nodes would never be scheduled.
-            raise ConfigError(
-                f"maxReplicas: {max_replicas} replicas need {max_replicas} NC24-A100 nodes (one GPU each), but "
-                f"maximumInstanceCount is {maximum_count}; raise maximumInstanceCount or lower maxReplicas"
-            )
 
-    return GpuConfig(
+    config = GpuConfig(
         gpu=gpu,
         profile=profile,
-        container_cpu=_cpu(reader, profile),
-        container_memory=_memory(reader, profile),
+        container_cpu=_cpu(source, profile),
+        container_memory=_memory(source, profile),
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         minimum_instance_count=minimum_count,
         maximum_instance_count=maximum_count,
-        concurrent_requests=reader.integer("scaleConcurrentRequests", DEFAULT_CONCURRENT_REQUESTS, minimum=1),
-        skip_region_check=reader.flag("skipGpuRegionCheck"),
+        concurrent_requests=source.integer("scaleConcurrentRequests", DEFAULT_CONCURRENT_REQUESTS, minimum=1),
+        skip_region_check=source.boolean("skipGpuRegionCheck", False),
+        configured_counts=configured_counts if not profile.serverless else frozenset(),
+    )
+    if "maximumInstanceCount" in configured_counts:
+        require_nodes_for_replicas(
+            config, maximum_count, "maximumInstanceCount is", "raise maximumInstanceCount or lower maxReplicas"
+        )
+    return config
+
+
+def require_nodes_for_replicas(config: GpuConfig, maximum: int | None, whose_maximum: str, fix: str) -> None:
+    """Each replica takes a dedicated node's only GPU: more replicas than the profile's maximum nodes would never be
+    scheduled."""
+    if config.profile.serverless or maximum is None or config.max_replicas <= maximum:
+        return
+    raise ConfigError(
+        f"maxReplicas: {config.max_replicas} replicas need {config.max_replicas} {config.profile.profile_type} nodes "
+        f"(one GPU each), but {whose_maximum} {maximum}; {fix}"
     )
 
 
@@ -269,46 +251,4 @@ def scale_rules(gpu: GpuConfig) -> list[app.ScaleRuleArgs]:
             name="http-concurrency",
             http=app.HttpScaleRuleArgs(metadata={"concurrentRequests": str(gpu.concurrent_requests)}),
         )
-    ]
-
-
-# Startup probe: the server must answer within 10 s + 10 x 30 s = 310 s of the container starting (time enough for
-# the bicep's default command, which pip-installs the app's requirements before serving); a 30 s period keeps the
-# wait after it answers short, which a cold start from zero pays on its first request. Loading the model can take
-# longer than that: readiness (`/ready`, 503 until the model is loaded) keeps traffic away meanwhile without
-# restarting the replica. ACA caps: initial delay <= 60 s, period <= 240 s, failure threshold <= 10.
-STARTUP_INITIAL_DELAY_S = 10
-STARTUP_PERIOD_S = 30
-STARTUP_FAILURE_THRESHOLD = 10
-
-
-def probes(port: int) -> list[app.ContainerAppProbeArgs]:
-    """Startup and liveness on `/health` (the server is up), readiness on `/ready` (the model is loaded)."""
-
-    def http_get(path: str) -> app.ContainerAppProbeHttpGetArgs:
-        return app.ContainerAppProbeHttpGetArgs(path=path, port=port, scheme=app.Scheme.HTTP)
-
-    return [
-        app.ContainerAppProbeArgs(
-            type=app.Type.STARTUP,
-            http_get=http_get("/health"),
-            initial_delay_seconds=STARTUP_INITIAL_DELAY_S,
-            period_seconds=STARTUP_PERIOD_S,
-            timeout_seconds=5,
-            failure_threshold=STARTUP_FAILURE_THRESHOLD,
-        ),
-        app.ContainerAppProbeArgs(
-            type=app.Type.READINESS,
-            http_get=http_get("/ready"),
-            period_seconds=5,
-            timeout_seconds=5,
-            failure_threshold=3,
-        ),
-        app.ContainerAppProbeArgs(
-            type=app.Type.LIVENESS,
-            http_get=http_get("/health"),
-            period_seconds=30,
-            timeout_seconds=5,
-            failure_threshold=3,
-        ),
     ]

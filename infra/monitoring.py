@@ -6,7 +6,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import operationalinsights
 
-from infra.adoption import Adoption, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class MonitoringArgs:
     resource_group_name: pulumi.Input[str]
     location: str
     workspace: Adoption
+    ledger: Ledger
 
 
 def _workspace_args(args: MonitoringArgs) -> dict[str, Any]:
@@ -32,28 +33,24 @@ class Monitoring(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Monitoring", name, None, opts)
-        depends_on: list[pulumi.Resource] = []
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-        if args.workspace.declared:
-            workspace = operationalinsights.Workspace(
+        workspace = declare_or_reference(
+            args.workspace,
+            args.ledger,
+            lambda options: operationalinsights.Workspace(
                 "workspace",
                 workspace_name=args.workspace.name,
                 resource_group_name=args.resource_group_name,
                 **_workspace_args(args),
-                opts=args.workspace.options(parent=self),
-            )
-            self.customer_id = workspace.customer_id
-            workspace_name = workspace.name
-            self.resource_ids[args.workspace.key] = workspace.id
-            depends_on.append(workspace)
-        else:
-            self.customer_id = pulumi.Output.from_input(args.workspace.existing.customer_id)
-            workspace_name = pulumi.Output.from_input(args.workspace.name)
-
+                opts=options,
+            ),
+            parent=self,
+        )
+        self.customer_id = workspace.output("customer_id")
+        workspace_name = workspace.output("name")
         keys = operationalinsights.get_shared_keys_output(
             resource_group_name=args.resource_group_name,
             workspace_name=workspace_name,
-            opts=pulumi.InvokeOutputOptions(depends_on=depends_on),
+            opts=pulumi.InvokeOutputOptions(depends_on=workspace.dependencies),
         )
         self.shared_key = pulumi.Output.secret(keys.primary_shared_key.apply(lambda key: key or ""))
         self.register_outputs({"customerId": self.customer_id})

@@ -2,7 +2,7 @@
 
 The default names reproduce the AI Toolkit's bicep bit for bit (`aistorage<s>` ... with `<s>` the first 5 characters
 of ARM's `uniqueString(resourceGroup().id)`), which is how inference finds the fine-tuning step's share and
-environment.
+environment. The registry, which the bicep does not have, is `aiacr<s>`.
 """
 
 import re
@@ -20,6 +20,12 @@ class ResourceNames:
     environment_storage: str
     container_app: str
     log_analytics: str
+    container_registry: str
+
+    @property
+    def pull_identity(self) -> str:
+        """The user-assigned identity the app pulls from the registry as."""
+        return f"{self.container_registry}-pull"
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class NameOverrides:
     environment_storage: str | None = None
     container_app: str | None = None
     log_analytics: str | None = None
+    container_registry: str | None = None
 
 
 def resource_group_id(subscription_id: str, resource_group_name: str) -> str:
@@ -54,6 +61,8 @@ def resource_names(overrides: NameOverrides, suffix: str) -> ResourceNames:
         environment_storage=pick(overrides.environment_storage, f"aienvstorage{suffix}"),
         container_app=pick(overrides.container_app, f"aiacaapp{suffix}"),
         log_analytics=pick(overrides.log_analytics, f"ailog{suffix}"),
+        # Not a bicep resource: `aiacr<s>` follows the toolkit's scheme.
+        container_registry=pick(overrides.container_registry, f"aiacr{suffix}"),
     )
 
 
@@ -90,6 +99,10 @@ NAME_RULES: dict[str, NameRule] = {
     "acaLogAnalyticsName": NameRule(
         re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{2,61}[A-Za-z0-9]"),
         "4-63 characters, letters, digits and hyphens, starting and ending with a letter or digit",
+    ),
+    "registryName": NameRule(
+        re.compile(r"[a-zA-Z0-9]{5,50}"),
+        "5-50 letters and digits, globally unique (the login server is <name>.azurecr.io)",
     ),
 }
 

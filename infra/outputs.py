@@ -10,19 +10,10 @@ from typing import Any
 import pulumi
 
 from infra.access import EndpointAccess
-from infra.adoption import ADOPTION_OUTPUT, Adoption
+from infra.adoption import ADOPTION_OUTPUT, Ledger
 from infra.app import ContainerApp
 
 TOOLKIT_CONFIG_FILE = Path("infra/inference.config.json")
-
-
-def adoption_record(
-    adoptions: list[Adoption], resource_ids: Mapping[str, pulumi.Output[str]]
-) -> pulumi.Output[dict[str, dict[str, Any]]]:
-    """{resource: {status, id}}: what the next run reads back to know what this stack already manages."""
-    return pulumi.Output.all(
-        **{a.key: resource_ids.get(a.key, pulumi.Output.from_input(a.azure_id or "")) for a in adoptions}
-    ).apply(lambda ids: {a.key: {"status": a.status, "id": ids[a.key]} for a in adoptions})
 
 
 def write_toolkit_config(values: Mapping[str, Any], path: Path = TOOLKIT_CONFIG_FILE) -> None:
@@ -36,30 +27,27 @@ def export_outputs(
     resource_group_name: str,
     storage_account_name: pulumi.Input[str],
     file_share_name: pulumi.Input[str],
-    app: ContainerApp | None,
+    app: ContainerApp,
     access: EndpointAccess,
-    adoptions: list[Adoption],
-    resource_ids: Mapping[str, pulumi.Output[str]],
+    ledger: Ledger,
 ) -> None:
-    """Exports the outputs; without an app yet (see __main__.py) there is no endpoint and no toolkit file.
-    `activeRevision` changes whenever a `pulumi up` rolled a new revision (new image, settings or modelRevision);
-`accessUsername`/`accessPassword` in password mode."""
+    """Exports the outputs. `activeRevision` changes whenever a `pulumi up` rolled a new revision (new image,
+    settings or modelRevision); `accessUsername`/`accessPassword` in password mode."""
     bicep_outputs: dict[str, pulumi.Output[Any]] = {
         "SUBSCRIPTION_ID": pulumi.Output.from_input(subscription_id),
         "RESOURCE_GROUP_NAME": pulumi.Output.from_input(resource_group_name),
         "STORAGE_ACCOUNT_NAME": pulumi.Output.from_input(storage_account_name),
         "FILE_SHARE_NAME": pulumi.Output.from_input(file_share_name),
+        "ACA_APP_NAME": app.name,
+        "ACA_APP_ENDPOINT": app.fqdn,  # the bicep's output: the fqdn, no scheme
     }
-    if app is not None:
-        bicep_outputs["ACA_APP_NAME"] = app.name
-        bicep_outputs["ACA_APP_ENDPOINT"] = app.fqdn  # the bicep's output: the fqdn, no scheme
-        pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
-        pulumi.export("activeRevision", app.active_revision)
-        pulumi.export("image", app.image)
+    pulumi.export("endpoint", pulumi.Output.concat("https://", app.fqdn))
+    pulumi.export("activeRevision", app.active_revision)
+    pulumi.export("image", app.image)
     for name, value in bicep_outputs.items():
         pulumi.export(name, value)
     for name, credential in access.stack_outputs().items():  # the password is a secret output
         pulumi.export(name, credential)
-    pulumi.export(ADOPTION_OUTPUT, adoption_record(adoptions, resource_ids))
-    if app is not None and not pulumi.runtime.is_dry_run():
+    pulumi.export(ADOPTION_OUTPUT, ledger.output())
+    if not pulumi.runtime.is_dry_run():
         pulumi.Output.all(**bicep_outputs).apply(write_toolkit_config)

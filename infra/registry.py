@@ -1,63 +1,28 @@
 """The stack's container registry and the identity the container app pulls with.
 
 No registry password exists anywhere: the admin user is disabled, the app pulls as a user-assigned managed identity
-holding `AcrPull` on the registry, and `pulumi up` pushes with a short-lived Azure AD token (infra/image.py).
+holding `AcrPull` on the registry, and `pulumi up` pushes with a short-lived Azure AD token (infra/acr_token.py).
 """
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+import pulumiverse_time
 from pulumi_azure_native import app, authorization, containerregistry, managedidentity
 
-from infra.adoption import Adoption, Mode, PreviousRun, decide, global_name_is_taken, lookup, mirror_inputs
-from infra.errors import ConfigError
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 # Built-in role "AcrPull" (the same id in every tenant).
 ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
-REGISTRY_ADOPTION_KEY = "containerRegistry"
-REGISTRY_SKUS = ("Basic", "Standard", "Premium")
-# Azure: 5-50 alphanumerics, globally unique (the login server is <name>.azurecr.io).
-_REGISTRY_NAME = re.compile(r"[a-zA-Z0-9]{5,50}")
-
-
-def default_registry_name(suffix: str) -> str:
-    """`aiacr<s>`, <s> being the suffix of the toolkit's other default names (infra/naming.py)."""
-    return f"aiacr{suffix}"
-
-
-def validate_registry_name(name: str) -> str:
-    if not _REGISTRY_NAME.fullmatch(name):
-        raise ConfigError(
-            f"registryName: {name!r} is not a valid name: 5-50 letters and digits, globally unique "
-            "(the login server is <name>.azurecr.io)"
-        )
-    return name
+# How long a new AcrPull assignment is given to take effect before the app pulls (reports say 1-5 minutes); it runs
+# while the image builds, so a build usually hides it.
+ACR_PULL_PROPAGATION = "3m"
+AZURE_REGISTRY_DOMAIN = ".azurecr.io"
 
 
 def acr_pull_role_definition_id(subscription_id: str) -> str:
     return f"/subscriptions/{subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{ACR_PULL_ROLE_ID}"
-
-
-def plan_registry(
-    name: str, resource_group_name: str, group_exists: bool, mode: Mode, previous: PreviousRun, *, explicit: bool
-) -> Adoption:
-    """Create, adopt or reference the registry, like every other resource (infra/adoption.py). A name free in the
-    group but taken elsewhere in Azure (registry names are global) stops the program naming the key to change."""
-    existing = None
-    if group_exists:
-        existing = lookup(
-            f"container registry {name!r}",
-            lambda: containerregistry.get_registry(registry_name=name, resource_group_name=resource_group_name),
-        )
-    if existing is None and global_name_is_taken(f"{name.lower()}.azurecr.io", f"registry name {name!r}"):
-        how = "the name you configured" if explicit else "the default name"
-        raise ConfigError(
-            f"registryName: {name!r} ({how}) is taken by a registry elsewhere in Azure (registry names are global); "
-            "choose another with `pulumi config set registryName <5-50 letters and digits>`"
-        )
-    return decide(REGISTRY_ADOPTION_KEY, name, existing, mode, previous)
 
 
 @dataclass(frozen=True)
@@ -66,13 +31,14 @@ class RegistryArgs:
     location: str
     subscription_id: str
     registry: Adoption
+    pull_identity: Adoption
+    acr_pull: Adoption
+    ledger: Ledger
     sku: str = "Basic"
 
 
 def _registry_args(args: RegistryArgs) -> dict[str, Any]:
     existing = args.registry.existing
-    if args.registry.import_now:  # exactly what exists, so that the import succeeds
-        return mirror_inputs(existing, containerregistry.RegistryArgs)
     owned = dict(admin_user_enabled=False)
     if existing is not None:  # sku, region and the rest stay as Azure has them
         return mirror_inputs(existing, containerregistry.RegistryArgs) | owned
@@ -85,45 +51,82 @@ class Registry(pulumi.ComponentResource):
     identity_id: pulumi.Output[str]  # resource id of the user-assigned identity the app pulls (and runs) as
     identity_principal_id: pulumi.Output[str]
     identity_client_id: pulumi.Output[str]
-    pull_role_assignment: authorization.RoleAssignment
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Registry", name, None, opts)
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-        if args.registry.declared:
-            registry = containerregistry.Registry(
+        registry = declare_or_reference(
+            args.registry,
+            args.ledger,
+            lambda options: containerregistry.Registry(
                 "registry",
                 registry_name=args.registry.name,
                 resource_group_name=args.resource_group_name,
                 **_registry_args(args),
-                opts=args.registry.options(parent=self),
-            )
-            self.login_server = registry.login_server
-            self.registry_id = registry.id
-            self.resource_ids[args.registry.key] = registry.id
-        else:  # existingResources: reference; pull rights are still granted on it
-            self.login_server = pulumi.Output.from_input(args.registry.existing.login_server)
-            self.registry_id = pulumi.Output.from_input(args.registry.existing.id)
+                opts=options,
+            ),
+            parent=self,
+        )  # a referenced registry still gets the pull identity's role assignment
+        self.login_server = registry.output("login_server")
+        existing_registry = args.registry.existing
+        self._login_server = (
+            str(existing_registry.login_server).lower()
+            if existing_registry is not None
+            else f"{args.registry.name.lower()}{AZURE_REGISTRY_DOMAIN}"
+        )
+        self._identity_name = args.pull_identity.name
+        self.registry_id = registry.output("id")
 
-        identity = managedidentity.UserAssignedIdentity(
-            "pull-identity",
-            resource_name_=f"{args.registry.name}-pull",
-            resource_group_name=args.resource_group_name,
-            location=args.location,
-            opts=pulumi.ResourceOptions(parent=self),
+        existing_identity = args.pull_identity.existing
+        identity = declare_or_reference(
+            args.pull_identity,
+            args.ledger,
+            lambda options: managedidentity.UserAssignedIdentity(
+                "pull-identity",
+                resource_name_=args.pull_identity.name,
+                resource_group_name=args.resource_group_name,
+                # An existing identity keeps its region and tags (a new region would replace it).
+                **(
+                    mirror_inputs(existing_identity, managedidentity.UserAssignedIdentityArgs)
+                    if existing_identity is not None
+                    else {"location": args.location}
+                ),
+                opts=options,
+            ),
+            parent=self,
         )
-        self.identity_id = identity.id
-        self.identity_principal_id = identity.principal_id
-        self.identity_client_id = identity.client_id
-        self.pull_role_assignment = authorization.RoleAssignment(
-            "acr-pull",
-            principal_id=identity.principal_id,
-            # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
-            principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,
-            role_definition_id=acr_pull_role_definition_id(args.subscription_id),
-            scope=self.registry_id,
-            opts=pulumi.ResourceOptions(parent=self),
+        self.identity_id = identity.output("id")
+        self.identity_principal_id = identity.output("principal_id")
+        self.identity_client_id = identity.output("client_id")
+        adopted_assignment = args.acr_pull.existing if args.acr_pull.status == "adopted" else None
+        assignment = declare_or_reference(
+            args.acr_pull,
+            args.ledger,
+            lambda options: authorization.RoleAssignment(
+                "acr-pull",
+                # An adopted assignment keeps its name (the name is its identity); a new one gets a generated GUID.
+                role_assignment_name=adopted_assignment.name if adopted_assignment is not None else None,
+                principal_id=self.identity_principal_id,
+                # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
+                principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,
+                role_definition_id=acr_pull_role_definition_id(args.subscription_id),
+                scope=self.registry_id,
+                opts=options,
+            ),
+            parent=self,
         )
+        self._pull_ready = assignment.dependencies
+        if args.acr_pull.status == "created":
+            # A new assignment takes minutes to reach the registry (microsoft/azure-container-apps#646: the first
+            # revision's pull fails and the deployment times out). Wait once, when it is created: the Sleep is
+            # created with it (and again only if it is replaced); adopted or referenced ones are in effect already.
+            self._pull_ready = [
+                pulumiverse_time.Sleep(
+                    "acr-pull-propagation",
+                    create_duration=ACR_PULL_PROPAGATION,
+                    triggers={"roleAssignmentId": assignment.output("id")},
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=assignment.dependencies),
+                )
+            ]
         self.register_outputs(
             {
                 "loginServer": self.login_server,
@@ -132,9 +135,25 @@ class Registry(pulumi.ComponentResource):
             }
         )
 
-    def app_registry_credentials(self) -> app.RegistryCredentialsArgs:
-        """The container app's registry entry: pull as the identity, no password secret."""
-        return app.RegistryCredentialsArgs(server=self.login_server, identity=self.identity_id)
+    def app_registries(self, image: str | None) -> list[app.RegistryCredentialsArgs]:
+        """The container app's registry entries: the stack's registry, and the registry of a prebuilt `image` in
+        another Azure Container Registry (Container Apps picks credentials by server; without an entry it pulls
+        anonymously, which a private registry refuses). Both pull as the identity, no password secret."""
+        entries = [app.RegistryCredentialsArgs(server=self.login_server, identity=self.identity_id)]
+        host = image.split("/", 1)[0].lower() if image is not None and "/" in image else ""
+        if host.endswith(AZURE_REGISTRY_DOMAIN) and host != self._login_server:
+            entries.append(app.RegistryCredentialsArgs(server=host, identity=self.identity_id))
+            name = host.removesuffix(AZURE_REGISTRY_DOMAIN)
+            self.identity_principal_id.apply(
+                lambda principal_id: pulumi.log.warn(
+                    f"image: pulled from {host} as the identity {self._identity_name} (principal id {principal_id}), "
+                    "which needs AcrPull on that registry; grant it once, e.g. `az role assignment create "
+                    f"--assignee-object-id {principal_id} --assignee-principal-type ServicePrincipal --role AcrPull "
+                    f"--scope $(az acr show --name {name} --query id --output tsv)`",
+                    resource=self,
+                )
+            )
+        return entries
 
     def app_identity(self) -> app.ManagedServiceIdentityArgs:
         """The container app's identity: the same user-assigned identity (it must be attached to pull with it)."""
@@ -144,5 +163,6 @@ class Registry(pulumi.ComponentResource):
         )
 
     def app_depends_on(self) -> list[pulumi.Resource]:
-        """The app must wait for the AcrPull assignment, or its first revision fails to pull the image."""
-        return [self.pull_role_assignment]
+        """The app must wait for the AcrPull assignment, or its first revision fails to pull the image (nothing to
+        wait for when the assignment already exists and is only referenced)."""
+        return self._pull_ready

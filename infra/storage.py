@@ -10,7 +10,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import storage
 
-from infra.adoption import Adoption, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
 
 SHARE_QUOTA_GIB = 1024
 SHARE_SOFT_DELETE_DAYS = 7
@@ -23,12 +23,11 @@ class StorageArgs:
     account: Adoption
     file_service: Adoption
     share: Adoption
+    ledger: Ledger
 
 
 def _account_args(args: StorageArgs) -> dict[str, Any]:
     existing = args.account.existing
-    if args.account.import_now:  # exactly what exists, so that the import succeeds
-        return mirror_inputs(existing, storage.StorageAccountArgs)
     owned = dict(
         large_file_shares_state=storage.LargeFileSharesState.ENABLED,
         minimum_tls_version=storage.MinimumTlsVersion.TLS1_2,
@@ -60,11 +59,22 @@ def _share_args(adoption: Adoption) -> dict[str, Any]:
     existing = adoption.existing
     if existing is None:
         return dict(share_quota=SHARE_QUOTA_GIB)
-    mirrored = mirror_inputs(existing, storage.FileShareArgs)
-    if adoption.import_now:
-        return mirrored
     # Adoption adds, it does not shrink: a larger quota someone already set is kept.
-    return mirrored | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
+    return mirror_inputs(existing, storage.FileShareArgs) | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
+
+
+def account_key(
+    account_name: pulumi.Input[str],
+    resource_group_name: pulumi.Input[str],
+    depends_on: list[pulumi.Resource] | None = None,
+) -> pulumi.Output[str]:
+    """The storage account's first key, as a secret."""
+    keys = storage.list_storage_account_keys_output(
+        account_name=account_name,
+        resource_group_name=resource_group_name,
+        opts=pulumi.InvokeOutputOptions(depends_on=depends_on or []),
+    )
+    return pulumi.Output.secret(keys.keys[0].value)
 
 
 class Storage(pulumi.ComponentResource):
@@ -74,56 +84,52 @@ class Storage(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:Storage", name, None, opts)
-        depends_on: list[pulumi.Resource] = []
-        self.resource_ids: dict[str, pulumi.Output[str]] = {}
-
-        if args.account.declared:
-            account = storage.StorageAccount(
+        account = declare_or_reference(
+            args.account,
+            args.ledger,
+            lambda options: storage.StorageAccount(
                 "account",
                 account_name=args.account.name,
                 resource_group_name=args.resource_group_name,
                 **_account_args(args),
-                opts=args.account.options(always_retain=True, parent=self),
-            )
-            self.account_name = account.name
-            self.resource_ids[args.account.key] = account.id
-            depends_on.append(account)
-        else:
-            self.account_name = pulumi.Output.from_input(args.account.name)
-
-        if args.file_service.declared:
-            file_service = storage.FileServiceProperties(
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+        )
+        self.account_name = account.output("name")
+        file_service = declare_or_reference(
+            args.file_service,
+            args.ledger,
+            lambda options: storage.FileServiceProperties(
                 "file-service",
                 account_name=self.account_name,
                 resource_group_name=args.resource_group_name,
                 file_services_name="default",
                 **_file_service_args(args.file_service),
-                opts=args.file_service.options(always_retain=True, parent=self),
-            )
-            self.resource_ids[args.file_service.key] = file_service.id
-            depends_on.append(file_service)
-
-        if args.share.declared:
-            share = storage.FileShare(
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+        )
+        depends_on = account.dependencies + file_service.dependencies
+        share = declare_or_reference(
+            args.share,
+            args.ledger,
+            lambda options: storage.FileShare(
                 "share",
                 account_name=self.account_name,
                 resource_group_name=args.resource_group_name,
                 share_name=args.share.name,
                 **_share_args(args.share),
-                opts=pulumi.ResourceOptions.merge(
-                    args.share.options(always_retain=True, protect=True, parent=self),
-                    pulumi.ResourceOptions(depends_on=depends_on),
-                ),
-            )
-            self.share_name = share.name
-            self.resource_ids[args.share.key] = share.id
-        else:
-            self.share_name = pulumi.Output.from_input(args.share.name)
-
-        keys = storage.list_storage_account_keys_output(
-            account_name=self.account_name,
-            resource_group_name=args.resource_group_name,
-            opts=pulumi.InvokeOutputOptions(depends_on=depends_on),
+                opts=options,
+            ),
+            parent=self,
+            always_retain=True,
+            protect=True,
+            depends_on=depends_on,
         )
-        self.account_key = pulumi.Output.secret(keys.keys[0].value)
+        self.share_name = share.output("name")
+
+        self.account_key = account_key(self.account_name, args.resource_group_name, depends_on)
         self.register_outputs({"accountName": self.account_name, "shareName": self.share_name})

@@ -1,4 +1,5 @@
-"""The tests' tiny models: the app's own random-model builder (inference_app.random_model), which the demo uses too."""
+"""The tests' and benchmarks' random-weight models: the app's own builder (inference_app.random_model), which
+`python -m inference_app --demo` uses too."""
 
 from inference_app.random_model import (
     LORA_TARGET_MODULES,
@@ -7,7 +8,11 @@ from inference_app.random_model import (
     adapter_folder,
     build_base_model,
     build_model_folders,
+    build_tokenizer,
+    generation_config,
+    lora_config,
     model_folder,
+    phi3_config,
 )
 
 __all__ = [
@@ -17,5 +22,9 @@ __all__ = [
     "adapter_folder",
     "build_base_model",
     "build_model_folders",
+    "build_tokenizer",
+    "generation_config",
+    "lora_config",
     "model_folder",
+    "phi3_config",
 ]

@@ -22,7 +22,7 @@ from inference_app.generation import (
     SamplingParams,
     plain_template_prompt,
 )
-from inference_app.batching import IncrementalDetokenizer, StopMatcher
+from inference_app.text_stream import IncrementalDetokenizer, StopMatcher
 from inference_app.model_loading import load_model
 from inference_app.settings import Settings
 from tests.model_factory import SIZES, ModelFolders
@@ -154,6 +154,31 @@ def test_top_k_one_is_greedy(start_service: StartService, reply: Reply) -> None:
     assert sampled == text_of(reply(service, PROMPT, max_new_tokens=20))
 
 
+def test_each_request_samples_with_its_own_settings_in_a_shared_batch(
+    start_service: StartService, reply: Reply
+) -> None:
+    service = start_service(max_batch_size=4)
+    settings = [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "seed": 7},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 11},
+        {"temperature": 0.0},
+    ]
+    alone = [
+        text_of(reply(service, prompt, max_new_tokens=24, **sampling)) for prompt, sampling in zip(PROMPTS, settings)
+    ]
+
+    async def together() -> list[str]:
+        replies = [
+            _collect(service, user(prompt), SamplingParams(max_new_tokens=24, **sampling), wait=True)
+            for prompt, sampling in zip(PROMPTS, settings)
+        ]
+        return [text_of(chunks) for chunks in await asyncio.gather(*replies)]
+
+    assert asyncio.run(together()) == alone
+    assert service.generation_stats()["largest_batch"] == len(PROMPTS)
+
+
 # ---- stopping ----
 
 
@@ -238,6 +263,15 @@ def test_max_new_tokens_is_capped_by_the_context_left(start_service: StartServic
     assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", room)
 
 
+def test_shorter_sequences_cap_replies_and_refuse_longer_prompts(start_service: StartService, reply: Reply) -> None:
+    service = start_service(max_sequence_tokens=64)
+    room = 64 - service.count_prompt_tokens(user(PROMPT))
+    chunks = reply(service, PROMPT, max_new_tokens=100)
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", room)
+    with pytest.raises(PromptTooLongError, match=r"this server's sequences hold 64 \(--max-sequence-tokens\)"):
+        reply(service, "one two three " * 30)
+
+
 def test_prompt_longer_than_the_context_is_refused(start_service: StartService, reply: Reply) -> None:
     service = start_service()
     with pytest.raises(PromptTooLongError, match="context holds 512"):
@@ -268,6 +302,9 @@ def test_detokenizer_streams_exact_text_without_redecoding_the_reply(model_folde
     assert "\ufffd" not in "".join(pieces)
     assert len(ids) > 200
     assert counting.longest_decode <= 5
+    # The tokenizer itself takes the fast path (its Rust decode directly): the same text.
+    direct = IncrementalDetokenizer(tokenizer)
+    assert "".join(direct.push(token) for token in ids) + direct.flush() == text
 
 
 # ---- concurrency ----
@@ -300,6 +337,21 @@ def test_capacity_error_when_all_slots_are_busy(start_service: StartService) -> 
 
     chunks = asyncio.run(scenario())
     assert chunks[-1].completion_tokens == 3
+
+
+def test_concurrent_generations_default_to_the_kv_cache_rows(start_service: StartService) -> None:
+    service = start_service(max_batch_size=2)  # max_concurrent_generations unset
+
+    async def scenario() -> None:
+        started, release = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+        holders = [asyncio.create_task(_first_chunk_then_hold(service, event, release)) for event in started]
+        await asyncio.gather(*(event.wait() for event in started))
+        with pytest.raises(CapacityExceededError, match="all 2 generation slots are busy"):
+            await service.stream_chat(user("hi"), greedy(3), wait=False).__anext__()
+        release.set()
+        await asyncio.gather(*holders)
+
+    asyncio.run(scenario())
 
 
 async def _collect(
@@ -368,10 +420,11 @@ def test_greedy_reply_is_the_same_alone_and_batched(start_service: StartService,
     assert service.generation_stats()["largest_batch"] == len(PROMPTS)
 
 
+@pytest.mark.usefixtures("paced_decoding")  # replies last long enough that the staggered requests overlap
 def test_requests_joining_a_running_batch_get_the_same_reply(start_service: StartService, reply: Reply) -> None:
     service = start_service(max_batch_size=4)
     alone = _greedy_alone(service, reply)
-    # Later requests join while earlier ones are mid-reply (the cache is re-padded and trimmed as rows come and go).
+    # Later requests join while earlier ones are mid-reply (into free slots; rows leave as their replies end).
     assert asyncio.run(_concurrently(service, stagger=0.02)) == alone
     assert service.generation_stats()["largest_batch"] >= 2
 

@@ -60,7 +60,7 @@ def test_loads_model_and_adapter_with_info(start_service: Callable[..., ModelSer
         "context_length": SIZES["tiny"].context_length,
     }
     assert service.served_model_id() == "adapter"
-    assert set(service.load_timings) == {"weights", "adapter", "merge", "warmup"}
+    assert set(service.load_timings) == {"weights", "adapter", "merge", "kv_cache_and_graphs", "warmup"}
 
 
 def test_merged_and_unmerged_adapter_give_the_same_greedy_reply(

@@ -9,11 +9,13 @@ import hashlib
 import io
 import json
 import runpy
-import socket
+import urllib.parse
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from urllib.error import HTTPError, URLError
 from urllib.request import Request
 
 import pulumi
@@ -175,7 +177,15 @@ class FakeAzure(pulumi.runtime.Mocks):
     previous_outputs: dict[str, Any] = field(default_factory=dict)  # the stack's outputs after its previous run
     declared: list[Declared] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
-    token_exchanges: list[str] = field(default_factory=list)  # URLs the program exchanged a token at
+    invokes: list[str] = field(default_factory=list)  # every invoke's token, in order
+    account_keys: dict[str, str] = field(default_factory=dict)  # storage account -> its key (else STORAGE_KEY)
+    key_listings: list[str] = field(default_factory=list)  # accounts whose keys the program listed
+    requests: list[Request] = field(default_factory=list)  # every HTTPS POST the program made itself
+    token_exchanges: list[Request] = field(default_factory=list)  # those to registries' /oauth2/exchange
+    refuse_token_exchange: bool = False  # the registry answers 401 (no push rights)
+    # URL fragment -> how many of the next POSTs to such URLs fail with a connection reset
+    network_failures: dict[str, int] = field(default_factory=dict)
+    sleeps: list[float] = field(default_factory=list)  # the program's waits between retries
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -184,6 +194,7 @@ class FakeAzure(pulumi.runtime.Mocks):
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
         """Success: the result; a provider error: ({}, [(property, reason)]), which the program sees as an exception."""
         token, a = args.token, args.args
+        self.invokes.append(token)
         if token == "azure-native:authorization:getClientConfig":
             return {"subscriptionId": self.subscription_id, "tenantId": TENANT_ID, "clientId": "c", "objectId": "o"}
         if token == "azure-native:authorization:getClientToken":
@@ -191,7 +202,9 @@ class FakeAzure(pulumi.runtime.Mocks):
         if token == "pulumi:pulumi:readStackOutputs":
             return {"name": a["name"], "outputs": self.previous_outputs, "secretOutputNames": []}
         if token == "azure-native:storage:listStorageAccountKeys":
-            return {"keys": [{"keyName": "key1", "value": STORAGE_KEY, "permissions": "FULL"}]}
+            self.key_listings.append(a["accountName"])
+            key = self.account_keys.get(a["accountName"], STORAGE_KEY)
+            return {"keys": [{"keyName": "key1", "value": key, "permissions": "FULL"}]}
         if token == "azure-native:operationalinsights:getSharedKeys":
             return {"primarySharedKey": WORKSPACE_KEY, "secondarySharedKey": "secondary"}
         group = a.get("resourceGroupName", "")
@@ -227,6 +240,10 @@ class FakeAzure(pulumi.runtime.Mocks):
             ),
             "azure-native:containerregistry:getRegistry": lambda: (
                 registry_id(group, a["registryName"]),
+                [group_id(group)],
+            ),
+            "azure-native:managedidentity:getUserAssignedIdentity": lambda: (
+                identity_id(group, a["resourceName"]),
                 [group_id(group)],
             ),
         }
@@ -322,18 +339,51 @@ class FakeAzure(pulumi.runtime.Mocks):
         declared.state = reveal(copy.deepcopy(state))
         return resource_id, state
 
-    def resolve(self, host: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """socket.getaddrinfo as DNS answers for storage and registry endpoints: only taken names resolve."""
-        taken = {f"{name}.blob.core.windows.net" for name in self.taken_storage_account_names}
-        taken |= {f"{name}.azurecr.io" for name in self.taken_registry_names}
-        if host in taken:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("20.60.0.1", 443))]
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    def urlopen(self, request: Request, timeout: float) -> io.BytesIO:
+        """urlopen as the program's HTTPS POSTs see it: a registry's /oauth2/exchange (an ACR refresh token for the
+        AAD token) and ARM's checkNameAvailability (taken: the names in `taken_*` and every existing one)."""
+        self.requests.append(request)
+        for fragment, failures in self.network_failures.items():
+            if fragment in request.full_url and failures:
+                self.network_failures[fragment] -= 1
+                raise URLError(ConnectionResetError(104, "Connection reset by peer"))
+        if request.full_url.endswith("/oauth2/exchange"):
+            self.token_exchanges.append(request)
+            if self.refuse_token_exchange:
+                raise HTTPError(request.full_url, 401, "Unauthorized", Message(), None)
+            return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
+        if "/providers/Microsoft.Authorization/roleAssignments?" in request.full_url:
+            return io.BytesIO(json.dumps({"value": self.role_assignments(request.full_url)}).encode())
+        if "/checkNameAvailability" in request.full_url:
+            assert request.headers["Authorization"] == f"Bearer {AAD_TOKEN}"
+            asked = json.loads(request.data)  # type: ignore[arg-type]
+            return io.BytesIO(json.dumps(self.name_availability(asked["type"], asked["name"])).encode())
+        raise AssertionError(f"the fake Azure has no answer for POST {request.full_url}")
 
-    def exchange_token(self, request: Request, timeout: float) -> io.BytesIO:
-        """urlopen as a registry's /oauth2/exchange answers it: an ACR refresh token for the AAD token."""
-        self.token_exchanges.append(request.full_url)
-        return io.BytesIO(json.dumps({"refresh_token": ACR_TOKEN}).encode())
+    def role_assignments(self, url: str) -> list[dict[str, Any]]:
+        """ARM's list of role assignments at a scope, filtered by `principalId eq '...'` (those at the scope and
+        above it, as ARM answers)."""
+        assert url.startswith(ARM) and "api-version=" in url
+        scope = url[len(ARM) :].split("/providers/Microsoft.Authorization/roleAssignments?")[0]
+        principal = urllib.parse.unquote(url).split("principalId eq '")[1].rstrip("'")
+        return [
+            {"id": found["id"], "name": found["name"], "properties": found["properties"]}
+            for key, found in self.existing.items()
+            if "/providers/microsoft.authorization/roleassignments/" in key
+            and found["properties"]["principalId"] == principal
+            and scope.lower().startswith(found["properties"]["scope"].lower())
+        ]
+
+    def name_availability(self, resource_type: str, name: str) -> dict[str, Any]:
+        """What ARM's checkNameAvailability answers (storage: names are lowercase; registries: case-insensitive)."""
+        segment, taken = {
+            "Microsoft.Storage/storageAccounts": ("/storageaccounts/", self.taken_storage_account_names),
+            "Microsoft.ContainerRegistry/registries": ("/registries/", self.taken_registry_names),
+        }[resource_type]
+        existing = {key.rsplit("/", 1)[1] for key in self.existing if segment in key and key.count("/") == 8}
+        if name.lower() in {n.lower() for n in taken} | existing:
+            return {"nameAvailable": False, "reason": "AlreadyExists", "message": f"The name {name} is already in use."}
+        return {"nameAvailable": True}
 
     def by_type(self, typ: str) -> list[Declared]:
         return [d for d in self.declared if d.typ == typ]
@@ -344,18 +394,37 @@ class FakeAzure(pulumi.runtime.Mocks):
         return found[0]
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One resource as the program registered it: its place in the tree (what its URN is made of) and options."""
+
+    typ: str
+    name: str
+    parent: tuple[str, str] | None  # (type, name) of the parent; None: the stack
+    options: pulumi.ResourceOptions
+
+
 @dataclass
 class ProgramRun:
     azure: FakeAzure
     outputs: dict[str, Any] = field(default_factory=dict)
     secret_outputs: set[str] = field(default_factory=set)
     options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)  # by resource type token
-    secrets: dict[tuple[str, str], bool] = field(default_factory=dict)  # (type, input path) -> is secret
+    registrations: list[Registration] = field(default_factory=list)  # every resource, components included
 
 
 def _capture_options(run: ProgramRun) -> None:
     def transformation(args: pulumi.ResourceTransformationArgs) -> None:
         run.options[args.type_] = args.opts
+        parent = args.opts.parent
+        run.registrations.append(
+            Registration(
+                args.type_,
+                args.name,
+                (parent._type, parent._name) if parent is not None else None,  # noqa: SLF001 - no public accessor
+                args.opts,
+            )
+        )
         return None
 
     pulumi.runtime.register_stack_transformation(transformation)
@@ -377,16 +446,18 @@ def collect_stack_outputs(
 
 
 def run_program(
-    azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, workdir: Path | None = None
+    azure: FakeAzure, config: dict[str, Any], *, preview: bool = False, secret_keys: tuple[str, ...] = ()
 ) -> ProgramRun:
-    """Run __main__.py against `azure` with the given stack config (values JSON-encoded when not strings)."""
+    """Run __main__.py against `azure` with the given stack config (values JSON-encoded when not strings); keys in
+    `secret_keys` were set with `pulumi config set --secret`."""
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root stack (and its outputs) for every run
     pulumi.runtime.set_mocks(azure, project=PROJECT, stack=STACK, preview=preview, organization="organization")
     pulumi.runtime.set_all_config(
         {
             (key if ":" in key else f"{PROJECT}:{key}"): (value if isinstance(value, str) else json.dumps(value))
             for key, value in config.items()
-        }
+        },
+        [f"{PROJECT}:{key}" for key in secret_keys],
     )
     run = ProgramRun(azure)
 
@@ -397,10 +468,8 @@ def run_program(
         stack = pulumi.runtime.get_root_resource()
         return collect_stack_outputs(stack.outputs, run.outputs, run.secret_outputs)  # type: ignore[union-attr]
 
-    # Global name checks resolve `<name>.blob.core.windows.net` and `<name>.azurecr.io`, and the image's push
-    # credentials come from the registry's token endpoint: answer both from the fake instead of the network.
-    with mock.patch.object(socket, "getaddrinfo", azure.resolve), mock.patch(
-        "infra.image.urlopen", azure.exchange_token
-    ):
+    # Global name checks and the image's push credentials are HTTPS POSTs (infra/rest.py): answered by the fake
+    # instead of the network, and its retries do not wait.
+    with mock.patch("infra.rest.urlopen", azure.urlopen), mock.patch("infra.rest.time.sleep", azure.sleeps.append):
         program()
     return run

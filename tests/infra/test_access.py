@@ -1,38 +1,22 @@
-"""`access` modes, the IP allow-list and sticky sessions (infra/access.py), checked on what Azure would receive.
+"""`access` modes, the IP allow-list and sticky sessions (infra/access.py), checked on what the whole program
+(`__main__.py`, under the Azure mocks) gives Azure and exports."""
 
-The container app here is declared the way `__main__.py` wires it: the access component's secrets, env vars and IP
-rules go into the app, and `protect_app` gets the app's name.
-"""
-
-import json
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import pulumi
 import pytest
-from pulumi_azure_native import app
 
-from infra.access import (
-    AccessConfig,
-    EndpointAccess,
-    ip_security_restrictions,
-    needs_sticky_sessions,
-    read_access_config,
-)
-from infra.errors import ConfigError
-from tests.infra.azure_mocks import collect_stack_outputs, is_secret, reveal
+from tests.infra.azure_mocks import GENERATED_PASSWORD, FakeAzure, ProgramRun, is_secret, reveal, run_program
+from tests.infra.stacks import APP, GROUP, LOCATION
 
-PROJECT = "aitk-inference"
-APP_NAME = "aiacaapp4kx2p"
-GENERATED_PASSWORD = "Gen3ratedPassw0rdFromPulumiRandom"
 CLIENT_ID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+BASE = {"resourceGroupName": GROUP, "location": LOCATION}
 
 RANDOM_PASSWORD = "random:index/randomPassword:RandomPassword"
 RANDOM_ID = "random:index/randomId:RandomId"
-PASSWORD_VERSION = "9f2c41d7"
 CONTAINER_APP = "azure-native:app:ContainerApp"
 AUTH_CONFIG = "azure-native:app:ContainerAppsAuthConfig"
 
@@ -51,140 +35,68 @@ def plain_strings(value: Any) -> Iterator[str]:
             yield from plain_strings(item)
 
 
+def deploy(secrets: tuple[str, ...] = (), **values: Any) -> ProgramRun:
+    """The program with this stack config; keys in `secrets` were set with `pulumi config set --secret`."""
+    return run_program(FakeAzure(), BASE | values, secret_keys=secrets)
+
+
+def app_inputs(run: ProgramRun) -> dict[str, Any]:
+    """The container app's inputs with secret markers kept (reveal() for the values)."""
+    return run.azure.one(CONTAINER_APP).raw_inputs
+
+
+def password_version(run: ProgramRun) -> str:
+    return str(run.azure.one(RANDOM_ID).state["hex"])
+
+
 @pytest.fixture(autouse=True)
-def _clean_config() -> Iterator[None]:
-    yield
-    pulumi.runtime.set_all_config({})
-
-
-def stack_config(secrets: tuple[str, ...] = (), **values: Any) -> pulumi.Config:
-    """The stack's config; keys in `secrets` were set with `pulumi config set --secret`."""
-    pulumi.runtime.set_all_config(
-        {f"{PROJECT}:{key}": value if isinstance(value, str) else json.dumps(value) for key, value in values.items()},
-        [f"{PROJECT}:{key}" for key in secrets],
-    )
-    return pulumi.Config(PROJECT)
-
-
-@dataclass
-class Run:
-    resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # inputs (secret markers kept) by type
-    outputs: dict[str, Any] = field(default_factory=dict)
-    secret_outputs: set[str] = field(default_factory=set)
-
-    def one(self, typ: str) -> dict[str, Any]:
-        declared = self.resources.get(typ, [])
-        assert len(declared) == 1, f"expected one {typ}, declared {len(declared)}"
-        return declared[0]
-
-
-class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, run: Run) -> None:
-        self.run = run
-
-    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        self.run.resources.setdefault(args.typ, []).append(args.inputs)
-        state = dict(args.inputs)
-        if args.typ == RANDOM_PASSWORD:
-            state["result"] = GENERATED_PASSWORD
-        if args.typ == RANDOM_ID:
-            state["hex"] = PASSWORD_VERSION
-        if args.typ == CONTAINER_APP:
-            state["name"] = reveal(args.inputs)["containerAppName"]
-        return f"{args.name}-id", state
-
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
-        return {}, [("", f"no invoke expected, got {args.token}")]
-
-
-def deploy(config: AccessConfig, max_replicas: int = 1) -> Run:
-    """Declare the access component and a container app wired to it under Pulumi mocks, export what __main__.py
-    exports, and collect the stack outputs."""
-    run = Run()
-    pulumi.runtime.settings.ROOT.set(None)
-    pulumi.runtime.set_mocks(RecordingMocks(run), project=PROJECT, stack="dev", preview=False)
-
-    @pulumi.runtime.test
-    def program() -> pulumi.Output[Any]:
-        access = EndpointAccess("access", config)
-        container_app = app.ContainerApp(
-            "app",
-            container_app_name=APP_NAME,
-            resource_group_name="rg",
-            configuration=app.ConfigurationArgs(
-                secrets=access.secrets or None,
-                ingress=app.IngressArgs(
-                    external=True,
-                    target_port=7860,
-                    allow_insecure=False,
-                    ip_security_restrictions=access.ip_security_restrictions or None,
-                    sticky_sessions=app.IngressStickySessionsArgs(affinity=app.Affinity.STICKY)
-                    if needs_sticky_sessions(max_replicas)
-                    else None,
-                ),
-            ),
-            template=app.TemplateArgs(
-                containers=[app.ContainerArgs(name="inference", image="image", env=access.env or None)]
-            ),
-        )
-        access.protect_app(container_app.name, "rg")
-        for name, value in access.stack_outputs().items():
-            pulumi.export(name, value)
-        exported = pulumi.runtime.get_root_resource().outputs  # type: ignore[union-attr]
-        return collect_stack_outputs(exported, run.outputs, run.secret_outputs)
-
-    program()
-    return run
+def _scratch(in_scratch_dir: Path) -> None:
+    """Every test runs the program in a scratch directory."""
 
 
 # -- password -------------------------------------------------------------------------------------------------------
 
 
 def test_password_is_the_default_with_a_generated_secret_password() -> None:
-    config = read_access_config(stack_config())
-    assert (config.mode, config.username, config.password) == ("password", "admin", None)
+    run = deploy()
 
-    run = deploy(config)
-
-    random_password = reveal(run.one(RANDOM_PASSWORD))
+    random_password = run.azure.one(RANDOM_PASSWORD).inputs
     assert random_password["length"] == 32 and random_password["special"] is False
-    container_app = run.one(CONTAINER_APP)
+    container_app = app_inputs(run)
     assert reveal(container_app)["configuration"]["secrets"] == [
         {"name": "inference-auth-password", "value": GENERATED_PASSWORD}
     ]
     assert reveal(container_app)["template"]["containers"][0]["env"] == [
         {"name": "INFERENCE_AUTH_USERNAME", "value": "admin"},
         {"name": "INFERENCE_AUTH_PASSWORD", "secretRef": "inference-auth-password"},
-        {"name": "ACCESS_PASSWORD_VERSION", "value": PASSWORD_VERSION},
+        {"name": "ACCESS_PASSWORD_VERSION", "value": password_version(run)},
     ]
     # `pulumi stack output --show-secrets accessPassword` shows it; nothing shows it in plain text.
-    assert run.outputs == {"accessUsername": "admin", "accessPassword": GENERATED_PASSWORD}
+    assert (run.outputs["accessUsername"], run.outputs["accessPassword"]) == ("admin", GENERATED_PASSWORD)
     assert run.secret_outputs == {"accessPassword"}
-    for inputs in (container_app, run.one(RANDOM_PASSWORD), run.one(RANDOM_ID)):
+    for inputs in (container_app, run.azure.one(RANDOM_PASSWORD).raw_inputs, run.azure.one(RANDOM_ID).raw_inputs):
         assert GENERATED_PASSWORD not in set(plain_strings(inputs))
 
 
 def test_a_new_password_makes_a_new_revision() -> None:
     """Secret changes alone do not restart an ACA revision: a random tag kept by the password goes into the env."""
-    config = read_access_config(stack_config(("accessPassword",), accessPassword="correct-horse-battery"))
-    run = deploy(config)
+    run = deploy(("accessPassword",), accessPassword="correct-horse-battery")
 
-    version = run.one(RANDOM_ID)
+    version = run.azure.one(RANDOM_ID).raw_inputs
     assert reveal(version) == {"byteLength": 4, "keepers": {"password": "correct-horse-battery"}}
     assert "correct-horse-battery" not in set(plain_strings(version))
-    env = reveal(run.one(CONTAINER_APP))["template"]["containers"][0]["env"]
-    assert {"name": "ACCESS_PASSWORD_VERSION", "value": PASSWORD_VERSION} in env
-    assert AUTH_CONFIG not in run.resources
+    env = reveal(app_inputs(run))["template"]["containers"][0]["env"]
+    assert {"name": "ACCESS_PASSWORD_VERSION", "value": password_version(run)} in env
+    other = deploy(("accessPassword",), accessPassword="correct-horse-staple")
+    assert password_version(other) != password_version(run)  # a new password, a new tag: a new revision
+    assert run.azure.by_type(AUTH_CONFIG) == []
 
 
 def test_password_from_secret_config_replaces_the_generated_one() -> None:
-    config = read_access_config(
-        stack_config(("accessPassword",), accessUsername="mlteam", accessPassword="correct-horse-battery")
-    )
-    run = deploy(config)
+    run = deploy(("accessPassword",), accessUsername="mlteam", accessPassword="correct-horse-battery")
 
-    assert RANDOM_PASSWORD not in run.resources
-    container_app = run.one(CONTAINER_APP)
+    assert run.azure.by_type(RANDOM_PASSWORD) == []
+    container_app = app_inputs(run)
     [secret] = reveal(container_app)["configuration"]["secrets"]
     assert secret == {"name": "inference-auth-password", "value": "correct-horse-battery"}
     assert "correct-horse-battery" not in set(plain_strings(container_app))
@@ -196,73 +108,59 @@ def test_password_from_secret_config_replaces_the_generated_one() -> None:
     assert run.secret_outputs == {"accessPassword"}
 
 
-@pytest.mark.parametrize(
-    ("secrets", "values", "message"),
-    [
-        ((), {"accessPassword": "correct-horse-battery"}, r"accessPassword: is stored in plain text .* --secret"),
-        (("accessPassword",), {"accessPassword": "short"}, "accessPassword: must be at least 12 characters"),
-        ((), {"accessUsername": "ad:min"}, "accessUsername: 1-64 letters, digits, .* got 'ad:min'"),
-        ((), {"accessUsername": "two words"}, "accessUsername: "),
-        ((), {"access": "open"}, "access: must be one of public, password, entra, got 'open'"),
-    ],
-)
-def test_invalid_password_settings_fail(secrets: tuple[str, ...], values: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        read_access_config(stack_config(secrets, **values))
-
-
 # -- public ---------------------------------------------------------------------------------------------------------
 
 
-def test_public_declares_no_credentials_and_warns() -> None:
-    config = read_access_config(stack_config(access="public"))
-    with mock.patch.object(pulumi.log, "warn") as warn:
-        run = deploy(config)
+def public_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [message for message in caplog.messages if message.startswith("access is public")]
 
-    [call] = warn.call_args_list
-    assert call.args[0].startswith("access is public: anyone on the internet who finds the URL can use the model")
-    container_app = reveal(run.one(CONTAINER_APP))
+
+def test_public_declares_no_credentials_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    run = deploy(access="public")
+
+    [warning] = public_warnings(caplog)
+    assert warning.startswith("access is public: anyone on the internet who finds the URL can use the model")
+    container_app = reveal(app_inputs(run))
     assert "secrets" not in container_app["configuration"]
     assert "env" not in container_app["template"]["containers"][0]
-    assert RANDOM_PASSWORD not in run.resources and AUTH_CONFIG not in run.resources
-    assert run.outputs == {}  # username and password are None: not exported
+    assert run.azure.by_type(RANDOM_PASSWORD) == [] and run.azure.by_type(AUTH_CONFIG) == []
+    assert "accessUsername" not in run.outputs and "accessPassword" not in run.outputs  # None: not exported
+    assert run.secret_outputs == set()
 
 
-def test_public_with_an_allow_list_says_who_can_reach_it() -> None:
-    config = read_access_config(stack_config(access="public", allowedIpRanges=["203.0.113.0/24"]))
-    with mock.patch.object(pulumi.log, "warn") as warn:
-        deploy(config)
-    assert "any address in allowedIpRanges (203.0.113.0/24)" in warn.call_args.args[0]
+def test_public_with_an_allow_list_says_who_can_reach_it(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    deploy(access="public", allowedIpRanges=["203.0.113.0/24"])
+    [warning] = public_warnings(caplog)
+    assert "any address in allowedIpRanges (203.0.113.0/24)" in warning
 
 
 # -- entra ----------------------------------------------------------------------------------------------------------
 
 
 def test_entra_turns_on_built_in_authentication_with_the_named_registration() -> None:
-    config = read_access_config(
-        stack_config(
-            ("entraClientSecret",),
-            access="entra",
-            entraClientId=CLIENT_ID,
-            entraTenantId=TENANT_ID,
-            entraClientSecret="client~secret~value",
-        )
+    run = deploy(
+        ("entraClientSecret",),
+        access="entra",
+        entraClientId=CLIENT_ID,
+        entraTenantId=TENANT_ID,
+        entraClientSecret="client~secret~value",
     )
-    run = deploy(config)
 
-    container_app = run.one(CONTAINER_APP)
+    container_app = app_inputs(run)
     assert reveal(container_app)["configuration"]["secrets"] == [
         {"name": "microsoft-provider-authentication-secret", "value": "client~secret~value"}
     ]
     assert "client~secret~value" not in set(plain_strings(container_app))
     assert "env" not in reveal(container_app)["template"]["containers"][0]  # the app itself asks for no password
 
-    auth = run.one(AUTH_CONFIG)
+    auth = run.azure.one(AUTH_CONFIG).raw_inputs
     assert "client~secret~value" not in set(plain_strings(auth))
     assert reveal(auth) == {
         "authConfigName": "current",
-        "containerAppName": APP_NAME,
-        "resourceGroupName": "rg",
+        "containerAppName": APP,
+        "resourceGroupName": GROUP,
         "platform": {"enabled": True},
         "globalValidation": {
             "unauthenticatedClientAction": "RedirectToLoginPage",
@@ -281,22 +179,19 @@ def test_entra_turns_on_built_in_authentication_with_the_named_registration() ->
         },
         "httpSettings": {"requireHttps": True},
     }
-    assert run.outputs == {}
+    assert "accessUsername" not in run.outputs and run.secret_outputs == set()
 
 
 def test_entra_without_a_client_secret_and_with_own_audiences() -> None:
-    config = read_access_config(
-        stack_config(
-            access="entra",
-            entraClientId=CLIENT_ID.upper(),
-            entraTenantId="contoso.onmicrosoft.com",
-            entraAllowedAudiences=["https://contoso.com/inference"],
-        )
+    run = deploy(
+        access="entra",
+        entraClientId=CLIENT_ID.upper(),
+        entraTenantId="contoso.onmicrosoft.com",
+        entraAllowedAudiences=["https://contoso.com/inference"],
     )
-    run = deploy(config)
 
-    assert "secrets" not in reveal(run.one(CONTAINER_APP))["configuration"]
-    aad = reveal(run.one(AUTH_CONFIG))["identityProviders"]["azureActiveDirectory"]
+    assert "secrets" not in reveal(app_inputs(run))["configuration"]
+    aad = run.azure.one(AUTH_CONFIG).inputs["identityProviders"]["azureActiveDirectory"]
     assert aad["registration"] == {
         "clientId": CLIENT_ID,
         "openIdIssuer": "https://login.microsoftonline.com/contoso.onmicrosoft.com/v2.0",
@@ -304,54 +199,14 @@ def test_entra_without_a_client_secret_and_with_own_audiences() -> None:
     assert aad["validation"] == {"allowedAudiences": ["https://contoso.com/inference"]}
 
 
-@pytest.mark.parametrize(
-    ("secrets", "values", "message"),
-    [
-        ((), {"entraTenantId": TENANT_ID}, "entraClientId: required when access is entra: the Application"),
-        ((), {"entraClientId": "my-app", "entraTenantId": TENANT_ID}, "entraClientId: .* got 'my-app'"),
-        ((), {"entraClientId": CLIENT_ID}, "entraTenantId: required when access is entra: the Directory"),
-        ((), {"entraClientId": CLIENT_ID, "entraTenantId": "contoso"}, "entraTenantId: .* got 'contoso'"),
-        (
-            (),
-            {"entraClientId": CLIENT_ID, "entraTenantId": TENANT_ID, "entraClientSecret": "plain"},
-            r"entraClientSecret: is stored in plain text .* `pulumi config set --secret entraClientSecret",
-        ),
-        (
-            (),
-            {"entraClientId": CLIENT_ID, "entraTenantId": TENANT_ID, "entraAllowedAudiences": "api://x"},
-            "entraAllowedAudiences: must be a list of strings",
-        ),
-        (
-            (),
-            {"entraClientId": CLIENT_ID, "entraTenantId": TENANT_ID, "accessUsername": "admin"},
-            "accessUsername: only used when access is password, but access is entra",
-        ),
-    ],
-)
-def test_invalid_entra_settings_fail(secrets: tuple[str, ...], values: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        read_access_config(stack_config(secrets, access="entra", **values))
-
-
-def test_keys_of_another_mode_are_reported() -> None:
-    with pytest.raises(ConfigError, match="entraClientId: only used when access is entra, but access is password"):
-        read_access_config(stack_config(entraClientId=CLIENT_ID))
-    with pytest.raises(ConfigError, match="accessPassword: only used when access is password, but access is public"):
-        read_access_config(stack_config(("accessPassword",), access="public", accessPassword="correct-horse-battery"))
-
-
 # -- IP allow-list and sticky sessions -------------------------------------------------------------------------------
 
 
 def test_allowed_ip_ranges_reach_the_ingress_as_allow_rules() -> None:
-    config = read_access_config(
-        stack_config(allowedIpRanges=["203.0.113.0/24", "198.51.100.7", " 192.0.2.16/28 ", "203.0.113.0/24"])
-    )
-    assert config.allowed_ip_ranges == ("203.0.113.0/24", "198.51.100.7/32", "192.0.2.16/28")
+    # Normalized (a host is a /32), deduplicated, in the order given.
+    run = deploy(allowedIpRanges=["203.0.113.0/24", "198.51.100.7", " 192.0.2.16/28 ", "203.0.113.0/24"])
 
-    run = deploy(config)
-
-    ingress = reveal(run.one(CONTAINER_APP))["configuration"]["ingress"]
+    ingress = reveal(app_inputs(run))["configuration"]["ingress"]
     assert ingress["ipSecurityRestrictions"] == [
         {"name": "allow-0", "description": "allowedIpRanges[0]", "ipAddressRange": "203.0.113.0/24", "action": "Allow"},
         {
@@ -365,39 +220,75 @@ def test_allowed_ip_ranges_reach_the_ingress_as_allow_rules() -> None:
 
 
 def test_no_allow_list_means_no_restrictions() -> None:
-    assert read_access_config(stack_config()).allowed_ip_ranges == ()
-    assert ip_security_restrictions(()) == []
-    ingress = reveal(deploy(read_access_config(stack_config())).one(CONTAINER_APP))["configuration"]["ingress"]
+    ingress = reveal(app_inputs(deploy()))["configuration"]["ingress"]
     assert "ipSecurityRestrictions" not in ingress
 
 
+@pytest.mark.parametrize(("max_replicas", "sticky"), [(1, False), (2, True), (3, True)])
+def test_sticky_sessions_whenever_more_than_one_replica(max_replicas: int, sticky: bool) -> None:
+    # One NC24-A100 node per replica.
+    ingress = reveal(app_inputs(deploy(maxReplicas=max_replicas, maximumInstanceCount=max(2, max_replicas))))
+    assert ingress["configuration"]["ingress"].get("stickySessions") == ({"affinity": "sticky"} if sticky else None)
+
+
+# -- invalid settings -------------------------------------------------------------------------------------------------
+
+ENTRA = {"access": "entra", "entraClientId": CLIENT_ID, "entraTenantId": TENANT_ID}
+
+
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("secrets", "values", "message"),
     [
-        (["10.0.0.1/24"], r"allowedIpRanges: '10.0.0.1/24' is not an IPv4 address or CIDR block .*host bits set"),
+        ((), {"accessPassword": "correct-horse-battery"}, r"accessPassword: is stored in plain text .* --secret"),
+        (("accessPassword",), {"accessPassword": "short"}, "accessPassword: must be at least 12 characters"),
+        ((), {"accessUsername": "ad:min"}, "accessUsername: 1-64 letters, digits, .* got 'ad:min'"),
+        ((), {"accessUsername": "two words"}, "accessUsername: "),
+        ((), {"access": "open"}, "access: must be one of public, password, entra, got 'open'"),
+        ((), {"access": "entra", "entraTenantId": TENANT_ID}, "entraClientId: required when access is entra: the Ap"),
+        ((), ENTRA | {"entraClientId": "my-app"}, "entraClientId: .* got 'my-app'"),
+        ((), {"access": "entra", "entraClientId": CLIENT_ID}, "entraTenantId: required when access is entra: the Dir"),
+        ((), ENTRA | {"entraTenantId": "contoso"}, "entraTenantId: .* got 'contoso'"),
         (
-            ["2001:db8::/32"],
+            (),
+            ENTRA | {"entraClientSecret": "plain"},
+            r"entraClientSecret: is stored in plain text .* `pulumi config set --secret entraClientSecret",
+        ),
+        ((), ENTRA | {"entraAllowedAudiences": "api://x"}, "entraAllowedAudiences: must be a list of strings"),
+        (
+            (),
+            ENTRA | {"accessUsername": "admin"},
+            "accessUsername: only used when access is password, but access is entra",
+        ),
+        ((), {"entraClientId": CLIENT_ID}, "entraClientId: only used when access is entra, but access is password"),
+        (
+            ("accessPassword",),
+            {"access": "public", "accessPassword": "correct-horse-battery"},
+            "accessPassword: only used when access is password, but access is public",
+        ),
+        (
+            (),
+            {"allowedIpRanges": ["10.0.0.1/24"]},
+            r"allowedIpRanges: '10.0.0.1/24' is not an IPv4 address or CIDR block .*host bits set",
+        ),
+        (
+            (),
+            {"allowedIpRanges": ["2001:db8::/32"]},
             "allowedIpRanges: '2001:db8::/32' is IPv6; Azure Container Apps IP restrictions accept IPv4",
         ),
-        (["my-office"], "allowedIpRanges: 'my-office' is not an IPv4 address or CIDR block"),
-        (["10.0.0.0/33"], "allowedIpRanges: '10.0.0.0/33' is not an IPv4 address"),
+        ((), {"allowedIpRanges": ["my-office"]}, "allowedIpRanges: 'my-office' is not an IPv4 address or CIDR block"),
+        ((), {"allowedIpRanges": ["10.0.0.0/33"]}, "allowedIpRanges: '10.0.0.0/33' is not an IPv4 address"),
         (
-            "203.0.113.0/24",
+            (),
+            {"allowedIpRanges": "203.0.113.0/24"},
             r"allowedIpRanges: must be a list of strings, e.g. `pulumi config set --path 'allowedIpRanges\[0\]'",
         ),
-        ([24], "allowedIpRanges: must be a list of strings"),
+        ((), {"allowedIpRanges": [24]}, "allowedIpRanges: must be a list of strings"),
     ],
 )
-def test_invalid_ip_ranges_fail(value: Any, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        read_access_config(stack_config(allowedIpRanges=value))
-
-
-def test_sticky_sessions_whenever_more_than_one_replica() -> None:
-    assert not needs_sticky_sessions(1)
-    assert needs_sticky_sessions(2)
-    config = read_access_config(stack_config())
-    single = reveal(deploy(config, max_replicas=1).one(CONTAINER_APP))["configuration"]["ingress"]
-    assert "stickySessions" not in single
-    several = reveal(deploy(config, max_replicas=3).one(CONTAINER_APP))["configuration"]["ingress"]
-    assert several["stickySessions"] == {"affinity": "sticky"}
+def test_invalid_settings_fail_before_any_cloud_call(
+    secrets: tuple[str, ...], values: dict[str, Any], message: str
+) -> None:
+    azure = FakeAzure()
+    with pytest.raises(Exception, match=message):
+        run_program(azure, BASE | values, secret_keys=secrets)
+    assert azure.lookups == [] and azure.declared == []

@@ -1,13 +1,13 @@
 """Issue 4: existing Azure resources are adopted by name (imported with their Azure ids, retained on delete),
 missing ones are created, `reference` mode only reads, and a second run never imports again."""
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
     SUBSCRIPTION_ID,
     FakeAzure,
@@ -20,133 +20,31 @@ from tests.infra.azure_mocks import (
     file_share_id,
     forbidden,
     group_id,
+    is_secret,
     run_program,
     storage_account_id,
     workspace_id,
 )
+from tests.infra.stacks import (
+    ACCOUNT,
+    APP,
+    ENV_STORAGE,
+    ENVIRONMENT,
+    FINE_TUNING_IDS,
+    GROUP,
+    LOCATION,
+    SHARE,
+    SUFFIX,
+    TYPES,
+    WORKSPACE,
+    WORKSPACE_CUSTOMER_ID,
+    add_fine_tuning_layout,
+    default_suffix,
+    gpu_profiles,
+    write_parameters,
+)
 
-GROUP = "rg-phi3-finetune"
-LOCATION = "westus3"
-SUFFIX = unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{GROUP}")[:5]
-ACCOUNT, SHARE, ENVIRONMENT = f"aistorage{SUFFIX}", f"aifileshare{SUFFIX}", f"aienv{SUFFIX}"
-ENV_STORAGE, APP, WORKSPACE = f"aienvstorage{SUFFIX}", f"aiacaapp{SUFFIX}", f"ailog{SUFFIX}"
-WORKSPACE_CUSTOMER_ID = "8e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b"
 CONFIG = {"resourceGroupName": GROUP}
-
-TYPES = {
-    "resourceGroup": "azure-native:resources:ResourceGroup",
-    "storageAccount": "azure-native:storage:StorageAccount",
-    "fileService": "azure-native:storage:FileServiceProperties",
-    "fileShare": "azure-native:storage:FileShare",
-    "logAnalyticsWorkspace": "azure-native:operationalinsights:Workspace",
-    "environment": "azure-native:app:ManagedEnvironment",
-    "environmentStorage": "azure-native:app:ManagedEnvironmentsStorage",
-    "containerApp": "azure-native:app:ContainerApp",
-    "containerRegistry": "azure-native:containerregistry:Registry",
-}
-FINE_TUNING_IDS = {
-    "resourceGroup": group_id(GROUP),
-    "storageAccount": storage_account_id(GROUP, ACCOUNT),
-    "fileService": file_service_id(GROUP, ACCOUNT),
-    "fileShare": file_share_id(GROUP, ACCOUNT, SHARE),
-    "logAnalyticsWorkspace": workspace_id(GROUP, WORKSPACE),
-    "environment": environment_id(GROUP, ENVIRONMENT),
-    "environmentStorage": environment_storage_id(GROUP, ENVIRONMENT, ENV_STORAGE),
-}
-
-
-def gpu_profiles() -> list[dict[str, Any]]:
-    return [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 1, "enableFips": False},
-    ]
-
-
-def add_fine_tuning_layout(
-    azure: FakeAzure,
-    *,
-    group: str = GROUP,
-    account: str = ACCOUNT,
-    share: str = SHARE,
-    environment: str = ENVIRONMENT,
-    environment_storage: str = ENV_STORAGE,
-    workspace: str = WORKSPACE,
-    profiles: list[dict[str, Any]] | None = None,
-) -> None:
-    """What the AI Toolkit's fine-tuning bicep leaves behind, as Azure's GET answers describe it."""
-    azure.add(
-        group_id(group),
-        {"location": LOCATION, "tags": {"owner": "ml-team"}, "properties": {"provisioningState": "Succeeded"}},
-    )
-    azure.add(
-        storage_account_id(group, account),
-        {
-            "location": LOCATION,
-            "kind": "StorageV2",
-            "sku": {"name": "Standard_LRS", "tier": "Standard"},
-            "largeFileSharesState": "Enabled",
-            "minimumTlsVersion": "TLS1_0",
-            "allowBlobPublicAccess": False,
-            "enableHttpsTrafficOnly": True,
-            "accessTier": "Hot",
-            "encryption": {
-                "keySource": "Microsoft.Storage",
-                "services": {
-                    "file": {"enabled": True, "keyType": "Account", "lastEnabledTime": "2026-11-01T10:00:00Z"}
-                },
-            },
-            "primaryEndpoints": {"file": f"https://{account}.file.core.windows.net/"},
-            "provisioningState": "Succeeded",
-        },
-    )
-    azure.add(
-        file_service_id(group, account),
-        {
-            "protocolSettings": {"smb": {}},
-            "cors": {"corsRules": []},
-            "shareDeleteRetentionPolicy": {"enabled": True, "days": 7},
-            "sku": {"name": "Standard_LRS", "tier": "Standard"},
-        },
-    )
-    azure.add(
-        file_share_id(group, account, share),
-        {
-            "shareQuota": 1024,
-            "accessTier": "TransactionOptimized",
-            "enabledProtocols": "SMB",
-            "shareUsageBytes": 7516192768,
-        },
-    )
-    azure.add(
-        workspace_id(group, workspace),
-        {
-            "location": LOCATION,
-            "customerId": WORKSPACE_CUSTOMER_ID,
-            "sku": {"name": "PerGB2018", "lastSkuUpdate": "2026-11-01T10:00:00Z"},
-            "retentionInDays": 30,
-            "provisioningState": "Succeeded",
-        },
-    )
-    azure.add(
-        environment_id(group, environment),
-        {
-            "location": LOCATION,
-            "appLogsConfiguration": {
-                "destination": "log-analytics",
-                "logAnalyticsConfiguration": {"customerId": WORKSPACE_CUSTOMER_ID},
-            },
-            "workloadProfiles": gpu_profiles() if profiles is None else profiles,
-            "zoneRedundant": False,
-            "peerAuthentication": {"mtls": {"enabled": False}},
-            "defaultDomain": "bluesky-1a2b3c4d.eastus.azurecontainerapps.io",
-            "staticIp": "20.1.2.3",
-            "provisioningState": "Succeeded",
-        },
-    )
-    azure.add(
-        environment_storage_id(group, environment, environment_storage),
-        {"properties": {"azureFile": {"accountName": account, "shareName": share, "accessMode": "ReadWrite"}}},
-    )
 
 
 def statuses(run: ProgramRun) -> dict[str, str]:
@@ -189,19 +87,22 @@ def test_fine_tuning_layout_is_adopted_and_only_the_app_is_created(
     assert app.inputs["template"]["volumes"][0]["storageName"] == ENV_STORAGE
     for key in FINE_TUNING_IDS:
         assert any(
-            f"{key} " in line and "adopted (imported as it is in Azure on this run" in line for line in caplog.messages
+            f"{key} " in line and "adopted (imported on this run, with this program's settings)" in line
+            for line in caplog.messages
         ), key
     assert any(f"containerApp {APP}: created" in line for line in caplog.messages)
-    assert "run `pulumi up` once more to apply this program's settings" in caplog.text
+    assert "once more" not in caplog.text and "next `pulumi up`" not in caplog.text  # one run does it all
 
 
-def test_imported_inputs_equal_what_exists(in_scratch_dir: Path) -> None:
-    """Import fails when declared inputs differ from the real resource: the import run declares what is there."""
+def test_the_import_run_declares_this_programs_settings_and_keeps_the_rest(in_scratch_dir: Path) -> None:
+    """Since Pulumi 3.174 an import whose inputs differ is imported and updated in the same run
+    (requiredPulumiVersion): the import run declares the desired state; what the program does not own stays as
+    Azure has it."""
     azure = FakeAzure()
     add_fine_tuning_layout(azure)
     run_program(azure, CONFIG)
     account = azure.one(TYPES["storageAccount"]).inputs
-    assert account["minimumTlsVersion"] == "TLS1_0"  # as in Azure, not yet this program's TLS1_2
+    assert account["minimumTlsVersion"] == "TLS1_2"  # this program's, on the import run itself (Azure has TLS1_0)
     assert account["sku"] == {"name": "Standard_LRS"}  # read-only "tier" dropped
     assert account["accessTier"] == "Hot"
     assert account["encryption"] == {
@@ -269,51 +170,11 @@ def test_running_twice_after_creating_everything_imports_nothing(in_scratch_dir:
     second_inputs = {d.typ: d.inputs for d in second_azure.declared}
     assert second_inputs[TYPES["containerApp"]] == first_inputs[TYPES["containerApp"]]  # no diff
     assert second_inputs[TYPES["environment"]] == first_inputs[TYPES["environment"]]
-
-
-def test_environment_without_gpu_profile_gets_one_and_keeps_its_profiles(in_scratch_dir: Path) -> None:
-    existing_profiles = [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        {"name": "general", "workloadProfileType": "D4", "minimumCount": 1, "maximumCount": 3, "enableFips": False},
-    ]
-    first_azure = FakeAzure()
-    add_fine_tuning_layout(first_azure, profiles=existing_profiles)
-    first = run_program(first_azure, CONFIG)
-    assert first_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == existing_profiles  # import as is
-    # No GPU profile to run on yet: the app waits for the next run, and there is no endpoint to print.
-    assert first_azure.by_type(TYPES["containerApp"]) == []
-    assert "endpoint" not in first.outputs and "containerApp" not in first.outputs["adoption"]
-    assert not (in_scratch_dir / "infra" / "inference.config.json").exists()
-
-    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
-    second = run_program(second_azure, CONFIG)
-    environment = second_azure.one(TYPES["environment"])
-    assert environment.import_id is None
-    assert environment.inputs["workloadProfiles"] == existing_profiles + [
-        {"name": "GPU", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 2, "enableFips": False}
-    ]
-    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "GPU"
-    assert second.outputs["endpoint"].startswith(f"https://{APP}.")
-    assert second.outputs["adoption"]["containerApp"]["status"] == "created"
-
-
-def test_existing_gpu_profile_of_another_name_is_reused(in_scratch_dir: Path) -> None:
-    profiles = [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        {"name": "a100", "workloadProfileType": "NC24-A100", "minimumCount": 0, "maximumCount": 4, "enableFips": False},
-    ]
-    first_azure = FakeAzure()
-    add_fine_tuning_layout(first_azure, profiles=profiles)
-    first = run_program(first_azure, CONFIG)
-    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
-    run_program(second_azure, CONFIG)
-    assert second_azure.one(TYPES["environment"]).inputs["workloadProfiles"] == profiles
-    assert second_azure.one(TYPES["containerApp"]).inputs["workloadProfileName"] == "a100"
+    sleep = "time:index/sleep:Sleep"  # the AcrPull propagation wait: unchanged, so not waited for again
+    assert second_inputs[sleep] == first_inputs[sleep]
 
 
 def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_dir: Path) -> None:
-    from tests.infra.test_program import write_parameters
-
     write_parameters(
         in_scratch_dir,
         {
@@ -345,6 +206,8 @@ def test_custom_names_from_parameters_file_mix_adopted_and_created(in_scratch_di
         "environmentStorage": "created",
         "containerApp": "created",
         "containerRegistry": "created",
+        "pullIdentity": "created",
+        "acrPullAssignment": "created",
     }
     assert azure.one(TYPES["fileShare"]).import_id == file_share_id(GROUP, "teamstorage01", "team-models")
     assert azure.one(TYPES["fileShare"]).inputs["shareQuota"] == 2048  # never shrunk
@@ -395,6 +258,43 @@ def test_name_taken_by_our_own_existing_account_is_fine(in_scratch_dir: Path) ->
     assert statuses(run)["storageAccount"] == "adopted"
 
 
+def test_global_names_are_checked_with_arms_name_availability(in_scratch_dir: Path) -> None:
+    """Not by DNS (a caching resolver can be wrong): ARM's checkNameAvailability of each provider, as the user."""
+    azure = FakeAzure()
+    run_program(azure, CONFIG | {"location": LOCATION})
+    checks = [r for r in azure.requests if "/checkNameAvailability" in r.full_url]
+    assert [(r.get_method(), r.full_url) for r in checks] == [
+        (
+            "POST",
+            f"https://management.azure.com/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Storage/"
+            "checkNameAvailability?api-version=2023-05-01",
+        ),
+        (
+            "POST",
+            f"https://management.azure.com/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.ContainerRegistry/"
+            "checkNameAvailability?api-version=2023-07-01",
+        ),
+    ]
+    assert [json.loads(r.data) for r in checks] == [
+        {"name": ACCOUNT, "type": "Microsoft.Storage/storageAccounts"},
+        {"name": f"aiacr{SUFFIX}", "type": "Microsoft.ContainerRegistry/registries"},
+    ]
+
+
+def test_a_name_check_that_cannot_be_made_is_retried_then_only_a_warning(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    retried = FakeAzure(network_failures={"Microsoft.Storage/checkNameAvailability": 2})
+    run_program(retried, CONFIG | {"location": LOCATION})
+    assert retried.sleeps == [2.0, 4.0] and "Could not check" not in caplog.text
+
+    unreachable = FakeAzure(network_failures={"Microsoft.Storage/checkNameAvailability": 4})
+    run = run_program(unreachable, CONFIG | {"location": LOCATION})
+    assert f"Could not check whether storage account name '{ACCOUNT}' is free" in caplog.text
+    assert statuses(run)["storageAccount"] == "created"  # Azure's own error would stop the creation if taken
+
+
 def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: Path) -> None:
     azure = FakeAzure()
     add_fine_tuning_layout(azure)
@@ -409,18 +309,13 @@ def test_reference_mode_declares_none_of_the_existing_resources(in_scratch_dir: 
     assert statuses(run) == {key: "referenced" for key in FINE_TUNING_IDS} | {
         "containerApp": "created",
         "containerRegistry": "created",
+        "pullIdentity": "created",
+        "acrPullAssignment": "created",
     }
     app = azure.one(TYPES["containerApp"]).inputs
     assert app["managedEnvironmentId"] == environment_id(GROUP, ENVIRONMENT)
     assert app["template"]["volumes"][0]["storageName"] == ENV_STORAGE
     assert run.outputs["STORAGE_ACCOUNT_NAME"] == ACCOUNT and run.outputs["FILE_SHARE_NAME"] == SHARE
-
-
-def test_reference_mode_without_gpu_profile_says_what_to_do(in_scratch_dir: Path) -> None:
-    azure = FakeAzure()
-    add_fine_tuning_layout(azure, profiles=[{"name": "Consumption", "workloadProfileType": "Consumption"}])
-    with pytest.raises(Exception, match="has no GPU workload profile.*existingResources adopt"):
-        run_program(azure, CONFIG | {"existingResources": "reference"})
 
 
 def test_existing_container_app_not_in_stack_is_adopted(in_scratch_dir: Path) -> None:
@@ -449,11 +344,40 @@ def test_existing_container_app_not_in_stack_is_adopted(in_scratch_dir: Path) ->
     run = run_program(azure, CONFIG)
     app = azure.one(TYPES["containerApp"])
     assert app.import_id == container_app_id(GROUP, APP)
+    # Imported and given this program's configuration in the same run: our image, probes, identity.
     ingress = app.inputs["configuration"]["ingress"]
     assert (ingress["external"], ingress["targetPort"]) == (True, 7860) and "fqdn" not in ingress
-    assert app.inputs["template"]["containers"][0]["image"] == "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    (container,) = app.inputs["template"]["containers"]
+    assert container["image"] == run.outputs["image"] != "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    assert [probe["type"] for probe in container["probes"]] == ["Startup", "Readiness", "Liveness"]
+    assert app.inputs["identity"]["type"] == "UserAssigned"
     assert run.outputs["adoption"]["containerApp"]["status"] == "adopted"
     assert run.options[TYPES["containerApp"]].retain_on_delete is True
+
+
+def test_existing_container_app_in_another_environment_is_refused_naming_the_keys(in_scratch_dir: Path) -> None:
+    """An app's environment is fixed at creation: adopting it into ours would be a replacement, which the engine
+    refuses for an import (and which would lose the app). Caught before anything is declared."""
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    other = environment_id(GROUP, "team-env").replace("/resourceGroups/", "/resourcegroups/")  # Azure's casing varies
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": other})
+    with pytest.raises(
+        Exception,
+        match=f"acaAppName: container app '{APP}' already exists in environment 'team-env', not in '{ENVIRONMENT}' "
+        r"\(acaEnvironmentName\).*pulumi config set acaEnvironmentName team-env",
+    ):
+        run_program(azure, CONFIG)
+    assert azure.declared == []
+
+
+def test_existing_container_app_in_our_environment_passes_whatever_the_id_casing(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    lowercased = environment_id(GROUP, ENVIRONMENT).lower()
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": lowercased})
+    run = run_program(azure, CONFIG)
+    assert run.outputs["adoption"]["containerApp"]["status"] == "adopted"
 
 
 def test_previous_run_is_read_from_this_stack(in_scratch_dir: Path) -> None:
@@ -488,3 +412,56 @@ def test_unreadable_previous_outputs_fall_back_to_the_safe_side(
     assert statuses(run)["storageAccount"] == "adopted"
     assert azure.one(TYPES["storageAccount"]).import_id == storage_account_id(GROUP, ACCOUNT)
     assert any("Could not read stack organization/aitk-inference/dev's previous outputs" in m for m in caplog.messages)
+
+
+# -- ids as Azure spells them (issue 11, point 9) --------------------------------------------------------------------
+def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) -> None:
+    """Log Analytics answers with a lowercased id (`/resourcegroups/.../microsoft.operationalinsights/...`); in a
+    group whose name has capitals the recorded and the looked-up ids still match: no second import."""
+    group = "RG-Phi3-Finetune"
+    suffix = default_suffix(group)
+    workspace = f"ailog{suffix}"
+    lowercased = workspace_id(group, workspace).lower()
+    first_azure = FakeAzure()
+    first_azure.add(group_id(group), {"location": LOCATION})
+    first_azure.add(
+        lowercased, {"location": LOCATION, "customerId": WORKSPACE_CUSTOMER_ID, "sku": {"name": "PerGB2018"}}
+    )
+    first = run_program(first_azure, {"resourceGroupName": group})
+    assert first_azure.one(TYPES["logAnalyticsWorkspace"]).import_id == lowercased
+    assert first.outputs["adoption"]["logAnalyticsWorkspace"] == {"status": "adopted", "id": lowercased}
+
+    second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
+    second = run_program(second_azure, {"resourceGroupName": group})
+    assert second_azure.one(TYPES["logAnalyticsWorkspace"]).import_id is None
+    assert statuses(second)["logAnalyticsWorkspace"] == "adopted"
+    assert second_azure.one(TYPES["storageAccount"]).inputs["accountName"] == f"aistorage{suffix}"  # case kept
+
+
+def test_an_adopted_app_keeps_the_environment_id_as_azure_spells_it(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    add_fine_tuning_layout(azure)
+    lowercased = environment_id(GROUP, ENVIRONMENT).lower()
+    azure.add(container_app_id(GROUP, APP), {"location": LOCATION, "managedEnvironmentId": lowercased})
+    run_program(azure, CONFIG)
+    # The same id for ARM; declaring the other casing would show a change of a create-only property.
+    assert azure.one(TYPES["containerApp"]).inputs["managedEnvironmentId"] == lowercased
+
+
+def test_adopted_environment_storage_gets_the_key_of_the_account_it_points_to(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(account_keys={"teamdata01": "dGVhbWRhdGEwMS1rZXk="})
+    add_fine_tuning_layout(azure)
+    azure.add(
+        environment_storage_id(GROUP, ENVIRONMENT, ENV_STORAGE),
+        {"properties": {"azureFile": {"accountName": "teamdata01", "shareName": "models", "accessMode": "ReadOnly"}}},
+    )
+    run_program(azure, CONFIG)
+    declared = azure.one(TYPES["environmentStorage"])
+    assert declared.inputs["properties"]["azureFile"] == {
+        "accountName": "teamdata01",
+        "accountKey": "dGVhbWRhdGEwMS1rZXk=",  # not the key of storageAccountName's account
+        "shareName": "models",
+        "accessMode": "ReadOnly",
+    }
+    assert is_secret(declared.raw_inputs["properties"])
+    assert "teamdata01" in azure.key_listings

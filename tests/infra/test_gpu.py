@@ -1,104 +1,49 @@
-"""`gpu` choices, sizing, replica range, scaling and probes (infra/gpu.py), checked on what Azure would receive."""
+"""`gpu` choices, sizing, replica range, scaling (infra/gpu.py) and probes (infra/app.py), checked on what the whole
+program (`__main__.py`, under the Azure mocks) gives Azure."""
 
-import json
-from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-import pulumi
 import pytest
-from pulumi_azure_native import app
 
-from infra.errors import ConfigError
-from infra.gpu import (
-    STARTUP_FAILURE_THRESHOLD,
-    STARTUP_INITIAL_DELAY_S,
-    STARTUP_PERIOD_S,
-    GpuConfig,
-    probes,
-    read_gpu_config,
-    require_gpu_region,
-    scale_rules,
-    workload_profiles,
-)
+from infra.app import STARTUP_FAILURE_THRESHOLD, STARTUP_INITIAL_DELAY_S, STARTUP_PERIOD_S
+from infra.gpu import PROFILES
+from tests.infra.azure_mocks import FakeAzure, run_program
+from tests.infra.stacks import GROUP, write_parameters
 
-PROJECT = "aitk-inference"
+ENVIRONMENT = "azure-native:app:ManagedEnvironment"
+CONTAINER_APP = "azure-native:app:ContainerApp"
 
 
 @pytest.fixture(autouse=True)
-def _clean_config() -> Iterator[None]:
-    yield
-    pulumi.runtime.set_all_config({})
+def _scratch(in_scratch_dir: Path) -> None:
+    """Every test runs the program in a scratch directory (where a parameters file may be written)."""
 
 
-def stack_config(**values: Any) -> pulumi.Config:
-    pulumi.runtime.set_all_config(
-        {f"{PROJECT}:{key}": value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
-    )
-    return pulumi.Config(PROJECT)
+def deploy(location: str = "westus3", **values: Any) -> dict[str, dict[str, Any]]:
+    """The program in `location` with this stack config: the environment's and the app's inputs, by type."""
+    azure = FakeAzure()
+    run_program(azure, {"resourceGroupName": GROUP, "location": location} | values)
+    return {typ: azure.one(typ).inputs for typ in (ENVIRONMENT, CONTAINER_APP)}
 
 
-def read_for(config: pulumi.Config, location: str, *, parameters: dict[str, Any] | None = None) -> GpuConfig:
-    """What the program does: read the keys, then check the environment's region."""
-    gpu = read_gpu_config(config, parameters=parameters)
-    require_gpu_region(gpu, location)
+def gpu_profile(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    consumption, gpu = resources[ENVIRONMENT]["workloadProfiles"]
+    assert consumption == {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False}
     return gpu
 
 
-class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self) -> None:
-        self.inputs: dict[str, dict[str, Any]] = {}  # by resource type token
-
-    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        self.inputs[args.typ] = args.inputs
-        return f"{args.name}-id", dict(args.inputs)
-
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
-        return {}, [("", f"no invoke expected, got {args.token}")]
+def container(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (only,) = resources[CONTAINER_APP]["template"]["containers"]
+    return only
 
 
-def declared(program: Callable[[], None]) -> dict[str, dict[str, Any]]:
-    """Run `program` under Pulumi mocks; the inputs each resource type was declared with, as the engine got them."""
-    pulumi.runtime.settings.ROOT.set(None)
-    mocks = RecordingMocks()
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack="dev", preview=False)
-
-    @pulumi.runtime.test
-    def run() -> None:
-        program()
-
-    run()
-    return mocks.inputs
-
-
-def declare_environment_and_app(gpu: GpuConfig) -> dict[str, dict[str, Any]]:
-    """An environment and an app sized and scaled as the program does it."""
-
-    def program() -> None:
-        app.ManagedEnvironment("environment", resource_group_name="rg", workload_profiles=workload_profiles(gpu))
-        app.ContainerApp(
-            "app",
-            resource_group_name="rg",
-            workload_profile_name=gpu.profile.profile_name,
-            template=app.TemplateArgs(
-                containers=[
-                    app.ContainerArgs(
-                        name="inference",
-                        image="image",
-                        resources=app.ContainerResourcesArgs(cpu=gpu.container_cpu, memory=gpu.container_memory),
-                        probes=probes(7860),
-                    )
-                ],
-                scale=app.ScaleArgs(
-                    min_replicas=gpu.min_replicas, max_replicas=gpu.max_replicas, rules=scale_rules(gpu)
-                ),
-            ),
-        )
-
-    return declared(program)
+def scale(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return resources[CONTAINER_APP]["template"]["scale"]
 
 
 @pytest.mark.parametrize(
-    ("choice", "gpu_profile", "cpu", "memory"),
+    ("choice", "expected_profile", "cpu", "memory"),
     [
         (
             "dedicated-A100",
@@ -127,39 +72,33 @@ def declare_environment_and_app(gpu: GpuConfig) -> dict[str, dict[str, Any]]:
     ],
 )
 def test_each_gpu_choice_gives_its_workload_profile_and_sizing(
-    choice: str, gpu_profile: dict[str, Any], cpu: float, memory: str
+    choice: str, expected_profile: dict[str, Any], cpu: float, memory: str
 ) -> None:
-    gpu = read_for(stack_config(gpu=choice), "westus3")
-    resources = declare_environment_and_app(gpu)
+    resources = deploy(gpu=choice)
 
-    assert resources["azure-native:app:ManagedEnvironment"]["workloadProfiles"] == [
-        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
-        gpu_profile,  # serverless profiles carry no counts at all
-    ]
-    container_app = resources["azure-native:app:ContainerApp"]
-    assert container_app["workloadProfileName"] == gpu_profile["name"]
-    assert container_app["template"]["containers"][0]["resources"] == {"cpu": cpu, "memory": memory}
-    assert container_app["template"]["scale"]["minReplicas"] == 1
-    assert container_app["template"]["scale"]["maxReplicas"] == 1
+    assert gpu_profile(resources) == expected_profile  # serverless profiles carry no counts at all
+    assert resources[CONTAINER_APP]["workloadProfileName"] == expected_profile["name"]
+    assert container(resources)["resources"] == {"cpu": cpu, "memory": memory}
+    assert (scale(resources)["minReplicas"], scale(resources)["maxReplicas"]) == (1, 1)
 
 
 def test_default_is_the_bicep_dedicated_a100_with_one_replica() -> None:
-    gpu = read_for(stack_config(), "westus3")
-    assert (gpu.gpu, gpu.profile.profile_type, gpu.profile.profile_name) == ("dedicated-A100", "NC24-A100", "GPU")
-    assert (gpu.min_replicas, gpu.max_replicas) == (1, 1)
-    assert (gpu.minimum_instance_count, gpu.maximum_instance_count) == (0, 2)
-    assert (gpu.container_cpu, gpu.container_memory) == (24.0, "220Gi")
+    resources = deploy()
+    assert gpu_profile(resources) == {
+        "name": "GPU",
+        "workloadProfileType": "NC24-A100",
+        "minimumCount": 0,
+        "maximumCount": 2,
+        "enableFips": False,
+    }
+    assert (scale(resources)["minReplicas"], scale(resources)["maxReplicas"]) == (1, 1)
+    assert container(resources)["resources"] == {"cpu": 24.0, "memory": "220Gi"}
 
 
-def test_dedicated_counts_come_from_config_then_the_parameters_file() -> None:
-    from_file = read_for(stack_config(), "westus3", parameters={"maximumInstanceCount": 5})
-    assert from_file.maximum_instance_count == 5
-    from_config = read_for(
-        stack_config(maximumInstanceCount=3, minimumInstanceCount=1), "westus3", parameters={"maximumInstanceCount": 5}
-    )
-    assert (from_config.minimum_instance_count, from_config.maximum_instance_count) == (1, 3)
-    resources = declare_environment_and_app(from_config)
-    assert resources["azure-native:app:ManagedEnvironment"]["workloadProfiles"][1] == {
+def test_dedicated_counts_come_from_config_then_the_parameters_file(in_scratch_dir: Path) -> None:
+    write_parameters(in_scratch_dir, {"maximumInstanceCount": 5})
+    assert gpu_profile(deploy())["maximumCount"] == 5
+    assert gpu_profile(deploy(maximumInstanceCount=3, minimumInstanceCount=1)) == {
         "name": "GPU",
         "workloadProfileType": "NC24-A100",
         "minimumCount": 1,
@@ -169,13 +108,8 @@ def test_dedicated_counts_come_from_config_then_the_parameters_file() -> None:
 
 
 def test_sizing_is_overridable_within_the_profile() -> None:
-    gpu = read_for(stack_config(gpu="serverless-T4", containerCpu="4", containerMemory="28Gi"), "westus3")
-    assert (gpu.container_cpu, gpu.container_memory) == (4.0, "28Gi")
-    resources = declare_environment_and_app(gpu)
-    assert resources["azure-native:app:ContainerApp"]["template"]["containers"][0]["resources"] == {
-        "cpu": 4.0,
-        "memory": "28Gi",
-    }
+    resources = deploy(gpu="serverless-T4", containerCpu="4", containerMemory="28Gi")
+    assert container(resources)["resources"] == {"cpu": 4.0, "memory": "28Gi"}
 
 
 @pytest.mark.parametrize(
@@ -194,20 +128,18 @@ def test_sizing_is_overridable_within_the_profile() -> None:
     ],
 )
 def test_sizing_beyond_the_profile_fails(values: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        read_for(stack_config(**values), "westus3")
+    with pytest.raises(Exception, match=message):
+        deploy(**values)
 
 
 def test_scale_to_zero_is_allowed_on_serverless() -> None:
-    gpu = read_for(stack_config(gpu="serverless-A100", minReplicas="0", maxReplicas="3"), "swedencentral")
-    resources = declare_environment_and_app(gpu)
-    assert resources["azure-native:app:ContainerApp"]["template"]["scale"]["minReplicas"] == 0
-    assert resources["azure-native:app:ContainerApp"]["template"]["scale"]["maxReplicas"] == 3
+    resources = deploy("swedencentral", gpu="serverless-A100", minReplicas="0", maxReplicas="3")
+    assert (scale(resources)["minReplicas"], scale(resources)["maxReplicas"]) == (0, 3)
 
 
 def test_scale_to_zero_on_dedicated_with_the_default_minimum_count_of_zero() -> None:
-    gpu = read_for(stack_config(minReplicas="0"), "westus3")
-    assert (gpu.min_replicas, gpu.minimum_instance_count) == (0, 0)
+    resources = deploy(minReplicas="0")
+    assert (scale(resources)["minReplicas"], gpu_profile(resources)["minimumCount"]) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -246,14 +178,17 @@ def test_scale_to_zero_on_dedicated_with_the_default_minimum_count_of_zero() -> 
     ],
 )
 def test_invalid_combinations_fail_naming_the_key_and_the_rule(values: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        read_for(stack_config(**values), "westus3")
+    azure = FakeAzure()
+    with pytest.raises(Exception, match=message):
+        run_program(azure, {"resourceGroupName": GROUP, "location": "westus3"} | values)
+    assert azure.lookups == [] and azure.declared == []  # before any cloud call
 
 
-def test_the_parameters_files_instance_count_is_not_an_error_on_serverless() -> None:
+def test_the_parameters_files_instance_count_is_not_an_error_on_serverless(in_scratch_dir: Path) -> None:
     """The toolkit's parameters file always carries maximumInstanceCount for its dedicated profile."""
-    gpu = read_for(stack_config(gpu="serverless-T4"), "westus3", parameters={"maximumInstanceCount": 2})
-    assert (gpu.minimum_instance_count, gpu.maximum_instance_count) == (None, None)
+    write_parameters(in_scratch_dir, {"maximumInstanceCount": 2})
+    profile = gpu_profile(deploy(gpu="serverless-T4"))
+    assert "minimumCount" not in profile and "maximumCount" not in profile
 
 
 @pytest.mark.parametrize(
@@ -272,10 +207,10 @@ def test_the_parameters_files_instance_count_is_not_an_error_on_serverless() -> 
 def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
     choice: str, location: str, offered_in: str, hint: str | None
 ) -> None:
-    with pytest.raises(ConfigError) as error:
-        read_for(stack_config(gpu=choice), location)
+    with pytest.raises(Exception) as error:
+        deploy(location, gpu=choice)
     message = str(error.value)
-    assert message.startswith(f"gpu: {choice} (")
+    assert f"gpu: {choice} (" in message
     assert f"is not offered in '{location}'" in message
     assert f"Azure offers it in {offered_in}" in message
     assert "skipGpuRegionCheck" in message
@@ -286,26 +221,21 @@ def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
 
 
 def test_region_display_names_are_accepted_and_the_check_can_be_skipped() -> None:
-    assert read_for(stack_config(gpu="serverless-A100"), "West US 3").gpu == "serverless-A100"
-    assert read_for(stack_config(gpu="serverless-A100", skipGpuRegionCheck="true"), "uksouth").gpu == (
-        "serverless-A100"
-    )
+    assert gpu_profile(deploy("West US 3", gpu="serverless-A100"))["name"] == "GPU-A100"
+    assert gpu_profile(deploy("uksouth", gpu="serverless-A100", skipGpuRegionCheck="true"))["name"] == "GPU-A100"
 
 
 def test_http_concurrency_scale_rule() -> None:
-    default = declare_environment_and_app(read_for(stack_config(), "westus3"))
-    assert default["azure-native:app:ContainerApp"]["template"]["scale"]["rules"] == [
+    assert scale(deploy())["rules"] == [
         {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}
     ]
-    gpu = read_for(stack_config(gpu="serverless-T4", scaleConcurrentRequests="4", maxReplicas="4"), "eastus")
-    rules = declare_environment_and_app(gpu)["azure-native:app:ContainerApp"]["template"]["scale"]["rules"]
+    rules = scale(deploy("eastus", gpu="serverless-T4", scaleConcurrentRequests="4", maxReplicas="4"))["rules"]
     assert rules == [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "4"}}}]
 
 
 def test_probes_give_a_cold_start_time_to_serve_and_keep_traffic_away_until_the_model_is_loaded() -> None:
-    gpu = read_for(stack_config(gpu="serverless-T4", minReplicas="0"), "westus3")
-    container = declare_environment_and_app(gpu)["azure-native:app:ContainerApp"]["template"]["containers"][0]
-    by_type = {probe["type"]: probe for probe in container["probes"]}
+    probes = container(deploy(gpu="serverless-T4", minReplicas="0"))["probes"]
+    by_type = {probe["type"]: probe for probe in probes}
     assert set(by_type) == {"Startup", "Readiness", "Liveness"}
 
     startup = by_type["Startup"]
@@ -318,3 +248,12 @@ def test_probes_give_a_cold_start_time_to_serve_and_keep_traffic_away_until_the_
 
     assert by_type["Readiness"]["httpGet"]["path"] == "/ready"  # 503 until the model is loaded
     assert by_type["Liveness"]["httpGet"]["path"] == "/health"
+
+
+def test_region_tables_hold_what_microsofts_tables_say() -> None:
+    """The facts cited in infra/gpu.py: dedicated A100 in West US 3 and North Europe only; serverless GPUs in at
+    least the regions every published version of the serverless page lists; T4, not A100, in West Europe."""
+    assert PROFILES["dedicated-A100"].regions == {"westus3", "northeurope"}
+    for choice in ("serverless-T4", "serverless-A100"):
+        assert {"westus3", "australiaeast", "swedencentral"} <= PROFILES[choice].regions
+    assert "westeurope" in PROFILES["serverless-T4"].regions and "westeurope" not in PROFILES["serverless-A100"].regions

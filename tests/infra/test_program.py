@@ -10,11 +10,7 @@ import pulumi
 import pytest
 import yaml
 
-from infra.access import DEFAULT_ACCESS
-from infra.config import InfraConfig
-from infra.gpu import read_gpu_config
-from infra.image import ImageConfig
-from infra.unique_string import unique_string
+from infra.config import read_config
 from tests.infra.azure_mocks import (
     REPO_ROOT,
     STORAGE_KEY,
@@ -25,13 +21,10 @@ from tests.infra.azure_mocks import (
     is_secret,
     run_program,
 )
+from tests.infra.stacks import default_suffix, write_parameters
 
 GROUP = "rg-phi3-finetune"
 BASE_CONFIG = {"resourceGroupName": GROUP, "location": "westus3"}
-
-
-def default_suffix(group: str = GROUP) -> str:
-    return unique_string(f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{group}")[:5]
 
 
 @pytest.fixture
@@ -220,17 +213,6 @@ def test_explicit_names_replace_defaults(in_scratch_dir: Path) -> None:
     assert run.outputs["FILE_SHARE_NAME"] == "models-share"
 
 
-def write_parameters(directory: Path, parameters: dict[str, Any]) -> None:
-    path = directory / "infra" / "provision" / "inference.parameters.json"
-    path.parent.mkdir(parents=True)
-    document = {
-        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#",
-        "contentVersion": "1.0.0.0",
-        "parameters": {name: {"value": value} for name, value in parameters.items()},
-    }
-    path.write_text(json.dumps(document), encoding="utf-8")
-
-
 def test_parameters_file_values_are_defaults_and_config_wins(in_scratch_dir: Path) -> None:
     write_parameters(
         in_scratch_dir,
@@ -309,6 +291,8 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
         ({"storageAccessMode": "Write"}, "storageAccessMode: must be one of ReadWrite, ReadOnly"),
         ({"existingResources": "import"}, "existingResources: must be one of adopt, reference"),
         ({"defaultCommands": "cd /mount"}, "defaultCommands: must be a non-empty list of strings"),
+        ({"resourceSuffix": "Ab-1"}, "resourceSuffix: 'Ab-1' is not a valid suffix: 1-15 lowercase letters and dig"),
+        ({"resourceSuffix": "a" * 16}, "resourceSuffix: '" + "a" * 16 + "' is not a valid suffix"),
     ],
 )
 def test_invalid_config_fails_before_any_cloud_call(
@@ -319,6 +303,28 @@ def test_invalid_config_fails_before_any_cloud_call(
     with pytest.raises(Exception, match=expected.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
         run_program(azure, merged)
     assert azure.lookups == [] and azure.declared == []
+
+
+def test_resource_suffix_from_the_parameters_file_replaces_the_default_suffix(in_scratch_dir: Path) -> None:
+    """The bicep's `resourceSuffix` parameter: names a migrating user's resources got from it are found again."""
+    write_parameters(in_scratch_dir, {"resourceSuffix": "team7", "acaAppName": "phi3-chat"})
+    azure = FakeAzure()
+    run = run_program(azure, BASE_CONFIG)
+    assert_names(
+        azure,
+        {
+            "storageAccountName": "aistorageteam7",
+            "fileShareName": "aifileshareteam7",
+            "acaEnvironmentName": "aienvteam7",
+            "acaEnvironmentStorageName": "aienvstorageteam7",
+            "acaAppName": "phi3-chat",  # an explicit name still wins
+            "acaLogAnalyticsName": "ailogteam7",
+        },
+    )
+    assert azure.one("azure-native:containerregistry:Registry").inputs["registryName"] == "aiacrteam7"
+    assert run.outputs["STORAGE_ACCOUNT_NAME"] == "aistorageteam7"
+    run_program(azure := FakeAzure(), BASE_CONFIG | {"resourceSuffix": "cfg01"})  # config wins over the file
+    assert azure.one("azure-native:storage:StorageAccount").inputs["accountName"] == "aistoragecfg01"
 
 
 def test_unknown_parameter_in_parameters_file_is_reported(in_scratch_dir: Path) -> None:
@@ -405,18 +411,25 @@ def test_secrets_stay_secret(fresh: tuple[FakeAzure, Any]) -> None:
     assert STORAGE_KEY not in json.dumps(run.outputs) and WORKSPACE_KEY not in json.dumps(run.outputs)
 
 
-def empty_config() -> pulumi.Config:
-    pulumi.runtime.set_all_config({})
-    return pulumi.Config("aitk-inference")
+def default_config(tmp_path: Path) -> Any:
+    """The program's config when only the required key is set and there is no parameters file."""
+    pulumi.runtime.set_all_config({"aitk-inference:resourceGroupName": GROUP})
+    try:
+        return read_config(pulumi.Config("aitk-inference"), parameters_file=tmp_path / "none.json")
+    finally:
+        pulumi.runtime.set_all_config({})
 
 
-def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
+def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Path) -> None:
     project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text(encoding="utf-8"))
     assert project["runtime"] == {"name": "python", "options": {"toolchain": "pip", "virtualenv": ".venv"}}
+    # Adoption imports and updates in one run, which the engine does since 3.174 (pulumi/pulumi#19339).
+    assert project["requiredPulumiVersion"] == ">=3.174.0"
     declared = project["config"]
     assert set(declared) == {
         "resourceGroupName",
         "location",
+        "resourceSuffix",
         "maximumInstanceCount",
         "defaultCommands",
         *EXPLICIT_NAMES,
@@ -450,10 +463,9 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
         "existingResources",
     }
     assert all(entry.get("type") and entry.get("description") for entry in declared.values())
-    defaults = InfraConfig(resource_group_name=GROUP, location=None, gpu=read_gpu_config(empty_config()))
-    image_defaults = ImageConfig()
-    assert declared["buildPlatform"]["default"] == image_defaults.build_platform
-    assert declared["registrySku"]["default"] == image_defaults.registry_sku
+    defaults = default_config(tmp_path)
+    assert declared["buildPlatform"]["default"] == defaults.image.build_platform
+    assert declared["registrySku"]["default"] == defaults.registry_sku
     # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
     no_default = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
@@ -467,12 +479,12 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults() -> None:
     assert declared["skipGpuRegionCheck"]["default"] is defaults.gpu.skip_region_check
     assert declared["minReplicas"]["default"] == defaults.gpu.min_replicas
     assert declared["maxReplicas"]["default"] == defaults.gpu.max_replicas
-    assert declared["access"]["default"] == DEFAULT_ACCESS
+    assert declared["access"]["default"] == defaults.access.mode
     assert declared["accessPassword"]["secret"] is True and declared["entraClientSecret"]["secret"] is True
     assert declared["storageAccessMode"]["default"] == defaults.storage_access_mode
     assert declared["existingResources"]["default"] == defaults.existing_resources
     # Keys the parameters file can set must not have a Pulumi.yaml default, or the file could never apply.
-    for key in ("location", "maximumInstanceCount", "defaultCommands", *EXPLICIT_NAMES):
+    for key in ("location", "resourceSuffix", "maximumInstanceCount", "defaultCommands", *EXPLICIT_NAMES):
         assert "default" not in declared[key], key
 
 

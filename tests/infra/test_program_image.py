@@ -6,13 +6,17 @@ test_dockerfile.py.)"""
 
 import json
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pulumiverse_time
 from pulumi_azure_native import authorization
 
-from infra.image import ACR_TOKEN_USERNAME, BUILD_CONTEXT, DEFAULT_PLATFORM, PROJECT_DIR, REPOSITORY, image_tag
+from infra.acr_token import ACR_TOKEN_USERNAME
+from infra.image import BUILD_CONTEXT, PROJECT_DIR, REPOSITORY, image_tag
+from infra.image_config import DEFAULT_PLATFORM
 from infra.registry import ACR_PULL_ROLE_ID
 from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
@@ -20,6 +24,7 @@ from tests.infra.azure_mocks import (
     ACR_TOKEN,
     IDENTITY_PRINCIPAL_ID,
     SUBSCRIPTION_ID,
+    TENANT_ID,
     FakeAzure,
     ProgramRun,
     group_id,
@@ -40,6 +45,7 @@ REGISTRY_TYPE = "azure-native:containerregistry:Registry"
 IDENTITY_TYPE = "azure-native:managedidentity:UserAssignedIdentity"
 ROLE_ASSIGNMENT_TYPE = "azure-native:authorization:RoleAssignment"
 IMAGE_TYPE = "docker-build:index:Image"
+SLEEP_TYPE = "time:index/sleep:Sleep"
 APP_TYPE = "azure-native:app:ContainerApp"
 
 
@@ -91,8 +97,20 @@ def test_app_pulls_and_runs_as_the_identity_and_no_password_exists(built: tuple[
     assert app["identity"] == {"type": "UserAssigned", "userAssignedIdentities": [pull_identity]}
     # No registry password secret: the only secret is the endpoint's password (access: password, the default).
     assert [secret["name"] for secret in app["configuration"]["secrets"]] == ["inference-auth-password"]
-    # The first revision pulls at once: the app waits for the role assignment.
-    assert any(isinstance(dependency, authorization.RoleAssignment) for dependency in run.options[APP_TYPE].depends_on)
+    assert not [token for token in azure.invokes if "credential" in token.lower()]  # no registry password is read
+    # The first revision pulls at once: the app waits for the new role assignment to take effect.
+    depends_on = run.options[APP_TYPE].depends_on
+    assert isinstance(depends_on, list)
+    assert [type(dependency) for dependency in depends_on] == [pulumiverse_time.Sleep]
+
+
+def test_a_new_acr_pull_assignment_is_given_time_to_take_effect(built: tuple[FakeAzure, ProgramRun]) -> None:
+    """microsoft/azure-container-apps#646: a revision created right after the assignment fails its pull."""
+    azure, run = built
+    sleep = azure.one(SLEEP_TYPE)
+    assignment = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert sleep.inputs == {"createDuration": "3m", "triggers": {"roleAssignmentId": assignment.state["id"]}}
+    assert [type(d) for d in run.options[SLEEP_TYPE].depends_on] == [authorization.RoleAssignment]
 
 
 def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
@@ -110,8 +128,38 @@ def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
     (registry,) = image.inputs["registries"]
     assert registry == {"address": LOGIN_SERVER, "username": ACR_TOKEN_USERNAME, "password": ACR_TOKEN}
     assert is_secret(image.raw_inputs["registries"])  # the password makes the whole list a secret
-    assert azure.token_exchanges == [f"https://{LOGIN_SERVER}/oauth2/exchange"]
+    (request,) = azure.token_exchanges
+    assert (request.get_method(), request.full_url) == ("POST", f"https://{LOGIN_SERVER}/oauth2/exchange")
+    assert isinstance(request.data, bytes)
+    assert dict(urllib.parse.parse_qsl(request.data.decode())) == {
+        "grant_type": "access_token",
+        "service": LOGIN_SERVER,
+        "tenant": TENANT_ID,
+        "access_token": AAD_TOKEN,
+    }
     assert AAD_TOKEN not in json.dumps(image.inputs)
+    assert azure.invokes.count("azure-native:authorization:getClientToken") == 2  # name checks, then the push
+
+
+def test_the_token_exchange_is_retried_on_network_errors(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(network_failures={"/oauth2/exchange": 2})
+    _, run = deploy(azure=azure)
+    exchanges = [r.full_url for r in azure.requests if r.full_url.endswith("/oauth2/exchange")]
+    assert exchanges == [f"https://{LOGIN_SERVER}/oauth2/exchange"] * 3
+    assert azure.sleeps == [2.0, 4.0]  # backoff between the attempts
+    assert run.outputs["image"].startswith(f"{LOGIN_SERVER}/{REPOSITORY}@sha256:")
+
+
+def test_a_token_exchange_that_keeps_failing_names_the_fix(in_scratch_dir: Path) -> None:
+    azure = FakeAzure(network_failures={"/oauth2/exchange": 4})
+    with pytest.raises(Exception, match="Could not get a push token for registry .*Connection reset by peer.*az login"):
+        deploy(azure=azure)
+    assert azure.sleeps == [2.0, 4.0, 8.0]  # four attempts, then the error
+
+
+def test_a_refused_token_exchange_names_the_fix(in_scratch_dir: Path) -> None:
+    with pytest.raises(Exception, match="Could not get a push token for registry .* `az login`.*AcrPush"):
+        deploy(azure=FakeAzure(refuse_token_exchange=True))
 
 
 def test_app_runs_the_pushed_digest_with_the_images_own_command(built: tuple[FakeAzure, ProgramRun]) -> None:
@@ -127,11 +175,45 @@ def test_a_prebuilt_image_builds_nothing_and_the_app_runs_it(in_scratch_dir: Pat
     azure, run = deploy({"image": PREBUILT})
     assert azure.by_type(IMAGE_TYPE) == []
     assert azure.token_exchanges == []  # no push, so no push token either
+    # One Azure AD token, for ARM's name checks (cached); none for a push (a build asks for a second one).
+    assert azure.invokes.count("azure-native:authorization:getClientToken") == 1
     assert container(azure)["image"] == PREBUILT
     assert "command" not in container(azure)
     assert run.outputs["image"] == PREBUILT
     # The app still pulls as the identity (a CI may push into the stack's registry).
     assert azure.one(APP_TYPE).inputs["configuration"]["registries"][0]["server"] == LOGIN_SERVER
+
+
+@pytest.mark.parametrize(
+    ("image", "servers"),
+    [
+        # Another private Azure registry: an entry for it too, pulling as the same identity.
+        (PREBUILT, [LOGIN_SERVER, "myregistry.azurecr.io"]),
+        # The stack's own registry (any case), or a public registry: the stack's entry only.
+        (f"{REGISTRY.upper()}.azurecr.io/inference-app:1", [LOGIN_SERVER]),
+        ("docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", [LOGIN_SERVER]),
+    ],
+)
+def test_a_prebuilt_image_in_another_azure_registry_is_pulled_as_the_identity(
+    in_scratch_dir: Path, caplog: pytest.LogCaptureFixture, image: str, servers: list[str]
+) -> None:
+    """Container Apps picks registry credentials by server: without an entry a private registry is pulled from
+    anonymously, and refuses."""
+    caplog.set_level(logging.WARNING)
+    azure, _ = deploy({"image": image})
+    registries = azure.one(APP_TYPE).inputs["configuration"]["registries"]
+    pull_identity = identity_id(GROUP, f"{REGISTRY}-pull")
+    assert registries == [{"server": server, "identity": pull_identity} for server in servers]
+    grant = [message for message in caplog.messages if message.startswith("image: pulled from")]
+    if len(servers) == 2:  # the identity needs AcrPull there, which this stack cannot grant: say so
+        assert grant == [
+            f"image: pulled from myregistry.azurecr.io as the identity {REGISTRY}-pull (principal id "
+            f"{IDENTITY_PRINCIPAL_ID}), which needs AcrPull on that registry; grant it once, e.g. `az role "
+            f"assignment create --assignee-object-id {IDENTITY_PRINCIPAL_ID} --assignee-principal-type "
+            "ServicePrincipal --role AcrPull --scope $(az acr show --name myregistry --query id --output tsv)`"
+        ]
+    else:
+        assert grant == []
 
 
 def test_default_commands_apply_only_with_a_prebuilt_image(
@@ -170,6 +252,11 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
         "INFERENCE_MODEL_REVISION": "run7",
     }
+
+
+def test_unset_settings_leave_the_apps_defaults(in_scratch_dir: Path) -> None:
+    azure, _ = deploy({"access": "public"})  # no access variables either
+    assert "env" not in container(azure)
 
 
 def test_a_model_revision_change_changes_the_template_and_the_active_revision(in_scratch_dir: Path) -> None:
@@ -216,11 +303,18 @@ def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> No
     [
         ({"image": "my image:1"}, "image: 'my image:1' is not an image reference"),
         ({"buildPlatform": "linux/sparc"}, "buildPlatform: 'linux/sparc' is not a platform"),
-        ({"registryName": "my-registry"}, "registryName: 'my-registry' is not a valid name"),
+        ({"registryName": "my-registry"}, "registryName: 'my-registry' is not a valid name: 5-50 letters"),
+        ({"registryName": "acr"}, "registryName: 'acr' is not a valid name"),
+        ({"registryName": "a" * 51}, "registryName: '" + "a" * 51 + "' is not a valid name"),
+        ({"registryName": "ünïcode1"}, "registryName: 'ünïcode1' is not a valid name"),
         ({"registrySku": "Free"}, "registrySku: must be one of Basic, Standard, Premium"),
         ({"modelPath": "models/phi3"}, "modelPath: must be an absolute path inside the container"),
+        ({"adapterPath": "adapter"}, "adapterPath: must be an absolute path inside the container"),
         ({"baseOnly": "yes"}, "baseOnly: must be true or false"),
+        ({"quantize4bit": "2"}, "quantize4bit: must be true or false"),
         ({"maxConcurrentGenerations": "0"}, "maxConcurrentGenerations: must be an integer >= 1"),
+        ({"maxConcurrentGenerations": "many"}, "maxConcurrentGenerations: must be an integer >= 1"),
+        ({"modelRevision": " "}, "modelRevision: must be a non-empty string"),
     ],
 )
 def test_invalid_image_config_fails_before_any_cloud_call(
@@ -250,13 +344,14 @@ def existing_registry(azure: FakeAzure, name: str = REGISTRY) -> str:
     return resource_id
 
 
-def test_an_existing_registry_is_adopted_then_its_admin_user_disabled(in_scratch_dir: Path) -> None:
+def test_an_existing_registry_is_adopted_with_its_admin_user_disabled_in_one_run(in_scratch_dir: Path) -> None:
     azure = FakeAzure(taken_registry_names={REGISTRY})  # the name is taken: by this very registry
     resource_id = existing_registry(azure)
     _, first = deploy(azure=azure)
     registry = azure.one(REGISTRY_TYPE)
     assert registry.import_id == resource_id
-    assert registry.inputs["adminUserEnabled"] is True  # imported as it is
+    assert registry.inputs["adminUserEnabled"] is False  # disabled on the import run itself (Azure has it on)
+    assert registry.inputs["sku"] == {"name": "Standard"}  # kept as Azure has it
     assert first.options[REGISTRY_TYPE].retain_on_delete is True
     assert first.outputs["adoption"]["containerRegistry"] == {"status": "adopted", "id": resource_id}
 
@@ -288,3 +383,91 @@ def test_a_registry_name_taken_elsewhere_is_a_clear_error(in_scratch_dir: Path) 
     ):
         deploy({"registryName": "sharedregistry"}, azure)
     assert azure.declared == []
+
+
+# -- the pull identity is adopted like the other resources (issue 11, point 6) ------------------------------------
+EXISTING_PRINCIPAL = "5c4b3a29-1807-4f6e-9d5c-4b3a29180706"
+
+
+def existing_identity(azure: FakeAzure, *, with_acr_pull: bool) -> tuple[str, str]:
+    """What a first stack on the same group (or one that lost its state) left: `<registry>-pull`, and usually
+    its AcrPull assignment on the registry. Returns their ids."""
+    resource_id = identity_id(GROUP, f"{REGISTRY}-pull")
+    azure.add(
+        resource_id,
+        {
+            "location": "eastus",  # not the stack's region: kept, a new one would replace the identity
+            "tags": {"owner": "ml-team"},
+            "principalId": EXISTING_PRINCIPAL,
+            "clientId": "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            "tenantId": TENANT_ID,
+        },
+    )
+    assignment_id = f"{registry_id(GROUP, REGISTRY)}/providers/Microsoft.Authorization/roleAssignments/7c9e6679"
+    if with_acr_pull:
+        azure.add(
+            assignment_id,
+            {
+                "properties": {
+                    "principalId": EXISTING_PRINCIPAL,
+                    "roleDefinitionId": f"/subscriptions/{SUBSCRIPTION_ID}/providers/Microsoft.Authorization/"
+                    f"roleDefinitions/{ACR_PULL_ROLE_ID}",
+                    "scope": registry_id(GROUP, REGISTRY),
+                }
+            },
+        )
+    return resource_id, assignment_id
+
+
+def test_an_existing_pull_identity_and_its_acr_pull_are_adopted(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, assignment = existing_identity(azure, with_acr_pull=True)
+    _, run = deploy(azure=azure)
+    declared = azure.one(IDENTITY_TYPE)
+    assert declared.import_id == identity
+    assert declared.inputs == {
+        "resourceName": f"{REGISTRY}-pull",
+        "resourceGroupName": GROUP,
+        "location": "eastus",
+        "tags": {"owner": "ml-team"},
+    }
+    role = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert role.import_id == assignment  # not a second one, which ARM refuses (RoleAssignmentExists)
+    assert azure.by_type(SLEEP_TYPE) == []  # in effect already: no wait
+    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [authorization.RoleAssignment]
+    assert role.inputs["roleAssignmentName"] == "7c9e6679" and role.inputs["principalId"] == EXISTING_PRINCIPAL
+    assert run.options[IDENTITY_TYPE].retain_on_delete is True
+    assert {key: run.outputs["adoption"][key] for key in ("pullIdentity", "acrPullAssignment")} == {
+        "pullIdentity": {"status": "adopted", "id": identity},
+        "acrPullAssignment": {"status": "adopted", "id": assignment},
+    }
+    assert azure.one(APP_TYPE).inputs["identity"]["userAssignedIdentities"] == [identity]
+
+    second_azure = FakeAzure(existing=azure.existing, previous_outputs={"adoption": run.outputs["adoption"]})
+    deploy(azure=second_azure)
+    assert second_azure.one(IDENTITY_TYPE).import_id is None and second_azure.one(ROLE_ASSIGNMENT_TYPE).import_id is None
+
+
+def test_an_existing_pull_identity_without_acr_pull_gets_it(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, _ = existing_identity(azure, with_acr_pull=False)
+    _, run = deploy(azure=azure)
+    assert azure.one(IDENTITY_TYPE).import_id == identity
+    role = azure.one(ROLE_ASSIGNMENT_TYPE)
+    assert role.import_id is None and "roleAssignmentName" not in role.inputs
+    assert role.inputs["principalId"] == EXISTING_PRINCIPAL
+    assert run.outputs["adoption"]["acrPullAssignment"]["status"] == "created"
+    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [pulumiverse_time.Sleep]  # new: wait for it
+
+
+def test_reference_mode_uses_the_existing_identity_and_assignment_as_they_are(in_scratch_dir: Path) -> None:
+    azure = FakeAzure()
+    existing_registry(azure)
+    identity, _ = existing_identity(azure, with_acr_pull=True)
+    _, run = deploy({"existingResources": "reference"}, azure)
+    assert azure.by_type(IDENTITY_TYPE) == [] and azure.by_type(ROLE_ASSIGNMENT_TYPE) == []
+    app = azure.one(APP_TYPE).inputs
+    assert app["configuration"]["registries"] == [{"server": LOGIN_SERVER, "identity": identity}]
+    assert not run.options[APP_TYPE].depends_on  # the assignment exists: nothing to wait for

@@ -1,0 +1,112 @@
+"""The image the container app runs (config `image`, else inference_app/ built by infra/image.py), and the app
+settings it runs with (INFERENCE_* environment variables)."""
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_docker_build as docker_build
+from pulumi_azure_native import app
+
+from infra.config_source import ConfigSource
+from infra.errors import ConfigError
+
+DEFAULT_PLATFORM = "linux/amd64"  # the GPU workload profiles run amd64
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """App settings from Pulumi config; None leaves the app's own default (inference_app/settings.py)."""
+
+    model_path: str | None = None
+    adapter_path: str | None = None
+    base_only: bool | None = None
+    quantize_4bit: bool | None = None
+    max_concurrent_generations: int | None = None
+    model_revision: str | None = None  # any change rolls a new revision, which loads the adapter afresh
+
+
+# InferenceSettings field -> the environment variable inference_app/settings.py reads for it.
+SETTINGS_ENV = {
+    "model_path": "INFERENCE_MODEL",
+    "adapter_path": "INFERENCE_ADAPTER",
+    "base_only": "INFERENCE_BASE_ONLY",
+    "quantize_4bit": "INFERENCE_QUANTIZE_4BIT",
+    "max_concurrent_generations": "INFERENCE_MAX_CONCURRENT_GENERATIONS",
+    "model_revision": "INFERENCE_MODEL_REVISION",  # read by nobody: a new value only changes the revision template
+}
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    image: str | None = None  # a prebuilt image reference; None: build inference_app/
+    build_platform: str = DEFAULT_PLATFORM
+    settings: InferenceSettings = field(default_factory=InferenceSettings)
+
+    @property
+    def builds(self) -> bool:
+        return self.image is None
+
+
+_PLATFORMS = tuple(platform.value for platform in docker_build.Platform)
+_IMAGE_REFERENCE = re.compile(r"[^\s@]+(@sha256:[0-9a-f]{64})?")
+
+
+def _container_path(source: ConfigSource, key: str) -> str | None:
+    value = source.string(key)
+    if value is not None and not value.startswith("/"):
+        raise ConfigError(
+            f"{key}: must be an absolute path inside the container, e.g. /mount/<folder on the file share> "
+            f"(the share is mounted at /mount), got {value!r}"
+        )
+    return value
+
+
+def read_image_config(source: ConfigSource) -> ImageConfig:
+    """Read and validate the image and app-setting keys; raises ConfigError naming the key."""
+    image = source.string("image")
+    if image is not None and not _IMAGE_REFERENCE.fullmatch(image):
+        raise ConfigError(f"image: {image!r} is not an image reference such as myregistry.azurecr.io/app:1.0")
+    platform = source.string("buildPlatform") or DEFAULT_PLATFORM
+    if platform not in _PLATFORMS:
+        raise ConfigError(f"buildPlatform: {platform!r} is not a platform Docker builds for, e.g. {DEFAULT_PLATFORM}")
+    return ImageConfig(
+        image=image,
+        build_platform=platform,
+        settings=InferenceSettings(
+            model_path=_container_path(source, "modelPath"),
+            adapter_path=_container_path(source, "adapterPath"),
+            base_only=source.boolean("baseOnly", None),
+            quantize_4bit=source.boolean("quantize4bit", None),
+            max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
+            model_revision=source.string("modelRevision"),
+        ),
+    )
+
+
+def container_env(settings: InferenceSettings) -> list[app.EnvironmentVarArgs]:
+    """The container's environment: one INFERENCE_* variable per configured setting (none of them is secret)."""
+    env = []
+    for field_name, variable in SETTINGS_ENV.items():
+        value = getattr(settings, field_name)
+        if value is None:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env.append(app.EnvironmentVarArgs(name=variable, value=text))
+    return env
+
+
+def container_command(config: ImageConfig, default_commands: Sequence[str] | None) -> list[str] | None:
+    """The container's command: the image's own, except for a prebuilt `image` with `defaultCommands` (the bicep's
+    `/bin/bash -c '<commands joined by "; ">'`, for a stock image that installs and starts the app itself)."""
+    if not default_commands:
+        return None
+    if config.builds:
+        pulumi.log.warn(
+            "defaultCommands is ignored: the built image starts the app by itself. It applies only together with "
+            "`image` (a prebuilt image without our app); remove it (`pulumi config rm defaultCommands`, or from "
+            "infra/provision/inference.parameters.json, where the AI Toolkit puts it) to silence this warning."
+        )
+        return None
+    return ["/bin/bash", "-c", "; ".join(default_commands)]

@@ -1,0 +1,303 @@
+"""The plan: every resource looked up by name before anything is declared, and for each the decision to create,
+adopt or reference it (infra/adoption.py). Azure's "not found" means "create"; any other error stops the program;
+a free name that is taken elsewhere in Azure (storage accounts and registries have global names) is refused naming
+the key to change."""
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pulumi
+from pulumi_azure_native import (
+    app,
+    authorization,
+    containerregistry,
+    managedidentity,
+    operationalinsights,
+    resources,
+    storage,
+)
+
+from infra.adoption import Adoption, AzureLookupError, PreviousRun, decide, lookup
+from infra.config import ProgramConfig
+from infra.environment import WorkloadProfiles, plan_workload_profiles
+from infra.errors import ConfigError
+from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
+from infra.registry import ACR_PULL_ROLE_ID
+from infra.rest import RequestFailed, get, post
+
+T = TypeVar("T")
+
+
+ARM = "https://management.azure.com"
+
+
+@dataclass(frozen=True)
+class GlobalName:
+    """A name unique across Azure, checked with its provider's checkNameAvailability action."""
+
+    key: str  # the config key that sets it
+    provider: str
+    api_version: str
+    resource_type: str
+    description: str
+    rule: str
+
+
+STORAGE_ACCOUNT_NAME = GlobalName(
+    "storageAccountName",
+    "Microsoft.Storage",
+    "2023-05-01",
+    "Microsoft.Storage/storageAccounts",
+    "storage account",
+    "3-24 lowercase letters and digits",
+)
+REGISTRY_NAME = GlobalName(
+    "registryName",
+    "Microsoft.ContainerRegistry",
+    "2023-07-01",
+    "Microsoft.ContainerRegistry/registries",
+    "registry",
+    "5-50 letters and digits",
+)
+
+
+def require_free_name(
+    kind: GlobalName, name: str, *, explicit: bool, subscription_id: str, arm_token: Callable[[], str]
+) -> None:
+    """Stop, naming the key, when ARM says the name is taken (by anyone, anywhere); a check that cannot be made is
+    only a warning (creating the resource would then fail with Azure's own message)."""
+    url = (
+        f"{ARM}/subscriptions/{subscription_id}/providers/{kind.provider}/checkNameAvailability"
+        f"?api-version={kind.api_version}"
+    )
+    body = json.dumps({"name": name, "type": kind.resource_type}).encode()
+    try:
+        answer = post(url, body, {"Authorization": f"Bearer {arm_token()}", "Content-Type": "application/json"})
+    except RequestFailed as error:
+        pulumi.log.warn(f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing.")
+        return
+    if isinstance(answer, dict) and answer.get("nameAvailable") is False:
+        how = "the name you configured" if explicit else "the default name"
+        raise ConfigError(
+            f"{kind.key}: {name!r} ({how}) is taken by a {kind.description} elsewhere in Azure ({kind.description} "
+            f"names are global; Azure says: {answer.get('message') or answer.get('reason')}); choose another with "
+            f"`pulumi config set {kind.key} <{kind.rule}>`"
+        )
+
+
+@dataclass(frozen=True)
+class RoleAssignmentFound:
+    id: str
+    name: str
+
+
+def find_acr_pull(registry_id: str, principal_id: str, arm_token: Callable[[], str]) -> RoleAssignmentFound | None:
+    """The AcrPull assignment of this principal on the registry itself, if there is one: an existing pull identity
+    usually has it, and ARM refuses a second one (RoleAssignmentExists). azure-native has no invoke to list them."""
+    url = (
+        f"{ARM}{registry_id}/providers/Microsoft.Authorization/roleAssignments?api-version=2022-04-01"
+        f"&$filter=principalId%20eq%20'{principal_id}'"
+    )
+    try:
+        answer = get(url, {"Authorization": f"Bearer {arm_token()}"})
+    except RequestFailed as error:
+        raise AzureLookupError(
+            f"Looking up the role assignments of pull identity {principal_id} on registry {registry_id} failed, so "
+            f"nothing was created or changed. Azure said: {error}"
+        ) from None
+    for assignment in answer.get("value", []) if isinstance(answer, dict) else []:
+        properties = assignment.get("properties", {})
+        same_scope = str(properties.get("scope", "")).lower() == registry_id.lower()
+        if same_scope and str(properties.get("roleDefinitionId", "")).lower().endswith(ACR_PULL_ROLE_ID):
+            return RoleAssignmentFound(assignment["id"], assignment["name"])
+    return None
+
+
+@dataclass(frozen=True)
+class AdoptionPlan:
+    """Everything decided before the first resource is declared."""
+
+    subscription_id: str
+    resource_group_id: str  # as Azure returns it when the group exists (uniqueString is case-sensitive)
+    location: str
+    resource_group: Adoption
+    storage_account: Adoption
+    file_service: Adoption
+    file_share: Adoption
+    log_analytics: Adoption
+    environment: Adoption
+    environment_storage: Adoption
+    container_app: Adoption
+    container_registry: Adoption
+    pull_identity: Adoption
+    acr_pull: Adoption  # the pull identity's AcrPull role assignment on the registry
+    workload_profiles: WorkloadProfiles  # the environment's, and the GPU profile the app runs on
+
+    @property
+    def environment_location(self) -> str:
+        """Where the app runs: apps live in their environment's region (an existing one's, else `location`)."""
+        existing = self.environment.existing
+        return str(existing.location) if existing is not None else self.location
+
+    def all(self) -> list[Adoption]:
+        return [
+            self.resource_group,
+            self.storage_account,
+            self.file_service,
+            self.file_share,
+            self.log_analytics,
+            self.environment,
+            self.environment_storage,
+            self.container_app,
+            self.container_registry,
+            self.pull_identity,
+            self.acr_pull,
+        ]
+
+
+def require_no_replacement(plan: AdoptionPlan, names: ResourceNames) -> None:
+    """Refuse, naming the config key, what would make the engine replace an adopted resource (and so refuse the
+    import): the only such change this program declares is moving an existing container app to another
+    environment (an app's environment is fixed when it is created)."""
+    container_app = plan.container_app
+    if container_app.status != "adopted":
+        return
+    current = str(container_app.existing.managed_environment_id or container_app.existing.environment_id or "")
+    wanted = plan.environment.azure_id or f"{plan.resource_group_id}/providers/Microsoft.App/managedEnvironments/" + (
+        names.environment
+    )
+    if current.lower() != wanted.lower():
+        raise ConfigError(
+            f"acaAppName: container app {names.container_app!r} already exists in environment "
+            f"{current.rsplit('/', 1)[-1]!r}, not in {names.environment!r} (acaEnvironmentName); an app cannot move "
+            "to another environment without being replaced, which would lose it. Set acaEnvironmentName to its "
+            f"environment (`pulumi config set acaEnvironmentName {current.rsplit('/', 1)[-1]}`) or choose another "
+            "acaAppName"
+        )
+
+
+def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
+    """Look every resource up by name and decide create / adopt / reference for each; logs the decisions."""
+    previous = PreviousRun.read()
+    mode = config.existing_resources
+    group_name = config.resource_group_name
+    subscription_id = authorization.get_client_config().subscription_id
+    arm_token = functools.cache(lambda: str(authorization.get_client_token().token))  # for the name checks
+    group = lookup(
+        f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
+    )
+    group_id = group.id if group is not None else resource_group_id(subscription_id, group_name)
+    names = resource_names(config.names, config.resource_suffix or resource_suffix(group_id))
+
+    location = config.location or (group.location if group is not None else None)
+    location = location or pulumi.Config("azure-native").get("location")
+    if not location:
+        raise ConfigError(
+            f"location: required because resource group {group_name!r} does not exist yet; "
+            "set it with `pulumi config set location <region>` (or `pulumi config set azure-native:location`)"
+        )
+
+    def in_group(description: str, fetch: Callable[[], T]) -> T | None:
+        # Nothing can exist in a group that does not exist; skip the call rather than ask Azure.
+        return lookup(description, fetch) if group is not None else None
+
+    account = in_group(
+        f"storage account {names.storage_account!r}",
+        lambda: storage.get_storage_account(account_name=names.storage_account, resource_group_name=group_name),
+    )
+    if account is None:
+        require_free_name(
+            STORAGE_ACCOUNT_NAME,
+            names.storage_account,
+            explicit=config.names.storage_account is not None,
+            subscription_id=subscription_id,
+            arm_token=arm_token,
+        )
+    file_service = share = None
+    if account is not None:
+        file_service = lookup(
+            f"file service of storage account {names.storage_account!r}",
+            lambda: storage.get_file_service_properties(
+                account_name=names.storage_account, resource_group_name=group_name, file_services_name="default"
+            ),
+        )
+        share = lookup(
+            f"file share {names.file_share!r}",
+            lambda: storage.get_file_share(
+                account_name=names.storage_account, resource_group_name=group_name, share_name=names.file_share
+            ),
+        )
+    workspace = in_group(
+        f"Log Analytics workspace {names.log_analytics!r}",
+        lambda: operationalinsights.get_workspace(workspace_name=names.log_analytics, resource_group_name=group_name),
+    )
+    environment = in_group(
+        f"Container Apps environment {names.environment!r}",
+        lambda: app.get_managed_environment(environment_name=names.environment, resource_group_name=group_name),
+    )
+    environment_storage = None
+    if environment is not None:
+        environment_storage = lookup(
+            f"environment storage {names.environment_storage!r}",
+            lambda: app.get_managed_environments_storage(
+                environment_name=names.environment,
+                resource_group_name=group_name,
+                storage_name=names.environment_storage,
+            ),
+        )
+    container_app = in_group(
+        f"container app {names.container_app!r}",
+        lambda: app.get_container_app(container_app_name=names.container_app, resource_group_name=group_name),
+    )
+    registry = in_group(
+        f"container registry {names.container_registry!r}",
+        lambda: containerregistry.get_registry(
+            registry_name=names.container_registry, resource_group_name=group_name
+        ),
+    )
+    if registry is None:
+        require_free_name(
+            REGISTRY_NAME,
+            names.container_registry,
+            explicit=config.names.container_registry is not None,
+            subscription_id=subscription_id,
+            arm_token=arm_token,
+        )
+
+    identity = in_group(
+        f"pull identity {names.pull_identity!r}",
+        lambda: managedidentity.get_user_assigned_identity(
+            resource_name=names.pull_identity, resource_group_name=group_name
+        ),
+    )
+    acr_pull = None
+    if registry is not None and identity is not None:
+        acr_pull = find_acr_pull(registry.id, identity.principal_id, arm_token)
+
+    environment_adoption = decide("environment", names.environment, environment, mode, previous)
+    plan = AdoptionPlan(
+        subscription_id=subscription_id,
+        resource_group_id=group_id,
+        location=location,
+        resource_group=decide("resourceGroup", group_name, group, mode, previous),
+        storage_account=decide("storageAccount", names.storage_account, account, mode, previous),
+        file_service=decide("fileService", "default", file_service, mode, previous),
+        file_share=decide("fileShare", names.file_share, share, mode, previous),
+        log_analytics=decide("logAnalyticsWorkspace", names.log_analytics, workspace, mode, previous),
+        environment=environment_adoption,
+        environment_storage=decide(
+            "environmentStorage", names.environment_storage, environment_storage, mode, previous
+        ),
+        container_app=decide("containerApp", names.container_app, container_app, mode, previous),
+        container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
+        pull_identity=decide("pullIdentity", names.pull_identity, identity, mode, previous),
+        acr_pull=decide("acrPullAssignment", "AcrPull", acr_pull, mode, previous),
+        workload_profiles=plan_workload_profiles(environment_adoption, config.gpu),
+    )
+    require_no_replacement(plan, names)
+    for adoption in plan.all():
+        pulumi.log.info(adoption.summary())
+    return plan, names

@@ -1,0 +1,47 @@
+"""The resource group everything lives in: created when missing, else adopted or referenced like the rest."""
+
+from dataclasses import dataclass
+
+import pulumi
+from pulumi_azure_native import resources
+
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+
+
+@dataclass(frozen=True)
+class ResourceGroupArgs:
+    group: Adoption
+    location: str  # of a new group
+    ledger: Ledger
+
+
+class ResourceGroup(pulumi.ComponentResource):
+    name: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ResourceGroupArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("inference:infra:ResourceGroup", name, None, opts)
+        existing = args.group.existing
+        group = declare_or_reference(
+            args.group,
+            args.ledger,
+            lambda options: resources.ResourceGroup(
+                "resource-group",
+                resource_group_name=args.group.name,
+                **(
+                    mirror_inputs(existing, resources.ResourceGroupArgs)
+                    if existing is not None
+                    else {"location": args.location}
+                ),
+                # Declared at the stack's root before this component existed: the alias keeps its URN, so that
+                # stacks deployed before are not asked to delete and recreate their group.
+                opts=pulumi.ResourceOptions.merge(
+                    options, pulumi.ResourceOptions(aliases=[pulumi.Alias(parent=pulumi.ROOT_STACK_RESOURCE)])
+                ),
+            ),
+            parent=self,
+            # Deleting a group deletes everything in it, the retained storage account and share included.
+            always_retain=True,
+        )
+        # A referenced group keeps the configured name (the lookup's answer may differ in case only).
+        self.name = group.output("name") if group.resource is not None else pulumi.Output.from_input(args.group.name)
+        self.register_outputs({"name": self.name})
