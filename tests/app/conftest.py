@@ -13,6 +13,7 @@ import torch
 
 from inference_app.generation import GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
+from tests.app.browser_harness import browser, page  # noqa: F401 (fixtures for every test module)
 from tests.model_factory import ModelFolders, build_model_folders
 
 LOAD_TIMEOUT_S = 60

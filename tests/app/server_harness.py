@@ -109,6 +109,12 @@ def sse_events(response: httpx.Response) -> Iterator[Any]:
         yield data if data == "[DONE]" else json.loads(data)
 
 
+def engine_is_idle(service: ModelService) -> bool:
+    """No generation running or waiting."""
+    stats = service.generation_stats()
+    return stats["running"] == 0 and stats["waiting"] == 0
+
+
 def free_port() -> int:
     """A port free now (released for the app to take)."""
     with socket.socket() as probe:

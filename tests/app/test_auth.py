@@ -27,8 +27,7 @@ from inference_app.server import build_app
 from inference_app.settings import Settings
 from inference_app.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server, wait_for
-# The browser and page fixtures of the chat UI tests (the page opens this module's `server`).
-from tests.app.test_browser import bot_messages, browser, message_box, page, send  # noqa: F401
+from tests.app.browser_harness import bot_messages, message_box, open_page, send
 from tests.model_factory import ModelFolders
 
 pytestmark = pytest.mark.slow
@@ -492,12 +491,6 @@ def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
 
 @pytest.mark.browser
 def test_the_ui_has_no_sign_out_without_password_mode(tiny_settings: Settings, browser: Browser) -> None:
-    with running_server(tiny_settings, start_loading=False) as open_server:
-        context = browser.new_context()
-        try:
-            page = context.new_page()
-            page.goto(open_server.url)
-            expect(page.get_by_role("button", name=TRIM_BUTTON)).to_be_visible()
-            expect(page.get_by_role("button", name=SIGN_OUT_BUTTON)).to_have_count(0)
-        finally:
-            context.close()
+    with running_server(tiny_settings, start_loading=False) as open_server, open_page(browser, open_server.url) as page:
+        expect(page.get_by_role("button", name=TRIM_BUTTON)).to_be_visible()
+        expect(page.get_by_role("button", name=SIGN_OUT_BUTTON)).to_have_count(0)

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from inference_app.generation import ModelService
 from inference_app.settings import Settings
 from inference_app.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
-from tests.app.server_harness import RunningServer, running_server, wait_for
+from tests.app.browser_harness import bot_messages, message_box, open_page, send, stop_button
+from tests.app.server_harness import RunningServer, engine_is_idle, running_server, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-UI_TIMEOUT_MS = 30_000
 # A prompt whose greedy reply from the tiny model is longer than LONG_REPLY_TOKENS (see test_http_api.py).
 LONG_PROMPT = "Hello, world!"
 LONG_REPLY_TOKENS = 200
@@ -60,45 +57,6 @@ def test_conversation_flattens_gradio_6_history() -> None:
 def server(tiny_settings: Settings) -> Iterator[RunningServer]:
     with running_server(tiny_settings) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Browser, server: RunningServer) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    page.goto(f"{server.url}/")
-    yield page
-    context.close()
-
-
-def message_box(page: Page) -> Locator:
-    return page.get_by_test_id("textbox").first  # the chat's textbox comes before the settings' system prompt
-
-
-def engine_is_idle(service: ModelService) -> bool:
-    stats = service.generation_stats()
-    return stats["running"] == 0 and stats["waiting"] == 0
-
-
-def send(page: Page, text: str) -> None:
-    message_box(page).fill(text)
-    message_box(page).press("Enter")
-
-
-def bot_messages(page: Page) -> Locator:
-    return page.locator('[data-testid="bot"]')
 
 
 @pytest.mark.slow
@@ -155,9 +113,6 @@ def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> 
     assert steps < LONG_REPLY_TOKENS / 2, f"{steps} decode steps: the generation ran on after Stop"
 
 
-def stop_button(page: Page) -> Locator:
-    return page.locator("button.stop-button")
-
 
 @pytest.mark.slow
 @pytest.mark.browser
@@ -210,28 +165,21 @@ def test_error_replies_and_trimmed_turns_are_left_out_of_the_prompt() -> None:
 def test_the_page_says_while_the_model_loads_and_answers_once_it_is_ready(
     tiny_settings: Settings, browser: Browser
 ) -> None:
-    with running_server(tiny_settings, start_loading=False) as loading:
-        context = browser.new_context()
-        try:
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(loading.url)
-            notice = page.get_by_text("The model is loading")
-            expect(notice).to_be_visible()
+    with running_server(tiny_settings, start_loading=False) as loading, open_page(browser, loading.url) as page:
+        notice = page.get_by_text("The model is loading")
+        expect(notice).to_be_visible()
 
-            send(page, "Hello")
-            expect(bot_messages(page)).to_have_count(1)
-            expect(bot_messages(page).first).to_contain_text("the model is not ready")
-            expect(message_box(page)).to_be_editable()
+        send(page, "Hello")
+        expect(bot_messages(page)).to_have_count(1)
+        expect(bot_messages(page).first).to_contain_text("the model is not ready")
+        expect(message_box(page)).to_be_editable()
 
-            loading.service.start_loading()
-            expect(notice).to_be_hidden()  # the page asks again until the model is ready
-            send(page, "Hello")
-            expect(bot_messages(page)).to_have_count(2)
-            expect(message_box(page)).to_be_editable()
-            assert NOT_ANSWERED.strip() not in bot_messages(page).nth(1).inner_text()
-        finally:
-            context.close()
+        loading.service.start_loading()
+        expect(notice).to_be_hidden()  # the page asks again until the model is ready
+        send(page, "Hello")
+        expect(bot_messages(page)).to_have_count(2)
+        expect(message_box(page)).to_be_editable()
+        assert NOT_ANSWERED.strip() not in bot_messages(page).nth(1).inner_text()
 
 
 @pytest.mark.slow
@@ -241,14 +189,8 @@ def test_the_page_says_when_the_model_failed_to_load(tiny_settings: Settings, br
     with running_server(settings, start_loading=False) as failing:
         failing.service.start_loading()
         wait_for(lambda: failing.service.status == "failed", 30, "loading to fail")
-        context = browser.new_context()
-        try:
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(failing.url)
+        with open_page(browser, failing.url) as page:
             expect(page.get_by_text("The model failed to load")).to_be_visible()
             send(page, "Hello")
             expect(bot_messages(page).first).to_contain_text("the model is not ready")
             expect(message_box(page)).to_be_editable()
-        finally:
-            context.close()

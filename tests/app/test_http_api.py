@@ -21,6 +21,7 @@ from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
     app_process,
+    engine_is_idle,
     running_server,
     sse_events,
     wait_for,
@@ -94,11 +95,6 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     assert (error["type"], error["param"], error["code"]) == (error_type, param, code)
-
-
-def engine_is_idle(service: ModelService) -> bool:
-    stats = service.generation_stats()
-    return stats["running"] == 0 and stats["waiting"] == 0
 
 
 # ---- health and readiness ----
