@@ -233,9 +233,10 @@ _OPTIONS = (
     _Option(
         "forwarded_allow_ips",
         ("--forwarded-allow-ips",),
-        "comma-separated addresses of proxies whose X-Forwarded-For/-Proto headers are trusted for the client's"
-        " address (the brake on password guessing) and scheme (HSTS); '*' behind a platform ingress that is the"
-        " only way in",
+        "comma-separated addresses or networks of proxies whose X-Forwarded-For/-Proto headers are believed for the"
+        " client's address (the brake on password guessing) and scheme (HSTS); behind an ingress, its private"
+        " networks (the client is then the last untrusted address, which the ingress wrote; '*' would believe the"
+        " first, which the client wrote)",
         str,
         metavar="ADDRESSES",
     ),

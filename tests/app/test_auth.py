@@ -253,6 +253,16 @@ def test_repeated_failures_from_one_address_are_braked_for_that_address_only(
     assert guess(PASSWORD, headers=elsewhere).status_code == 200
 
 
+def test_forged_forwarded_addresses_do_not_escape_the_brake(server: RunningServer) -> None:
+    """Behind a trusted proxy, the client is the last address the proxy appended; whatever a guesser writes before
+    it changes nothing."""
+    for attempt in range(GuessingBrake.MAX_FAILURES):
+        forged = {"X-Forwarded-For": f"198.51.100.{attempt}, 203.0.113.9", "Authorization": "Bearer wrong"}
+        assert httpx.get(f"{server.url}/v1/models", headers=forged, timeout=10).status_code == 401
+    forged = {"X-Forwarded-For": "198.51.100.99, 203.0.113.9", "Authorization": f"Bearer {PASSWORD}"}
+    assert_braked(httpx.get(f"{server.url}/v1/models", headers=forged, timeout=10))
+
+
 def test_the_brake_lets_the_address_try_again_within_a_minute() -> None:
     now = [1000.0]
     brake = GuessingBrake(clock=lambda: now[0])
