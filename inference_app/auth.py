@@ -23,6 +23,9 @@ from fastapi.security.utils import get_authorization_scheme_param
 from inference_app.api_errors import ApiError
 from inference_app.settings import Settings
 
+# The brake on guessing (GuessingBrake): this many failed sign-ins from one address within the window pause it.
+MAX_FAILED_SIGN_INS = 10
+FAILED_SIGN_IN_WINDOW_S = 60.0
 # Bearer, not Basic: a browser meeting a refused API path shows no password dialog of its own.
 WWW_AUTHENTICATE = 'Bearer realm="inference"'
 INVALID_CREDENTIALS_MESSAGE = (
@@ -32,7 +35,8 @@ INVALID_CREDENTIALS_MESSAGE = (
 # Shown as HTML above Gradio's login form.
 LOGIN_MESSAGE = (
     "Sign in with this deployment's username and password: <code>pulumi stack output accessUsername</code> and"
-    " <code>pulumi stack output --show-secrets accessPassword</code>."
+    " <code>pulumi stack output --show-secrets accessPassword</code>. After"
+    f" {MAX_FAILED_SIGN_INS} failed attempts, sign-in pauses for up to {FAILED_SIGN_IN_WINDOW_S:.0f} seconds."
 )
 
 
@@ -90,8 +94,8 @@ class GuessingBrake:
     waits at most a minute. A success forgets the address's failures.
     """
 
-    MAX_FAILURES = 10
-    WINDOW_S = 60.0
+    MAX_FAILURES = MAX_FAILED_SIGN_INS
+    WINDOW_S = FAILED_SIGN_IN_WINDOW_S
     MAX_ADDRESSES = 10_000  # beyond this many tracked addresses, those without recent failures are forgotten
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
