@@ -45,7 +45,7 @@ from inference_app.generation import (
     PromptTooLongError,
     SamplingParams,
 )
-from inference_app.prompt_limits import check_prompt_fits
+from inference_app.prompt_limits import refuse_overlong_prompt
 from inference_app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class ChatCompletionServing:
             _require_ready(service)
             messages = [message.as_prompt_message() for message in completion_request.messages]
             with _engine_errors_as_api_errors():
-                await check_prompt_fits(service, messages)
+                refuse_overlong_prompt(service, messages)
                 chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
                 first = await anext(chunks)  # ModelService raises its request errors here, before generating
         except ApiError as error:

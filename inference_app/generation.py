@@ -163,7 +163,8 @@ class ModelService:
         engine = self._require_engine()
         slots = self._slots
         assert slots is not None  # set with the engine
-        prompt_ids = self._prompt_ids(messages)
+        # On a worker thread: a long prompt takes a while to template and tokenize, and the event loop serves /health.
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, messages)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_new_tokens)
         if wait:
             await slots.acquire()

@@ -1,13 +1,10 @@
-"""Refusing a prompt too long for the model's context without blocking the event loop (which also answers /health).
+"""Refusing a prompt far too long for the model's context before it is tokenized.
 
-A prompt far too long is refused by its character count, which costs nothing; one that might fit is tokenized on a
-worker thread. ModelService.stream_chat then tokenizes the accepted prompt once more, on the event loop: the
-character bound keeps that short.
+Tokenizing megabytes of text takes seconds; the character count costs nothing. A prompt that passes is tokenized by
+ModelService.stream_chat on a worker thread, so the event loop (which also answers /health) never waits for it.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from inference_app.generation import Message, ModelService, PromptTooLongError
 
@@ -16,19 +13,13 @@ from inference_app.generation import Message, ModelService, PromptTooLongError
 MAX_CHARS_PER_TOKEN = 16
 
 
-async def check_prompt_fits(service: ModelService, messages: list[Message]) -> None:
-    """Raises PromptTooLongError if `messages` leave no room for a reply in the model's context, and
-    ModelNotReadyError or ValueError as ModelService.stream_chat would."""
+def refuse_overlong_prompt(service: ModelService, messages: list[Message]) -> None:
+    """Raises PromptTooLongError if `messages` have more characters than the model's context could hold as tokens,
+    and ModelNotReadyError while the model is not loaded."""
     context_length = int(service.info()["context_length"])
     characters = sum(len(message["content"]) for message in messages)
     if characters > context_length * MAX_CHARS_PER_TOKEN:
         raise PromptTooLongError(
             f"the conversation has {characters} characters, more than the model's context of {context_length} "
             "tokens can hold: shorten the conversation"
-        )
-    prompt_tokens = await asyncio.to_thread(service.count_prompt_tokens, messages)
-    if prompt_tokens >= context_length:
-        raise PromptTooLongError(
-            f"the prompt has {prompt_tokens} tokens and the model's context holds {context_length}: "
-            "shorten the conversation"
         )

@@ -16,7 +16,7 @@ import gradio as gr
 
 from inference_app.api_schema import flatten_text_content
 from inference_app.generation import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
-from inference_app.prompt_limits import check_prompt_fits
+from inference_app.prompt_limits import refuse_overlong_prompt
 from inference_app.settings import Settings
 
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
@@ -56,8 +56,8 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         messages = conversation(message, history, system_prompt)
         reply = ""
         try:
-            await check_prompt_fits(service, messages)
-            # wait=True: a request beyond the generation slots waits (Gradio's queue already bounds how many run).
+            refuse_overlong_prompt(service, messages)
+            # wait=True: beyond the generation slots, a chat waits here for one (the API answers 429 instead).
             chunks = service.stream_chat(messages, params, wait=True)
             async with contextlib.aclosing(chunks):  # the stop button or a closed tab cancels us: stop generating
                 async for chunk in chunks:

@@ -407,10 +407,10 @@ def test_invalid_request_gets_400_with_an_openai_error(
 def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
     client: httpx.Client, server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fail(messages: Any) -> int:
+    def fail(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(server.service, "count_prompt_tokens", fail)
+    monkeypatch.setattr(server.service, "stream_chat", fail)
     response = chat(client, max_tokens=3)
     assert_error(response, 500, "server_error", None, None)
     assert "secret internal detail" not in response.text
