@@ -106,8 +106,11 @@ def _auth_password(text: str) -> str:
     return text
 
 
-def _origins(text: str) -> tuple[str, ...]:
-    """Comma-separated origins, each scheme://host[:port] as a browser sends it in its Origin header."""
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins, each scheme://host[:port] as a browser sends it in its Origin header.
+
+    Raises argparse.ArgumentTypeError for one that is not; the Pulumi program checks its config with it too.
+    """
     origins = tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
     for origin in origins:
         scheme, separator, host = origin.partition("://")
@@ -121,7 +124,7 @@ def _origins(text: str) -> tuple[str, ...]:
 _positive_int.__name__ = "positive integer"
 _port.__name__ = "port (1-65535)"
 _prompt_template.__name__ = "template with exactly one {} for the user's message"
-_origins.__name__ = "comma-separated list of origins"
+parse_origins.__name__ = "comma-separated list of origins"
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ _OPTIONS = (
         ("--allowed-origins",),
         "other web origins whose pages may call the UI's and the API's routes from a browser, comma-separated"
         " (the app's own origin always may)",
-        _origins,
+        parse_origins,
         metavar="ORIGINS",
     ),
     _Option(

@@ -1,6 +1,7 @@
 """The image the container app runs (config `image`, else inference_app/ built by infra/image.py), and the app
 settings it runs with (INFERENCE_* environment variables)."""
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import app
 
+from inference_app.settings import parse_origins
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
@@ -24,6 +26,8 @@ class InferenceSettings:
     base_only: bool | None = None
     quantize_4bit: bool | None = None
     max_concurrent_generations: int | None = None
+    max_request_bytes: int | None = None
+    allowed_origins: tuple[str, ...] | None = None
     model_revision: str | None = None  # any change rolls a new revision, which loads the adapter afresh
 
 
@@ -34,6 +38,8 @@ SETTINGS_ENV = {
     "base_only": "INFERENCE_BASE_ONLY",
     "quantize_4bit": "INFERENCE_QUANTIZE_4BIT",
     "max_concurrent_generations": "INFERENCE_MAX_CONCURRENT_GENERATIONS",
+    "max_request_bytes": "INFERENCE_MAX_REQUEST_BYTES",
+    "allowed_origins": "INFERENCE_ALLOWED_ORIGINS",
     "model_revision": "INFERENCE_MODEL_REVISION",  # read by nobody: a new value only changes the revision template
 }
 
@@ -63,6 +69,25 @@ def _container_path(source: ConfigSource, key: str) -> str | None:
     return value
 
 
+def _allowed_origins(source: ConfigSource) -> tuple[str, ...] | None:
+    """Each item must be one origin as the app's own parser reads it, so that a value the app would refuse at start
+    is refused here instead; an empty list is the app's default."""
+    example = "https://chat.example.com"
+    origins: list[str] = []
+    for item in source.string_list("allowedOrigins", example) or ():
+        try:
+            parsed = parse_origins(item)
+        except argparse.ArgumentTypeError:
+            parsed = ()
+        if len(parsed) != 1:  # also an empty item, or several joined with commas
+            raise ConfigError(
+                f"allowedOrigins: {item!r} is not one origin: give each item as scheme://host[:port] (http or "
+                f"https, no path), e.g. `pulumi config set --path 'allowedOrigins[0]' {example}`"
+            )
+        origins.extend(parsed)
+    return tuple(origins) or None
+
+
 def read_image_config(source: ConfigSource) -> ImageConfig:
     """Read and validate the image and app-setting keys; raises ConfigError naming the key."""
     image = source.string("image")
@@ -80,6 +105,8 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
             base_only=source.boolean("baseOnly", None),
             quantize_4bit=source.boolean("quantize4bit", None),
             max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
+            max_request_bytes=source.integer("maxRequestBytes", None, minimum=1),
+            allowed_origins=_allowed_origins(source),
             model_revision=source.string("modelRevision"),
         ),
     )
@@ -90,11 +117,18 @@ def container_env(settings: InferenceSettings) -> list[app.EnvironmentVarArgs]:
     env = []
     for field_name, variable in SETTINGS_ENV.items():
         value = getattr(settings, field_name)
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env.append(app.EnvironmentVarArgs(name=variable, value=text))
+        if value is not None:
+            env.append(app.EnvironmentVarArgs(name=variable, value=_env_text(value)))
     return env
+
+
+def _env_text(value: str | int | bool | tuple[str, ...]) -> str:
+    """A setting written as inference_app/settings.py parses it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value)  # the app splits lists at commas
+    return str(value)
 
 
 def container_command(config: ImageConfig, default_commands: Sequence[str] | None) -> list[str] | None:

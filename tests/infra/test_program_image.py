@@ -14,6 +14,7 @@ import pytest
 import pulumiverse_time
 from pulumi_azure_native import authorization
 
+from inference_app.settings import parse_settings
 from infra.acr_token import ACR_TOKEN_USERNAME
 from infra.image import BUILD_CONTEXT, PROJECT_DIR, REPOSITORY, image_tag
 from infra.image_config import DEFAULT_PLATFORM
@@ -228,6 +229,15 @@ def test_default_commands_apply_only_with_a_prebuilt_image(
     assert "defaultCommands is ignored" in caplog.text
 
 
+def app_settings(azure: FakeAzure) -> dict[str, str]:
+    """The container's INFERENCE_* variables other than the access ones (tests/infra/test_access.py)."""
+    return {
+        variable["name"]: variable["value"]
+        for variable in container(azure).get("env", [])
+        if not variable["name"].startswith(("INFERENCE_AUTH_", "ACCESS_"))
+    }
+
+
 def test_app_settings_reach_the_container_as_environment_variables(in_scratch_dir: Path) -> None:
     azure, _ = deploy(
         {
@@ -239,12 +249,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
             "modelRevision": "run7",
         }
     )
-    settings = {
-        variable["name"]: variable["value"]
-        for variable in container(azure)["env"]
-        if not variable["name"].startswith(("INFERENCE_AUTH_", "ACCESS_"))  # tests/infra/test_access.py
-    }
-    assert settings == {
+    assert app_settings(azure) == {
         "INFERENCE_MODEL": "/mount/models/phi-3-mini",
         "INFERENCE_ADAPTER": "/mount/models/run7/adapter",
         "INFERENCE_BASE_ONLY": "false",
@@ -252,6 +257,33 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
         "INFERENCE_MODEL_REVISION": "run7",
     }
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "app_reads"),
+    [
+        ({"maxRequestBytes": "65536"}, {"INFERENCE_MAX_REQUEST_BYTES": "65536"}, {"max_request_bytes": 65536}),
+        ({"maxRequestBytes": 1}, {"INFERENCE_MAX_REQUEST_BYTES": "1"}, {"max_request_bytes": 1}),
+        (
+            {"allowedOrigins": ["https://chat.example.com"]},
+            {"INFERENCE_ALLOWED_ORIGINS": "https://chat.example.com"},
+            {"allowed_origins": ("https://chat.example.com",)},
+        ),
+        (
+            {"allowedOrigins": ["https://chat.example.com/", " http://localhost:3000", "https://[::1]:8443"]},
+            {"INFERENCE_ALLOWED_ORIGINS": "https://chat.example.com,http://localhost:3000,https://[::1]:8443"},
+            {"allowed_origins": ("https://chat.example.com", "http://localhost:3000", "https://[::1]:8443")},
+        ),
+        ({"allowedOrigins": []}, {}, {"allowed_origins": ()}),  # none besides the app's own: the app's default
+    ],
+)
+def test_http_settings_reach_the_container_as_the_app_reads_them(
+    in_scratch_dir: Path, config: dict[str, Any], env: dict[str, str], app_reads: dict[str, Any]
+) -> None:
+    azure, _ = deploy({"access": "public"} | config)
+    assert app_settings(azure) == env
+    settings = parse_settings([], environ=env)
+    assert {name: getattr(settings, name) for name in app_reads} == app_reads
 
 
 def test_unset_settings_leave_the_apps_defaults(in_scratch_dir: Path) -> None:
@@ -314,6 +346,15 @@ def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> No
         ({"quantize4bit": "2"}, "quantize4bit: must be true or false"),
         ({"maxConcurrentGenerations": "0"}, "maxConcurrentGenerations: must be an integer >= 1"),
         ({"maxConcurrentGenerations": "many"}, "maxConcurrentGenerations: must be an integer >= 1"),
+        ({"maxRequestBytes": "0"}, "maxRequestBytes: must be an integer >= 1"),
+        ({"maxRequestBytes": "1MiB"}, "maxRequestBytes: must be an integer >= 1"),
+        ({"allowedOrigins": "https://chat.example.com"}, "allowedOrigins: must be a list of strings, e.g. `pulumi"),
+        ({"allowedOrigins": ["chat.example.com"]}, "allowedOrigins: 'chat.example.com' is not one origin: give"),
+        ({"allowedOrigins": ["ftp://example.com"]}, "allowedOrigins: 'ftp://example.com' is not one origin"),
+        ({"allowedOrigins": ["https://example.com/chat"]}, "allowedOrigins: 'https://example.com/chat' is not one"),
+        ({"allowedOrigins": ["https://"]}, "allowedOrigins: 'https://' is not one origin"),
+        ({"allowedOrigins": ["https://a.example,https://b.example"]}, "allowedOrigins: 'https://a.example,https:"),
+        ({"allowedOrigins": [" "]}, "allowedOrigins: ' ' is not one origin"),
         ({"modelRevision": " "}, "modelRevision: must be a non-empty string"),
     ],
 )
