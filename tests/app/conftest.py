@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ import torch
 from inference_app.generation import GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
 from tests.app.browser_harness import browser, page  # noqa: F401 (fixtures for every test module)
+from tests.app.service_harness import collect_chunks
 from tests.model_factory import ModelFolders, build_model_folders
 
 LOAD_TIMEOUT_S = 60
@@ -53,15 +53,6 @@ def start_service(tiny_settings: Settings) -> Iterator[Callable[..., ModelServic
     yield start
     for service in services:
         service.close()
-
-
-def collect_chunks(
-    service: ModelService, messages: list[dict[str, str]], params: SamplingParams, *, wait: bool = True
-) -> list[GenerationChunk]:
-    async def collect() -> list[GenerationChunk]:
-        return [chunk async for chunk in service.stream_chat(messages, params, wait=wait)]
-
-    return asyncio.run(collect())
 
 
 @pytest.fixture

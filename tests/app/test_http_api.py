@@ -16,7 +16,7 @@ import pytest
 from inference_app.generation import ModelService, SamplingParams
 from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
-from tests.app.conftest import collect_chunks
+from tests.app.service_harness import collect_chunks
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
