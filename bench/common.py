@@ -28,7 +28,6 @@ BENCH_DIR = REPO_ROOT / "bench"
 DEFAULT_MODELS_DIR = Path(tempfile.gettempdir()) / "inference-app-bench-models"
 # Every bench asks the same question, so numbers stay comparable between scripts and runs.
 BENCH_MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
-_BUILT_MARK = "bench-model-complete"
 # The machine may be shared. The load average counts the bench's own threads too, so what tells whether other
 # work disturbed a run is the CPU time everything else used meanwhile (busy time of all CPUs minus our own).
 _LOAD_AT_START = os.getloadavg()
@@ -92,28 +91,18 @@ def prepare_model(args: argparse.Namespace) -> BenchModel:
         if args.adapter is None:
             sys.exit("--model needs --adapter (the LoRA adapter trained on it)")
         return BenchModel(args.model, args.adapter, f"{args.model} + {args.adapter}")
-    root = args.models_dir / args.size
-    if not (root / _BUILT_MARK).is_file():
-        _build_model(root, args.size)
-    from tests.model_factory import adapter_folder, model_folder
-
-    description = f"generated random-weight Phi-3 family, size {args.size}"
-    return BenchModel(model_folder(root), adapter_folder(root), description)
-
-
-def _build_model(root: Path, size: str) -> None:
     import torch
 
-    from tests.model_factory import build_model_folders
+    from inference_app.random_model import cached_model_folders
 
-    print(f"building the {size} bench model in {root} ...", flush=True)
     started = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
     # The real Phi-3-mini shape is built in bfloat16 (7.6 GB) as it ships; the small ones in float32.
-    dtype = torch.bfloat16 if size == "mini" else torch.float32
-    build_model_folders(root, size=size, dtype=dtype)
-    (root / _BUILT_MARK).write_text("built by bench/common.py\n")
-    print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
+    dtype = torch.bfloat16 if args.size == "mini" else torch.float32
+    folders, built_now = cached_model_folders(args.models_dir / args.size, args.size, dtype)
+    if built_now:
+        print(f"built the {args.size} bench model in {folders.root} in {time.perf_counter() - started:.1f} s", flush=True)
+    description = f"generated random-weight Phi-3 family, size {args.size}"
+    return BenchModel(folders.model_path, folders.adapter_path, description)
 
 
 def app_arguments(model: BenchModel, args: argparse.Namespace) -> list[str]:

@@ -84,7 +84,7 @@ def build_models(size: str) -> BenchModels:
     from peft import get_peft_model
     from transformers import Phi3ForCausalLM
 
-    from tests.model_factory import SIZES, build_tokenizer, generation_config, lora_config, phi3_config
+    from inference_app.random_model import SIZES, build_tokenizer, generation_config, lora_config, phi3_config
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"

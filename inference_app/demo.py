@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from inference_app.random_model import ModelFolders, adapter_folder, build_model_folders, model_folder
+from inference_app.random_model import ModelFolders, cached_model_folders
 from inference_app.settings import Settings
 
 DEMO_MODEL_SIZE = "small"  # Phi-3's vocabulary and proportions, scaled down to build in seconds and run on a CPU
@@ -21,7 +20,6 @@ DEMO_HOST = "127.0.0.1"
 # The one folder the demo owns inside the cache folder (which may be any folder the user names): only it, and the
 # build beside it, are ever replaced.
 _DEMO_FOLDER = f"phi3-{DEMO_MODEL_SIZE}-random"
-_BUILT_MARK = "demo-model-built"  # written last: a build cut short is built again
 
 
 def default_demo_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -32,18 +30,7 @@ def default_demo_dir(environ: Mapping[str, str] = os.environ) -> Path:
 
 def demo_model_folders(demo_dir: Path) -> tuple[ModelFolders, bool]:
     """The demo model in `demo_dir`, built unless an earlier build completed there; and whether it was built now."""
-    root = demo_dir / _DEMO_FOLDER
-    folders = ModelFolders(root=root, model_path=model_folder(root), adapter_path=adapter_folder(root))
-    if (root / _BUILT_MARK).is_file():
-        return folders, False
-    # Built beside its final place and renamed into it: an interrupted build never looks complete.
-    building = demo_dir / f"{_DEMO_FOLDER}.building"
-    shutil.rmtree(building, ignore_errors=True)
-    build_model_folders(building, size=DEMO_MODEL_SIZE)
-    (building / _BUILT_MARK).write_text(f"random-weight {DEMO_MODEL_SIZE} model built by inference_app.demo\n")
-    shutil.rmtree(root, ignore_errors=True)
-    building.rename(root)
-    return folders, True
+    return cached_model_folders(demo_dir / _DEMO_FOLDER, DEMO_MODEL_SIZE)
 
 
 def demo_settings(settings: Settings, folders: ModelFolders) -> Settings:

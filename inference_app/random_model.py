@@ -15,6 +15,7 @@ Phi-3-mini shape, for a GPU).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,3 +260,24 @@ def build_model_folders(
     build_base_model(model_path, size=size, seed=seed, dtype=dtype)
     build_adapter(model_path, adapter_path, size=size, seed=seed + 1, base_model_name=f"microsoft/{name}", dtype=dtype)
     return ModelFolders(root=root, model_path=model_path, adapter_path=adapter_path)
+
+
+# Written last into a cached build: a build cut short has no mark and is built again.
+BUILT_MARK = "random-model-built"
+
+
+def cached_model_folders(root: Path, size: str, dtype: torch.dtype = torch.float32) -> tuple[ModelFolders, bool]:
+    """The model of `size` in `root`, built unless an earlier build completed there; and whether it was built now.
+
+    Built beside `root` and renamed into it, so an interrupted build never looks complete; only `root` and that
+    build folder are ever replaced."""
+    folders = ModelFolders(root=root, model_path=model_folder(root), adapter_path=adapter_folder(root))
+    if (root / BUILT_MARK).is_file():
+        return folders, False
+    building = root.with_name(f"{root.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    build_model_folders(building, size=size, dtype=dtype)
+    (building / BUILT_MARK).write_text(f"random-weight {size} model built by inference_app.random_model\n")
+    shutil.rmtree(root, ignore_errors=True)
+    building.rename(root)
+    return folders, True

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-import inference_app.demo
+import inference_app.random_model
 from inference_app.demo import DEMO_HOST, default_demo_dir, demo_model_folders
+from inference_app.random_model import BUILT_MARK
 from tests.app.server_harness import app_process
 
 pytestmark = pytest.mark.slow
@@ -66,15 +68,15 @@ def test_an_interrupted_build_is_built_again(tmp_path: Path, monkeypatch: pytest
     """The cache logic alone (the real build is the test above): a build is reused only once it completed."""
     builds: list[Path] = []
 
-    def build(root: Path, size: str) -> None:  # stands in for the real builder: records where it built
+    def build(root: Path, size: str, dtype: Any) -> None:  # stands in for the real builder: records where it built
         builds.append(root)
         (root / "weights").mkdir(parents=True)
 
-    monkeypatch.setattr(inference_app.demo, "build_model_folders", build)
+    monkeypatch.setattr(inference_app.random_model, "build_model_folders", build)
     folders, built_now = demo_model_folders(tmp_path)
     assert built_now and (folders.root / "weights").is_dir()
     assert demo_model_folders(tmp_path) == (folders, False)
-    (folders.root / "demo-model-built").unlink()  # as if the build had been cut short before its last step
+    (folders.root / BUILT_MARK).unlink()  # as if the build had been cut short before its last step
     rebuilt, built_now = demo_model_folders(tmp_path)
     assert built_now and rebuilt == folders
     assert len(builds) == 2 and builds[0] != folders.root  # built beside, then moved into place
