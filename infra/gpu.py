@@ -25,10 +25,15 @@ DEFAULT_GPU: GpuChoice = "dedicated-A100"
 # - dedicated: workload-profiles-overview.md, "Dedicated profile details" (ms.date 2025-11-04, re-checked
 #   2026-11-28): "GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe", capacity by support request;
 #   "GPU-enabled Dedicated profiles must be configured when creating an environment" (infra/environment.py);
-# - serverless: gpu-serverless-overview.md#supported-regions, read 2026-11-25 on learn.microsoft.com (T4 in West
-#   Europe only in a workload profiles environment created after the profile became available there). The copies
-#   of that page reachable on 2026-11-28 are older (they list West US 3, Australia East, Sweden Central, all kept
-#   here), so this list was not narrowed.
+# - serverless: gpu-serverless-overview.md#supported-regions, "Serverless GPUs are available in the following regions"
+#   (A100: Australia East, Brazil South, East US, Italy North, Sweden Central, West US, West US 3; T4 also in Central
+#   India, France Central, Japan East, North Central US, South Central US, South East Asia, South India, West Europe
+#   (only in a workload profiles environment created there after the profile arrived), West US 2); read 2026-11-25
+#   on learn.microsoft.com, which also listed Canada Central, and re-checked 2026-11-28 against the newest copy
+#   reachable from here (the page at ms.date 2025-06-02, mirrored in xtqqczze/MicrosoftDocs-azure-docs) plus the
+#   2026 sample simonjj/gemma4-on-aca, whose README lists the serverless GPU regions as australiaeast, brazilsouth,
+#   canadacentral, eastus, italynorth, swedencentral, uksouth, westus, westus3: UK South added from it. A region
+#   wrongly listed costs the user Azure's own error at `pulumi up`; one wrongly missing stops them here.
 # Azure adds regions over time: `skipGpuRegionCheck: true` skips this check when the table is behind.
 _SERVERLESS_A100_REGIONS = frozenset(
     {
@@ -38,6 +43,7 @@ _SERVERLESS_A100_REGIONS = frozenset(
         "eastus",
         "italynorth",
         "swedencentral",
+        "uksouth",
         "westus",
         "westus3",
     }

@@ -197,11 +197,11 @@ def test_the_parameters_files_instance_count_is_not_an_error_on_serverless(in_sc
         (
             "serverless-A100",
             "westeurope",
-            "australiaeast, brazilsouth, canadacentral, eastus, italynorth, swedencentral, westus, westus3",
+            "australiaeast, brazilsouth, canadacentral, eastus, italynorth, swedencentral, uksouth, westus, westus3",
             "westeurope offers gpu serverless-T4",
         ),
         ("dedicated-A100", "eastus", "northeurope, westus3", "eastus offers gpu serverless-T4 and serverless-A100"),
-        ("serverless-T4", "uksouth", "australiaeast, brazilsouth, canadacentral, centralindia", None),
+        ("serverless-T4", "koreacentral", "australiaeast, brazilsouth, canadacentral, centralindia", None),
     ],
 )
 def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
@@ -222,7 +222,7 @@ def test_a_region_without_the_gpu_fails_naming_the_regions_that_offer_it(
 
 def test_region_display_names_are_accepted_and_the_check_can_be_skipped() -> None:
     assert gpu_profile(deploy("West US 3", gpu="serverless-A100"))["name"] == "GPU-A100"
-    assert gpu_profile(deploy("uksouth", gpu="serverless-A100", skipGpuRegionCheck="true"))["name"] == "GPU-A100"
+    assert gpu_profile(deploy("koreacentral", gpu="serverless-A100", skipGpuRegionCheck="true"))["name"] == "GPU-A100"
 
 
 def test_http_concurrency_scale_rule() -> None:
