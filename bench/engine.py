@@ -64,6 +64,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--toolkit-new-tokens", type=int, default=16, help="new tokens per toolkit request")
     parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, help="the engine's KV cache size in tokens (fewer than 64 whole sequences: paged)"
+    )
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/engine.json)")
     return parser.parse_args()
 
@@ -128,7 +131,8 @@ class EngineWay:
         )
         self.prompt_ids = encode_prompt(models.tokenizer, BENCH_MESSAGES, None)
         started = time.perf_counter()
-        self.engine = BatchingEngine(loaded, EngineOptions(cuda_graphs=not args.no_cuda_graphs))
+        options = EngineOptions(cuda_graphs=not args.no_cuda_graphs, kv_cache_tokens=args.kv_cache_tokens)
+        self.engine = BatchingEngine(loaded, options)
         self.engine.start()
         self.engine.warm_up(self.prompt_ids)
         self.start_s = time.perf_counter() - started

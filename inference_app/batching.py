@@ -1,8 +1,8 @@
 """The batching engine: one thread runs every generation, sharing each decode step among the requests in flight.
 
 Requests wait in a queue; at each step boundary the ones that fit join: their prompts are prefilled together
-(right-padded) into free rows (slots) of the static KV cache (inference_app.kv_cache), and their first tokens
-sampled. One decode step then produces the next token of every request at once: each row at its own position,
+(right-padded) into free slots of the KV cache (inference_app.kv_cache; a paged cache also gives each its
+blocks, and a request waits while too few are free), and their first tokens sampled. One decode step then produces the next token of every request at once: each row at its own position,
 the whole batch sampled on the device (inference_app.sampling), one device-to-host copy of the new tokens. On a
 GPU the step replays a CUDA graph (inference_app.decode_graphs). Each request keeps its own sampling settings,
 seed, stop strings and token budget; its tokens become text on the text thread (inference_app.text_stream), off
@@ -27,7 +27,7 @@ import torch
 
 from inference_app.decode_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
 from inference_app.engine_types import GenerationChunk, SamplingParams
-from inference_app.kv_cache import CacheShape, SlotAllocator, SlotKVCache, default_slot_count
+from inference_app.kv_cache import CacheShape, KVCache, SlotAllocator, cache_budget, plan_cache
 from inference_app.model_loading import LoadedModel, ModelLoadError
 from inference_app.sampling import BatchSampler
 from inference_app.text_stream import IncrementalDetokenizer, Request, StopMatcher, TextStreamer, TokenEvent
@@ -37,15 +37,17 @@ logger = logging.getLogger(__name__)
 WARM_UP_TIMEOUT_S = 600
 MAX_BATCH_SIZE_OPTION = "--max-batch-size / INFERENCE_MAX_BATCH_SIZE"
 MAX_SEQUENCE_TOKENS_OPTION = "--max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS"
+KV_CACHE_TOKENS_OPTION = "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS"
 # Prompts prefilled together hold at most this many tokens, padding included (one longer prompt runs alone).
 PREFILL_TOKENS = 8192
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    max_batch_size: int | None = None  # KV-cache rows; None: as many full-context sequences as memory holds
+    max_batch_size: int | None = None  # KV-cache slots; None: 64, fewer on a GPU too small (kv_cache.plan_cache)
     max_batch_tokens: int | None = None  # prompt + max new tokens of the requests in flight; None: no cap
-    max_sequence_tokens: int | None = None  # tokens of a KV-cache row (prompt + reply); None: the model's context
+    max_sequence_tokens: int | None = None  # tokens of a sequence (prompt + reply); None: the model's context
+    kv_cache_tokens: int | None = None  # tokens the KV cache holds in all; None: as many as memory holds
     cuda_graphs: bool = True  # on CUDA; the CPU always runs eager
 
 
@@ -128,7 +130,7 @@ class BatchingEngine:
         self._largest_batch = 0
         self._decode_steps = 0
         # Set by start(): the KV cache and what goes with its slots.
-        self._cache: SlotKVCache
+        self._cache: KVCache
         self._slots: SlotAllocator
         self._batch: DecodeBatch
         self._sampler: BatchSampler
@@ -137,22 +139,20 @@ class BatchingEngine:
 
     @property
     def slots(self) -> int:
-        """Requests that can run at once (KV-cache rows); known after start()."""
-        return self._cache.slots
+        """Requests that can run at once (KV-cache slots); known after start()."""
+        return self._cache.plan.slots
 
     def describe(self) -> dict[str, Any]:
         """The KV cache and the decode mode, for logs and benchmarks."""
         cache = self._cache
-        summary = (
-            f"KV cache {cache.slots} sequences x {cache.slot_tokens} tokens ({cache.bytes / 2**30:.2f} GiB), "
-            f"decode step {self._decoder.description}"
-        )
         return {
-            "slots": cache.slots,
-            "slot_tokens": cache.slot_tokens,
+            "slots": cache.plan.slots,
+            "slot_tokens": cache.plan.slot_tokens,
+            "kv_cache_tokens": cache.tokens,
+            "paged": cache.plan.paged,
             "kv_cache_bytes": cache.bytes,
             "decode": self._decoder.description,
-            "summary": summary,
+            "summary": f"{cache.describe()}, decode step {self._decoder.description}",
         }
 
     def stats(self) -> dict[str, int]:
@@ -162,21 +162,38 @@ class BatchingEngine:
             "running": len(self._batch),
             "waiting": waiting,
             "largest_batch": self._largest_batch,
+            "free_kv_blocks": self._cache.free_blocks,
             "decode_steps": self._decode_steps,
         }
 
     def start(self) -> None:
         """Allocates the KV cache, captures the CUDA graphs (on CUDA) and starts the engine and text threads."""
         shape = CacheShape.of(self._model)
-        slot_count = self._options.max_batch_size or default_slot_count(shape, self.sequence_tokens, self._device)
-        try:
-            self._cache = SlotKVCache(shape, slot_count, self.sequence_tokens, self._device)
-        except torch.OutOfMemoryError:
-            size = shape.bytes_for(slot_count, self.sequence_tokens) / 2**30
+        budget = cache_budget(self._device)
+        plan = plan_cache(
+            shape, self.sequence_tokens, budget, self._options.max_batch_size, self._options.kv_cache_tokens
+        )
+        memory = self._device.type.upper()
+        if not plan.holds_a_sequence:
+            sequence = f"one sequence of {self.sequence_tokens} tokens"
+            if self._options.kv_cache_tokens is not None:
+                raise ModelLoadError(
+                    f"{KV_CACHE_TOKENS_OPTION} {self._options.kv_cache_tokens} holds less than {sequence}: set it "
+                    f"to at least {self.sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+                )
             raise ModelLoadError(
-                f"the KV cache for {slot_count} sequences of {self.sequence_tokens} tokens ({size:.1f} GiB) does not "
-                f"fit in the {self._device.type.upper()}'s free memory: lower {MAX_BATCH_SIZE_OPTION} or unset it "
-                f"(the default sizes the cache from the free memory), or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+                f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
+                f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
+            )
+        slot_count = plan.slots
+        try:
+            self._cache = KVCache(shape, plan, self._device)
+        except torch.OutOfMemoryError:
+            size = plan.tokens * shape.bytes_per_token() / 2**30
+            raise ModelLoadError(
+                f"the KV cache of {plan.tokens} tokens ({size:.1f} GiB) does not fit in the {memory}'s free memory: "
+                f"lower {KV_CACHE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}, or unset them (the defaults size the "
+                f"cache from the free memory)"
             ) from None
         self._slots = SlotAllocator(slot_count)
         self._batch = DecodeBatch(slot_count, self._device)
@@ -192,11 +209,11 @@ class BatchingEngine:
         use_graphs = self._options.cuda_graphs and cuda_graphs_supported(self._device)
         # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten), the
         # positions within the shortest attention length the check uses.
-        self._batch.tokens.copy_(torch.arange(self._cache.slots) % int(self._model.config.vocab_size))
-        pattern_positions = torch.arange(self._cache.slots) % min(SHORTEST_LENGTH_BUCKET, self.sequence_tokens)
+        self._batch.tokens.copy_(torch.arange(self.slots) % int(self._model.config.vocab_size))
+        pattern_positions = torch.arange(self.slots) % min(SHORTEST_LENGTH_BUCKET, self.sequence_tokens)
         self._batch.positions.copy_(pattern_positions)
         try:
-            return make_decoder(self._forward_decode, use_graphs, self._cache.slots, self.sequence_tokens)
+            return make_decoder(self._forward_decode, use_graphs, self.slots, self.sequence_tokens)
         finally:
             self._batch.tokens.zero_()
             self._batch.positions.zero_()
@@ -282,6 +299,7 @@ class BatchingEngine:
                 return None
             in_flight = sum(request.tokens_in_flight for request in self._batch.requests.values())
             token_cap = self._options.max_batch_tokens
+            free_blocks = self._cache.free_blocks
             joining: list[Request] = []
             while self._waiting and len(joining) < self._slots.free:
                 request = self._waiting[0]
@@ -291,8 +309,12 @@ class BatchingEngine:
                 batch_is_empty = not self._batch.requests and not joining
                 if token_cap is not None and in_flight + request.tokens_in_flight > token_cap and not batch_is_empty:
                     break
+                blocks = self._cache.blocks_for(request.tokens_in_flight)
+                if blocks > free_blocks:  # first come, first served: later requests wait too
+                    break
                 joining.append(self._waiting.popleft())
                 in_flight += request.tokens_in_flight
+                free_blocks -= blocks
             return joining
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -300,17 +322,18 @@ class BatchingEngine:
         requests that go on to the batch."""
         slots = [self._slots.take() for _ in requests]
         try:
+            for slot, request in zip(slots, requests, strict=True):
+                self._cache.assign(slot, request.tokens_in_flight)
             first_tokens = self._prefill_forward(slots, requests)
         except BaseException:
-            for slot in slots:
-                self._slots.give_back(slot)
+            self._free(slots)
             raise
         host_tokens = first_tokens.tolist()
         events: list[TokenEvent] = []
         going_on: list[int] = []  # indexes of the requests that join the batch
         for index, (slot, request) in enumerate(zip(slots, requests, strict=True)):
             if self._accept(request, host_tokens[index], events):
-                self._slots.give_back(slot)
+                self._free([slot])
             else:
                 going_on.append(index)
         self._text.put(events)
@@ -399,7 +422,11 @@ class BatchingEngine:
 
     def _release(self, slots: list[int]) -> None:
         self._batch.remove(slots)
+        self._free(slots)
+
+    def _free(self, slots: list[int]) -> None:
         for slot in slots:
+            self._cache.release(slot)
             self._slots.give_back(slot)
 
 

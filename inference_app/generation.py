@@ -89,6 +89,7 @@ class ModelService:
                 max_batch_size=self.settings.max_batch_size,
                 max_batch_tokens=self.settings.max_batch_tokens,
                 max_sequence_tokens=self.settings.max_sequence_tokens,
+                kv_cache_tokens=self.settings.kv_cache_tokens,
                 cuda_graphs=self.settings.cuda_graphs,
             ))
             engine.start()

@@ -31,9 +31,10 @@ class Settings:
     max_new_tokens_cap: int = 1024
     prompt_template: str | None = None
     load_with_mmap: bool = False
-    max_batch_size: int | None = None  # None: as many full-context sequences as the KV cache memory holds
+    max_batch_size: int | None = None  # None: 64 (fewer on a small GPU: inference_app.kv_cache.plan_cache)
     max_batch_tokens: int | None = None  # None: no cap beyond the KV cache
     max_sequence_tokens: int | None = None  # None: the model's context
+    kv_cache_tokens: int | None = None  # None: as many as the free memory holds
     cuda_graphs: bool = True
     auth_username: str = "admin"
     auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
@@ -179,9 +180,9 @@ _OPTIONS = (
     _Option(
         "max_batch_size",
         ("--max-batch-size",),
-        "generations sharing one decode step: the rows of the static KV cache, each as long as the model's context "
-        "(1 turns batching off; default: as many as fit in the GPU's free memory after loading, at most 64; "
-        "on the CPU in 2 GiB)",
+        "generations sharing one decode step: the KV cache's slots (1 turns batching off; default: 64, fewer on a "
+        "GPU whose free memory is small). When the slots' whole sequences do not fit in the cache's memory, the "
+        "cache is paged: a request takes blocks for its prompt and token budget, and waits while too few are free",
         _positive_int,
     ),
     _Option(
@@ -194,8 +195,14 @@ _OPTIONS = (
     _Option(
         "max_sequence_tokens",
         ("--max-sequence-tokens",),
-        "tokens a KV-cache row holds (prompt + reply; default: the model's context): lower, more rows fit in memory, "
-        "and longer prompts are refused",
+        "tokens of one sequence, prompt + reply (default: the model's context); longer prompts are refused",
+        _positive_int,
+    ),
+    _Option(
+        "kv_cache_tokens",
+        ("--kv-cache-tokens",),
+        "tokens the KV cache holds across all generations (default: as many as fit in the GPU's free memory after "
+        "loading, less 10%% or at least 2 GiB of headroom; on the CPU in 2 GiB); at least --max-sequence-tokens",
         _positive_int,
     ),
     _Option(

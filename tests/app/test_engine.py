@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +27,11 @@ from inference_app.decode_graphs import (
 )
 from inference_app.engine_types import GenerationChunk, SamplingParams
 from inference_app.generation import ModelService
-from inference_app.kv_cache import SlotAllocator
+from inference_app.kv_cache import BLOCK_TOKENS, CacheShape, CachePlan, KVCache, SlotAllocator, plan_cache
 from inference_app.model_loading import LoadedModel, load_model
 from inference_app.sampling import BatchSampler, uniform_noise
 from inference_app.settings import Settings, parse_settings
+from tests.app.server_harness import wait_for
 from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
 
 # Different lengths, so rows sit at different positions.
@@ -43,6 +45,9 @@ PROMPTS = (
 )
 NEW_TOKENS = 20
 TIMEOUT_S = 60
+# The tiny model's context is 512 tokens: 1024 tokens hold fewer whole sequences than the tests' 3..8 slots, so the
+# cache is paged; without the option every slot's sequence fits (rows).
+LAYOUTS = {"rows": {}, "paged": {"kv_cache_tokens": 1024}}
 
 
 @pytest.fixture(scope="module")
@@ -116,23 +121,26 @@ def greedy(max_new_tokens: int = NEW_TOKENS) -> SamplingParams:
 # ---- greedy parity with model.generate ----
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("concurrent", range(1, len(PROMPTS) + 1))
 def test_concurrent_greedy_replies_match_generate(
-    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine], concurrent: int
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine], concurrent: int, layout: str
 ) -> None:
-    engine = start_engine(started=False, max_batch_size=8)
+    engine = start_engine(started=False, max_batch_size=8, **LAYOUTS[layout])
     prompts = [prompt_ids(loaded, text) for text in PROMPTS[:concurrent]]
     replies = [Reply() for _ in prompts]
     for ids, reply in zip(prompts, replies, strict=True):
         engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
     engine.start()  # all requests are waiting: they are prefilled together
+    assert engine.describe()["paged"] is (layout == "paged")
     expected = [generate_text(loaded, ids) for ids in prompts]
     assert [reply.result() for reply in replies] == expected
     # All join the batch, but for a reply whose first token ends it (PROMPTS[4]'s: it finishes at the prefill).
     assert engine.stats()["largest_batch"] == sum(tokens > 0 for _, tokens in expected)
 
 
-def test_sliding_window_models_match_generate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> None:
     """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
     from transformers import Phi3ForCausalLM
 
@@ -143,7 +151,7 @@ def test_sliding_window_models_match_generate(tmp_path: Path) -> None:
     model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     model.generation_config = generation_config(tokenizer, config)
     windowed = LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
-    engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4))
+    engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4, **LAYOUTS[layout]))
     prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
     replies = [Reply() for _ in prompts]
     for ids, reply in zip(prompts, replies, strict=True):
@@ -155,10 +163,11 @@ def test_sliding_window_models_match_generate(tmp_path: Path) -> None:
         engine.stop()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_requests_joining_and_leaving_mid_batch_match_generate(
-    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine], layout: str
 ) -> None:
-    engine = start_engine(max_batch_size=3)
+    engine = start_engine(max_batch_size=3, **LAYOUTS[layout])
     prompts = [prompt_ids(loaded, text) for text in PROMPTS]
     budgets = [NEW_TOKENS, 8] * (len(PROMPTS) // 2)  # short replies leave while long ones go on
     replies: list[Reply] = []
@@ -182,6 +191,25 @@ def test_requests_joining_and_leaving_mid_batch_match_generate(
     assert engine.stats()["largest_batch"] >= 2
 
 
+def test_a_paged_cache_makes_requests_wait_for_blocks_and_serves_them_in_turn(
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
+) -> None:
+    ids = prompt_ids(loaded, PROMPTS[1])
+    expected = generate_text(loaded, ids)
+    assert expected[1] > 1  # the reply outlives the prefill: requests share decode steps
+    tokens = 2 * math.ceil((len(ids) + NEW_TOKENS) / BLOCK_TOKENS) * BLOCK_TOKENS  # two such requests at a time
+    engine = start_engine(started=False, max_batch_size=8, max_sequence_tokens=tokens, kv_cache_tokens=tokens)
+    replies = [Reply() for _ in range(5)]
+    for reply in replies:
+        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+    engine.start()
+    assert [reply.result() for reply in replies] == [expected] * len(replies)
+    stats = engine.stats()
+    assert stats["largest_batch"] == 2  # 8 slots, blocks for 2
+    wait_for(lambda: engine.stats()["running"] == 0, TIMEOUT_S, "the engine to release the last requests")
+    assert engine.stats()["free_kv_blocks"] == tokens // BLOCK_TOKENS  # every block came back
+
+
 # ---- slots, batch width, buckets ----
 
 
@@ -194,6 +222,73 @@ def test_slot_allocator_hands_out_the_lowest_free_slot() -> None:
     slots.give_back(2)
     slots.give_back(0)
     assert (slots.free, slots.take(), slots.take()) == (2, 0, 2)
+
+
+TINY_SHAPE = CacheShape(layers=2, kv_heads=4, head_dim=16, dtype=torch.float32, sliding_window=None)
+SCRATCH = 6  # the scratch block of a 6-block cache: where unassigned table entries point
+
+
+def test_a_paged_cache_hands_out_blocks_and_takes_them_back() -> None:
+    cache = KVCache(TINY_SHAPE, CachePlan(slots=4, slot_tokens=64, tokens=96), torch.device("cpu"))
+    assert (cache.plan.paged, cache.blocks, cache.free_blocks, cache.blocks_for(33)) == (True, 6, 6, 3)
+    assert (cache.block_table == SCRATCH).all()
+    cache.assign(2, 33)
+    taken = cache.block_table[2, :3].tolist()
+    assert len(set(taken)) == 3 and set(taken) <= set(range(6)) and cache.free_blocks == 3
+    assert (cache.block_table[2, 3:] == SCRATCH).all() and (cache.block_table[[0, 1, 3]] == SCRATCH).all()
+    with pytest.raises(RuntimeError, match="4 KV-cache blocks wanted, 3 free"):
+        cache.assign(0, 64)
+    cache.release(2)
+    assert cache.free_blocks == 6 and (cache.block_table == SCRATCH).all()
+
+
+def test_a_rows_cache_gives_each_slot_its_own_row_for_good() -> None:
+    cache = KVCache(TINY_SHAPE, CachePlan(slots=2, slot_tokens=40, tokens=80), torch.device("cpu"))
+    assert not cache.plan.paged
+    assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]  # 40 tokens: 3 blocks of 16
+    assert (cache.blocks_for(40), cache.free_blocks) == (0, 0)
+    cache.assign(1, 40)
+    cache.release(1)
+    assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+PHI3_MINI = CacheShape(layers=32, kv_heads=32, head_dim=96, dtype=torch.bfloat16, sliding_window=2047)
+
+
+def phi3_mini_budget(gpu_gib: float) -> int:
+    """What cache_budget finds on a GPU of `gpu_gib` after loading Phi-3-mini (7.6 GB of bf16 weights, ~0.5 GiB of
+    CUDA context): the free memory less 10% of the GPU (at least 2 GiB)."""
+    total = gpu_gib * 2**30
+    free = total - 7.6e9 - 0.5 * 2**30
+    return int(free - max(2 * 2**30, 0.1 * total))
+
+
+@pytest.mark.parametrize(
+    ("gpu_gib", "slots", "paged", "whole_sequences"),
+    [
+        (80, 64, True, 40),  # A100 / H100 80 GB: 64 slots of 4k, memory for ~40 whole sequences shared in blocks
+        (139, 64, False, 64),  # H200: 64 full rows fit
+        (15, 14, True, 3),  # T4 16 GB: fewer slots, so the gather's copy leaves room for the pool
+    ],
+)
+def test_default_cache_plans_for_phi3_mini_at_4k_context(
+    gpu_gib: float, slots: int, paged: bool, whole_sequences: int
+) -> None:
+    budget = phi3_mini_budget(gpu_gib)
+    plan = plan_cache(PHI3_MINI, 4096, budget)
+    assert (plan.slots, plan.paged, plan.tokens // 4096) == (slots, paged, whole_sequences)
+    gather = PHI3_MINI.gather_bytes(plan.slots, 4096) if plan.paged else 0
+    assert plan.tokens * PHI3_MINI.bytes_per_token() + gather <= budget
+
+
+def test_cache_plans_honour_the_slots_and_tokens_set() -> None:
+    plenty = 2**30
+    assert plan_cache(TINY_SHAPE, 512, plenty) == CachePlan(64, 512, 64 * 512)
+    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8) == CachePlan(8, 512, 8 * 512)
+    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=1000) == CachePlan(8, 512, 992)  # whole blocks
+    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=10**6) == CachePlan(8, 512, 8 * 512)
+    assert not plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=500).holds_a_sequence
+    assert not plan_cache(TINY_SHAPE, 512, budget=10_000).holds_a_sequence
 
 
 def test_decode_batch_covers_rows_up_to_the_highest_slot_in_use() -> None:
@@ -274,8 +369,11 @@ _CAPTURE_BREAKERS = {
 }
 
 
-def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(start_engine: Callable[..., BatchingEngine]) -> None:
-    engine = start_engine(max_batch_size=4)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(
+    start_engine: Callable[..., BatchingEngine], layout: str
+) -> None:
+    engine = start_engine(max_batch_size=4, **LAYOUTS[layout])
     with torch.inference_mode(), _OpRecorder() as recorder:
         engine._forward_decode(4, 256)  # what GraphDecoder.capture records
     assert "aten.scaled_dot_product_attention.default" in recorder.ops  # the recorder saw the model run
@@ -339,21 +437,52 @@ def test_the_cpu_runs_eager_and_sizes_the_cache_from_its_budget(start_engine: Ca
     assert (facts["slots"], facts["slot_tokens"]) == (BATCH_BUCKETS[-1], 512)
 
 
-def test_a_kv_cache_too_large_for_memory_fails_loading_with_the_fix(
-    monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings
+@pytest.mark.parametrize(
+    ("settings", "out_of_memory", "reason"),
+    [
+        (
+            {"max_batch_size": 300},
+            True,
+            "the KV cache of 153600 tokens (0.1 GiB) does not fit in the CPU's free memory: lower "
+            "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS or --max-batch-size / INFERENCE_MAX_BATCH_SIZE, or unset "
+            "them (the defaults size the cache from the free memory)",
+        ),
+        (
+            {"kv_cache_tokens": 100},
+            False,
+            "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS 100 holds less than one sequence of 512 tokens: set it to "
+            "at least 512, or lower --max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS",
+        ),
+    ],
+)
+def test_a_kv_cache_that_cannot_be_made_fails_loading_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_settings: Settings,
+    settings: dict[str, int],
+    out_of_memory: bool,
+    reason: str,
 ) -> None:
-    def out_of_memory(*args: Any) -> None:
+    def no_memory(*args: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
 
-    monkeypatch.setattr(batching, "SlotKVCache", out_of_memory)
-    service = ModelService(dataclasses.replace(tiny_settings, max_batch_size=300))
+    if out_of_memory:
+        monkeypatch.setattr(batching, "KVCache", no_memory)
+    service = ModelService(dataclasses.replace(tiny_settings, **settings))
+    service.start_loading()
+    assert service.wait_until_loaded(TIMEOUT_S) == "failed"
+    assert service.failure_reason == reason
+
+
+def test_too_little_memory_for_one_sequence_fails_loading_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings
+) -> None:
+    monkeypatch.setattr(batching, "cache_budget", lambda device: 50_000)
+    service = ModelService(tiny_settings)
     service.start_loading()
     assert service.wait_until_loaded(TIMEOUT_S) == "failed"
     assert service.failure_reason == (
-        "the KV cache for 300 sequences of 512 tokens (0.1 GiB) does not fit in the CPU's free memory: "
-        "lower --max-batch-size / INFERENCE_MAX_BATCH_SIZE or unset it "
-        "(the default sizes the cache from the free memory), or lower --max-sequence-tokens / "
-        "INFERENCE_MAX_SEQUENCE_TOKENS"
+        "the CPU's free memory after loading (0.0 GiB for the KV cache) holds less than one sequence of 512 tokens: "
+        "lower --max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS or --max-batch-size / INFERENCE_MAX_BATCH_SIZE"
     )
 
 
