@@ -42,6 +42,7 @@ def test_environment_sets_options_and_command_line_wins() -> None:
         "INFERENCE_MAX_NEW_TOKENS_CAP": "64",
         "INFERENCE_PROMPT_TEMPLATE": "### Question: {}\\n### Answer:",
         "INFERENCE_MAX_BATCH_SIZE": "2",
+        "INFERENCE_KV_CACHE_TOKENS": "8192",
     }
     settings = parse_settings(["--port", "9000", "--no-base-only"], environ=environ)
     assert settings.model_path == Path("/share/base")
@@ -54,6 +55,7 @@ def test_environment_sets_options_and_command_line_wins() -> None:
     assert settings.max_new_tokens_cap == 64
     assert settings.prompt_template == "### Question: {}\n### Answer:"
     assert settings.max_batch_size == 2
+    assert settings.kv_cache_tokens == 8192
 
 
 def test_authentication_is_off_unless_a_password_is_set() -> None:
