@@ -429,6 +429,46 @@ def test_graphs_that_disagree_with_the_eager_step_are_not_used(
     assert "CUDA graph replay disagreed with the eager decode step" in caplog.text
 
 
+class _EagerAsGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the step at the graph's bucket sizes and writes
+    its logits into the graph's output tensor, as a real replay does."""
+
+    def __init__(self, step: Callable[[int, int], torch.Tensor], batch: int, length: int, logits: torch.Tensor) -> None:
+        self._step, self._batch, self._length, self._logits = step, batch, length, logits
+
+    def replay(self) -> None:
+        self._logits.copy_(self._step(self._batch, self._length))
+
+
+def _capture_on_cpu(step: Callable[[int, int], torch.Tensor], max_batch: int, slot_tokens: int) -> GraphDecoder:
+    batches, lengths = batch_buckets(max_batch), length_buckets(slot_tokens)
+    graphs = {}
+    for batch in batches:
+        for length in lengths:
+            logits = step(batch, length).clone()
+            graphs[batch, length] = (_EagerAsGraph(step, batch, length, logits), logits)
+    return GraphDecoder(step, graphs, batches, lengths, 0.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("graphs_wanted")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_steps_padded_to_the_graph_buckets_match_generate(
+    monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel, start_engine: Callable[..., BatchingEngine], layout: str
+) -> None:
+    """Padding rows (free slots) and attention length up to the buckets changes no request's tokens."""
+    monkeypatch.setattr(GraphDecoder, "capture", staticmethod(_capture_on_cpu))
+    engine = start_engine(started=False, max_batch_size=8, **LAYOUTS[layout])
+    prompts = [prompt_ids(loaded, text) for text in PROMPTS[:5]]
+    budgets = [NEW_TOKENS, 6, NEW_TOKENS, 3, 12]  # rows leave at different steps: holes below the batch's width
+    replies = [Reply() for _ in prompts]
+    for ids, budget, reply in zip(prompts, budgets, replies, strict=True):
+        engine.submit(ids, greedy(budget), budget, reply.deliver)
+    engine.start()
+    assert engine.describe()["decode"].startswith("CUDA graphs")
+    expected = [generate_text(loaded, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
+    assert [reply.result() for reply in replies] == expected
+
+
 def test_the_cpu_runs_eager_and_sizes_the_cache_from_its_budget(start_engine: Callable[..., BatchingEngine]) -> None:
     engine = start_engine()
     facts = engine.describe()
