@@ -1,12 +1,12 @@
 """The batching engine: one thread runs every generation, sharing each decode step among the requests in flight.
 
 Requests wait in a queue; at each step boundary the ones that fit join: their prompts are prefilled together
-(right-padded) into free slots of the KV cache (inference_app.kv_cache; a paged cache also gives each its
-blocks, and a request waits while too few are free), and their first tokens sampled. One decode step then produces the next token of every request at once: each row at its own position,
-the whole batch sampled on the device (inference_app.sampling), one device-to-host copy of the new tokens. On a
-GPU the step replays a CUDA graph (inference_app.decode_graphs). Each request keeps its own sampling settings,
-seed, stop strings and token budget; its tokens become text on the text thread (inference_app.text_stream), off
-the step's critical path.
+(right-padded) into free slots of the KV cache (inference_app.kv_cache; a paged cache also gives each its blocks, and a
+request waits while too few are free), and their first tokens sampled. One decode step then produces the next token
+of every request at once: each row at its own position, the whole batch sampled on the device
+(inference_app.sampling), one device-to-host copy of the new tokens. On a GPU the step replays a CUDA graph
+(inference_app.decode_graphs). Each request keeps its own sampling settings, seed, stop strings and token budget;
+its tokens become text on the text thread (inference_app.text_stream), off the step's critical path.
 
 The transformers continuous-batching API (`generate_batch` / `init_continuous_batching`) was not used: it samples
 with one do_sample and seed setting for the whole batch and has no stop strings.

@@ -57,6 +57,13 @@ def send(page: Page, text: str) -> None:
     message_box(page).press("Enter")
 
 
+def choose_greedy_decoding(page: Page) -> None:
+    """Opens the generation settings and sets temperature 0: the tiny model's reply is then the same every run (a
+    sampled one may end at its first token, an empty reply)."""
+    page.get_by_text("Generation settings").click()
+    page.get_by_label("number input for Temperature (0: greedy)").fill("0")
+
+
 def bot_messages(page: Page) -> Locator:
     return page.locator('[data-testid="bot"]')
 

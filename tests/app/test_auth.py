@@ -27,7 +27,7 @@ from inference_app.server import build_app
 from inference_app.settings import Settings
 from inference_app.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server, wait_for
-from tests.app.browser_harness import bot_messages, message_box, open_page, send
+from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
 from tests.model_factory import ModelFolders
 
 pytestmark = pytest.mark.slow
@@ -487,6 +487,7 @@ def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
 
     log_in(page, USERNAME, PASSWORD)
     expect(chat_heading).to_be_visible()
+    choose_greedy_decoding(page)
     send(page, "Hello, world!")
     expect(bot_messages(page)).to_have_count(1)
     expect(message_box(page)).to_be_editable()  # the reply is complete

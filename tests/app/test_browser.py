@@ -13,7 +13,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from inference_app.settings import Settings
 from inference_app.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
-from tests.app.browser_harness import bot_messages, message_box, open_page, send, stop_button
+from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send, stop_button
 from tests.app.server_harness import RunningServer, engine_is_idle, running_server, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -65,8 +65,7 @@ def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
     expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
     expect(page.get_by_text("/models/qlora/qlora/gpu_model/adapter")).to_be_visible()
     expect(page.get_by_text("Write a haiku about the sea.")).to_be_visible()  # an example
-    page.get_by_text("Generation settings").click()
-    page.get_by_label("number input for Temperature (0: greedy)").fill("0")
+    choose_greedy_decoding(page)
     page.get_by_label("number input for Max new tokens").fill("200")
     page.get_by_label("System prompt").fill("You are a helpful assistant.")
     expect(message_box(page)).to_have_attribute("placeholder", "Type a message...")
@@ -96,8 +95,7 @@ def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
 @pytest.mark.browser
 @pytest.mark.usefixtures("paced_decoding")
 def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> None:
-    page.get_by_text("Generation settings").click()
-    page.get_by_label("number input for Temperature (0: greedy)").fill("0")
+    choose_greedy_decoding(page)
     page.get_by_label("number input for Max new tokens").fill(str(LONG_REPLY_TOKENS))
     steps_before = server.service.generation_stats()["decode_steps"]
 
