@@ -251,7 +251,13 @@ class BatchingEngine:
         deliver: Callable[[GenerationChunk | BaseException], None],
     ) -> Request:
         """Queues a generation; `deliver` gets its chunks (and an error, if any) on the text thread. The caller
-        keeps prompt + max_new_tokens within `sequence_tokens`."""
+        keeps prompt + max_new_tokens within `sequence_tokens` (ModelService refuses longer prompts with the fix)."""
+        if len(prompt_ids) + max_new_tokens > self.sequence_tokens:
+            # Such a request would never get its blocks (or would run past its row): refuse it, never queue it.
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"{self.sequence_tokens} tokens of a sequence"
+            )
         request = Request(
             prompt_ids=prompt_ids,
             params=params,

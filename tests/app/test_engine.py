@@ -210,6 +210,15 @@ def test_a_paged_cache_makes_requests_wait_for_blocks_and_serves_them_in_turn(
     assert engine.stats()["free_kv_blocks"] == tokens // BLOCK_TOKENS  # every block came back
 
 
+def test_a_request_longer_than_a_sequence_is_refused_not_queued(
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
+) -> None:
+    engine = start_engine(max_sequence_tokens=64, **LAYOUTS["paged"])
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_new_tokens \(5\) exceeds the 64 tokens"):
+        engine.submit([1] * 60, greedy(5), 5, Reply().deliver)
+    assert engine.stats()["waiting"] == 0
+
+
 # ---- slots, batch width, buckets ----
 
 
