@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 import threading
 import time
@@ -165,7 +166,7 @@ class EngineWay:
         started = time.perf_counter()
         for _ in range(clients):
             state = {"started": False}
-            self.engine.submit(self.prompt_ids, params, self.new_tokens, lambda item, s=state: deliver(item, s))
+            self.engine.submit(self.prompt_ids, params, self.new_tokens, functools.partial(deliver, state=state))
         for _ in range(clients):
             if not done.acquire(timeout=RUN_TIMEOUT_S):
                 raise TimeoutError(f"the engine did not finish {clients} requests in {RUN_TIMEOUT_S} s")
