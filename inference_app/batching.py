@@ -168,33 +168,8 @@ class BatchingEngine:
 
     def start(self) -> None:
         """Allocates the KV cache, captures the CUDA graphs (on CUDA) and starts the engine and text threads."""
-        shape = CacheShape.of(self._model)
-        budget = cache_budget(self._device)
-        plan = plan_cache(
-            shape, self.sequence_tokens, budget, self._options.max_batch_size, self._options.kv_cache_tokens
-        )
-        memory = self._device.type.upper()
-        if not plan.holds_a_sequence:
-            sequence = f"one sequence of {self.sequence_tokens} tokens"
-            if self._options.kv_cache_tokens is not None:
-                raise ModelLoadError(
-                    f"{KV_CACHE_TOKENS_OPTION} {self._options.kv_cache_tokens} holds less than {sequence}: set it "
-                    f"to at least {self.sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
-                )
-            raise ModelLoadError(
-                f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
-                f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
-            )
-        slot_count = plan.slots
-        try:
-            self._cache = KVCache(shape, plan, self._device)
-        except torch.OutOfMemoryError:
-            size = plan.tokens * shape.bytes_per_token() / 2**30
-            raise ModelLoadError(
-                f"the KV cache of {plan.tokens} tokens ({size:.1f} GiB) does not fit in the {memory}'s free memory: "
-                f"lower {KV_CACHE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}, or unset them (the defaults size the "
-                f"cache from the free memory)"
-            ) from None
+        self._cache = self._allocate_cache()
+        slot_count = self.slots
         self._slots = SlotAllocator(slot_count)
         self._batch = DecodeBatch(slot_count, self._device)
         self._sampler = BatchSampler(slot_count, int(self._model.config.vocab_size), self._device)
@@ -204,6 +179,34 @@ class BatchingEngine:
         logger.info("generation engine: %s", self.describe()["summary"])
         self._text.start()
         self._thread.start()
+
+    def _allocate_cache(self) -> KVCache:
+        """The KV cache as plan_cache sizes it; a ModelLoadError naming the option to change when it can't be made."""
+        shape = CacheShape.of(self._model)
+        budget = cache_budget(self._device)
+        options = self._options
+        plan = plan_cache(shape, self.sequence_tokens, budget, options.max_batch_size, options.kv_cache_tokens)
+        memory = self._device.type.upper()
+        if not plan.holds_a_sequence:
+            sequence = f"one sequence of {self.sequence_tokens} tokens"
+            if options.kv_cache_tokens is not None:
+                raise ModelLoadError(
+                    f"{KV_CACHE_TOKENS_OPTION} {options.kv_cache_tokens} holds less than {sequence}: set it "
+                    f"to at least {self.sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+                )
+            raise ModelLoadError(
+                f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
+                f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
+            )
+        try:
+            return KVCache(shape, plan, self._device)
+        except torch.OutOfMemoryError:
+            size = plan.tokens * shape.bytes_per_token() / 2**30
+            raise ModelLoadError(
+                f"the KV cache of {plan.tokens} tokens ({size:.1f} GiB) does not fit in the {memory}'s free memory: "
+                f"lower {KV_CACHE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}, or unset them (the defaults size the "
+                f"cache from the free memory)"
+            ) from None
 
     def _make_decoder(self) -> DecodeRunner:
         use_graphs = self._options.cuda_graphs and cuda_graphs_supported(self._device)
