@@ -198,6 +198,13 @@ class BatchingEngine:
                 f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
                 f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
             )
+        with_gather = plan.tokens * shape.bytes_per_token() + shape.gather_bytes(plan.slots, plan.slot_tokens)
+        if plan.paged and options.kv_cache_tokens is not None and with_gather > budget:
+            logger.warning(
+                "%s %d: with the paged read's copy for a full batch the KV cache needs %.1f GiB, more than the %.1f GiB "
+                "the %s's free memory leaves it: large batches may run out of memory; lower it or unset it",
+                KV_CACHE_TOKENS_OPTION, options.kv_cache_tokens, with_gather / 2**30, max(0, budget) / 2**30, memory,
+            )
         try:
             return KVCache(shape, plan, self._device)
         except torch.OutOfMemoryError:
@@ -210,13 +217,14 @@ class BatchingEngine:
 
     def _make_decoder(self) -> DecodeRunner:
         use_graphs = self._options.cuda_graphs and cuda_graphs_supported(self._device)
-        # Capture and its check run on a pattern of tokens and positions (free slots: nothing is overwritten), the
-        # positions within the shortest attention length the check uses.
+        # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
+        # the positions within the shortest attention length the check uses.
         self._batch.tokens.copy_(torch.arange(self.slots) % int(self._model.config.vocab_size))
         pattern_positions = torch.arange(self.slots) % min(SHORTEST_LENGTH_BUCKET, self.sequence_tokens)
         self._batch.positions.copy_(pattern_positions)
         try:
-            return make_decoder(self._forward_decode, use_graphs, self.slots, self.sequence_tokens)
+            with self._cache.spread_for_capture():
+                return make_decoder(self._forward_decode, use_graphs, self.slots, self.sequence_tokens)
         finally:
             self._batch.tokens.zero_()
             self._batch.positions.zero_()
@@ -324,36 +332,48 @@ class BatchingEngine:
                 joining.append(self._waiting.popleft())
                 in_flight += request.tokens_in_flight
                 free_blocks -= blocks
+            if not joining and not self._batch.requests and self._waiting:
+                # With the batch empty every slot and block is free, so the first request always fits (submit saw
+                # to its length). If it doesn't, some leaked: fail it loudly rather than spin on it.
+                request = self._waiting.popleft()
+                error = RuntimeError(
+                    f"engine error: the KV cache has {self._slots.free} free slots and {self._cache.free_blocks} free "
+                    f"blocks with no generation running, too few for a request of {request.tokens_in_flight} tokens"
+                )
+                logger.error("%s", error)
+                self._text.put([(request, error)])
             return joining
 
     def _prefill(self, requests: list[Request]) -> None:
         """Runs the prompts together (right-padded) into free slots, samples each first token, and adds the
         requests that go on to the batch."""
         slots = [self._slots.take() for _ in requests]
-        try:
+        events: list[TokenEvent] = []
+        finished: list[int] = []  # slots of the requests whose first token ends them
+        try:  # until the batch holds the others, a failure here frees every slot (none would be freed otherwise)
             for slot, request in zip(slots, requests, strict=True):
                 self._cache.assign(slot, request.tokens_in_flight)
             first_tokens = self._prefill_forward(slots, requests)
+            host_tokens = first_tokens.tolist()
+            going_on: list[int] = []  # indexes of the requests that join the batch
+            for index, (slot, request) in enumerate(zip(slots, requests, strict=True)):
+                if self._accept(request, host_tokens[index], events):
+                    finished.append(slot)
+                else:
+                    going_on.append(index)
+            if going_on:
+                self._batch.add(
+                    [slots[index] for index in going_on],
+                    [requests[index] for index in going_on],
+                    first_tokens[torch.tensor(going_on, device=self._device)],
+                    [len(requests[index].prompt_ids) for index in going_on],
+                )
         except BaseException:
             self._free(slots)
             raise
-        host_tokens = first_tokens.tolist()
-        events: list[TokenEvent] = []
-        going_on: list[int] = []  # indexes of the requests that join the batch
-        for index, (slot, request) in enumerate(zip(slots, requests, strict=True)):
-            if self._accept(request, host_tokens[index], events):
-                self._free([slot])
-            else:
-                going_on.append(index)
+        self._free(finished)
         self._text.put(events)
-        if going_on:
-            self._batch.add(
-                [slots[index] for index in going_on],
-                [requests[index] for index in going_on],
-                first_tokens[torch.tensor(going_on, device=self._device)],
-                [len(requests[index].prompt_ids) for index in going_on],
-            )
-            self._largest_batch = max(self._largest_batch, len(self._batch))
+        self._largest_batch = max(self._largest_batch, len(self._batch))
 
     def _prefill_forward(self, slots: list[int], requests: list[Request]) -> torch.Tensor:
         lengths = [len(request.prompt_ids) for request in requests]

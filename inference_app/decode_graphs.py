@@ -87,10 +87,11 @@ class GraphDecoder:
         lengths = length_buckets(slot_tokens)
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # One side stream for every warm-up: the allocator reuses freed memory only on the stream that freed it.
+        side_stream = torch.cuda.Stream()
         # Largest first: the smaller graphs then reuse the memory pool the largest one sized.
         for batch in reversed(batches):
             for length in reversed(lengths):
-                side_stream = torch.cuda.Stream()
                 side_stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side_stream):  # warm-up outside the graph, as capture requires
                     step(batch, length)

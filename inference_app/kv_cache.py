@@ -19,9 +19,11 @@ The object is handed to the transformers model as `past_key_values`: the model c
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +89,7 @@ class CachePlan:
 
     @property
     def holds_a_sequence(self) -> bool:
-        return self.tokens >= math.ceil(self.slot_tokens / BLOCK_TOKENS) * BLOCK_TOKENS
+        return not self.paged or self.tokens >= blocks_for(self.slot_tokens) * BLOCK_TOKENS
 
 
 def cache_budget(device: torch.device) -> int:
@@ -111,13 +113,17 @@ def plan_cache(
         whole_sequences = budget // (slot_tokens * per_token)
         by_gather = int(GATHER_SHARE * budget) // shape.gather_bytes(1, slot_tokens)
         slots = max(1, min(DEFAULT_MAX_SLOTS, max(whole_sequences, by_gather)))
-    if tokens is None:
+    if tokens is not None:  # as set, in whole blocks
+        tokens = blocks_for(tokens) * BLOCK_TOKENS
+    elif slots * slot_tokens * per_token <= budget:
         tokens = slots * slot_tokens
-        if tokens * per_token > budget:
-            tokens = (budget - shape.gather_bytes(slots, slot_tokens)) // per_token
-    if tokens < slots * slot_tokens:
-        tokens = max(0, tokens) // BLOCK_TOKENS * BLOCK_TOKENS
+    else:  # what the memory holds, in whole blocks
+        tokens = max(0, budget - shape.gather_bytes(slots, slot_tokens)) // per_token // BLOCK_TOKENS * BLOCK_TOKENS
     return CachePlan(slots, slot_tokens, min(tokens, slots * slot_tokens))
+
+
+def blocks_for(tokens: int) -> int:
+    return math.ceil(tokens / BLOCK_TOKENS)
 
 
 class SlotAllocator:
@@ -146,7 +152,7 @@ class KVCache:
     def __init__(self, shape: CacheShape, plan: CachePlan, device: torch.device) -> None:
         self.shape = shape
         self.plan = plan
-        self._blocks_per_slot = math.ceil(plan.slot_tokens / BLOCK_TOKENS)
+        self._blocks_per_slot = blocks_for(plan.slot_tokens)
         row_tokens = self._blocks_per_slot * BLOCK_TOKENS
         blocks = plan.slots * self._blocks_per_slot if not plan.paged else plan.tokens // BLOCK_TOKENS
         self.blocks = blocks
@@ -188,7 +194,7 @@ class KVCache:
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks a request of `tokens` (prompt + token budget) takes when it joins: none for rows."""
-        return math.ceil(tokens / BLOCK_TOKENS) if self.plan.paged else 0
+        return blocks_for(tokens) if self.plan.paged else 0
 
     def describe(self) -> str:
         plan = self.plan
@@ -210,6 +216,21 @@ class KVCache:
         self._assigned[slot] = taken
         if taken:
             self.block_table[slot, :count] = torch.tensor(taken, device=self.block_table.device)
+
+    @contextlib.contextmanager
+    def spread_for_capture(self) -> Iterator[None]:
+        """Paged, before any request: while the decode step is captured and checked, the free slots' tables point at
+        distinct blocks (as far as the pool has them). Otherwise the pattern rows would all write one scratch block,
+        and which duplicate write wins may differ between the eager check and the replay."""
+        if not self.plan.paged:
+            yield
+            return
+        table = self.block_table
+        table.copy_(torch.arange(table.numel(), device=table.device).view_as(table) % self.blocks)
+        try:
+            yield
+        finally:
+            table.fill_(self._scratch_block)
 
     def release(self, slot: int) -> None:
         taken = self._assigned.pop(slot, [])

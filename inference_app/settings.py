@@ -202,7 +202,8 @@ _OPTIONS = (
         "kv_cache_tokens",
         ("--kv-cache-tokens",),
         "tokens the KV cache holds across all generations (default: as many as fit in the GPU's free memory after "
-        "loading, less 10%% or at least 2 GiB of headroom; on the CPU in 2 GiB); at least --max-sequence-tokens",
+        "loading, less 10%% or at least 2 GiB of headroom; on the CPU in 2 GiB); at least --max-sequence-tokens, "
+        "rounded up to whole blocks of 16",
         _positive_int,
     ),
     _Option(

@@ -219,6 +219,55 @@ def test_a_request_longer_than_a_sequence_is_refused_not_queued(
     assert engine.stats()["waiting"] == 0
 
 
+def test_a_failure_after_the_prefill_frees_the_slots_and_blocks(
+    monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
+) -> None:
+    engine = start_engine(max_batch_size=4, **LAYOUTS["paged"])
+    all_blocks = engine.stats()["free_kv_blocks"]
+    accept = engine._accept
+    failures: list[bool] = []
+
+    def fail_once(*args: Any) -> bool:
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("forced failure after the prefill")
+        return accept(*args)
+
+    monkeypatch.setattr(engine, "_accept", fail_once)
+    ids = prompt_ids(loaded, PROMPTS[1])
+    failed = Reply()
+    engine.submit(ids, greedy(), NEW_TOKENS, failed.deliver)
+    assert failed.finished.wait(TIMEOUT_S) and str(failed.error) == "forced failure after the prefill"
+    wait_for(lambda: engine.stats()["free_kv_blocks"] == all_blocks, TIMEOUT_S, "the blocks to come back")
+    served = [Reply() for _ in range(4)]  # every slot is free again
+    for reply in served:
+        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+    assert [reply.result() for reply in served] == [generate_text(loaded, ids)] * 4
+
+
+def test_leaked_blocks_fail_the_next_request_instead_of_hanging_the_engine(
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
+) -> None:
+    engine = start_engine(max_batch_size=4, **LAYOUTS["paged"])
+    for slot in (2, 3):  # a leak, as a bug would make it: every block held, no generation running
+        engine._cache.assign(slot, 512)
+    reply = Reply()
+    engine.submit(prompt_ids(loaded, PROMPTS[1]), greedy(), NEW_TOKENS, reply.deliver)
+    assert reply.finished.wait(TIMEOUT_S)
+    assert str(reply.error).startswith("engine error: the KV cache has 4 free slots and 0 free blocks")
+    assert engine.stats()["waiting"] == 0
+
+
+def test_a_set_kv_cache_too_big_for_the_paged_reads_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, start_engine: Callable[..., BatchingEngine]
+) -> None:
+    monkeypatch.setattr(batching, "cache_budget", lambda device: 2**20)
+    with caplog.at_level(logging.WARNING, logger="inference_app.batching"):
+        start_engine(max_batch_size=8, **LAYOUTS["paged"])
+    assert "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS 1024: with the paged read's copy" in caplog.text
+    assert "large batches may run out of memory; lower it or unset it" in caplog.text
+
+
 # ---- slots, batch width, buckets ----
 
 
@@ -294,10 +343,22 @@ def test_cache_plans_honour_the_slots_and_tokens_set() -> None:
     plenty = 2**30
     assert plan_cache(TINY_SHAPE, 512, plenty) == CachePlan(64, 512, 64 * 512)
     assert plan_cache(TINY_SHAPE, 512, plenty, slots=8) == CachePlan(8, 512, 8 * 512)
-    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=1000) == CachePlan(8, 512, 992)  # whole blocks
+    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=1000) == CachePlan(8, 512, 1008)  # whole blocks
     assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=10**6) == CachePlan(8, 512, 8 * 512)
-    assert not plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=500).holds_a_sequence
+    assert plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=500).holds_a_sequence  # 512 in whole blocks
+    assert not plan_cache(TINY_SHAPE, 512, plenty, slots=8, tokens=496).holds_a_sequence
     assert not plan_cache(TINY_SHAPE, 512, budget=10_000).holds_a_sequence
+    # Sequences of a length that is no whole number of blocks: rows round up, paged takes whole blocks.
+    assert plan_cache(TINY_SHAPE, 100, plenty, slots=1).holds_a_sequence
+    assert plan_cache(TINY_SHAPE, 100, plenty, tokens=100) == CachePlan(64, 100, 112)
+    assert plan_cache(TINY_SHAPE, 100, plenty, tokens=100).holds_a_sequence
+
+
+def test_while_graphs_are_captured_a_paged_cache_spreads_free_slots_over_distinct_blocks() -> None:
+    cache = KVCache(TINY_SHAPE, CachePlan(slots=2, slot_tokens=48, tokens=80), torch.device("cpu"))  # 5 blocks
+    with cache.spread_for_capture():
+        assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 0]]  # as far as the pool has blocks
+    assert (cache.block_table == 5).all()  # scratch again
 
 
 def test_decode_batch_covers_rows_up_to_the_highest_slot_in_use() -> None:
