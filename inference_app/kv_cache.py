@@ -89,7 +89,7 @@ class CachePlan:
 
     @property
     def holds_a_sequence(self) -> bool:
-        return not self.paged or self.tokens >= blocks_for(self.slot_tokens) * BLOCK_TOKENS
+        return not self.paged or self.tokens >= _blocks_holding(self.slot_tokens) * BLOCK_TOKENS
 
 
 def cache_budget(device: torch.device) -> int:
@@ -114,7 +114,7 @@ def plan_cache(
         by_gather = int(GATHER_SHARE * budget) // shape.gather_bytes(1, slot_tokens)
         slots = max(1, min(DEFAULT_MAX_SLOTS, max(whole_sequences, by_gather)))
     if tokens is not None:  # as set, in whole blocks
-        tokens = blocks_for(tokens) * BLOCK_TOKENS
+        tokens = _blocks_holding(tokens) * BLOCK_TOKENS
     elif slots * slot_tokens * per_token <= budget:
         tokens = slots * slot_tokens
     else:  # what the memory holds, in whole blocks
@@ -122,7 +122,7 @@ def plan_cache(
     return CachePlan(slots, slot_tokens, min(tokens, slots * slot_tokens))
 
 
-def blocks_for(tokens: int) -> int:
+def _blocks_holding(tokens: int) -> int:
     return math.ceil(tokens / BLOCK_TOKENS)
 
 
@@ -152,7 +152,7 @@ class KVCache:
     def __init__(self, shape: CacheShape, plan: CachePlan, device: torch.device) -> None:
         self.shape = shape
         self.plan = plan
-        self._blocks_per_slot = blocks_for(plan.slot_tokens)
+        self._blocks_per_slot = _blocks_holding(plan.slot_tokens)
         row_tokens = self._blocks_per_slot * BLOCK_TOKENS
         blocks = plan.slots * self._blocks_per_slot if not plan.paged else plan.tokens // BLOCK_TOKENS
         self.blocks = blocks
@@ -194,7 +194,7 @@ class KVCache:
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks a request of `tokens` (prompt + token budget) takes when it joins: none for rows."""
-        return blocks_for(tokens) if self.plan.paged else 0
+        return _blocks_holding(tokens) if self.plan.paged else 0
 
     def describe(self) -> str:
         plan = self.plan
