@@ -109,8 +109,16 @@ def phases_child(args: argparse.Namespace) -> None:
 
 def run_phases_child(arguments: list[str], timeout_s: float) -> dict[str, float]:
     command = [
-        sys.executable, "-m", "bench.cold_start", "--phases-child", "--timeout-s", str(timeout_s),
-        "--started-at", str(time.time()), "--app-arguments", *arguments,
+        sys.executable,
+        "-m",
+        "bench.cold_start",
+        "--phases-child",
+        "--timeout-s",
+        str(timeout_s),
+        "--started-at",
+        str(time.time()),
+        "--app-arguments",
+        *arguments,
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
     for line in completed.stdout.splitlines():
@@ -159,28 +167,44 @@ def main() -> None:
     facts = machine_facts()
     weight_bytes = sum(path.stat().st_size for path in Path(model.model_path).glob("*.safetensors"))
     print()
-    print(f"Model: {model.description} ({weight_bytes / 2**20:.0f} MiB of safetensors); page cache evicted before "
-          f"each start; median of {args.repeats}")
+    print(
+        f"Model: {model.description} ({weight_bytes / 2**20:.0f} MiB of safetensors); page cache evicted before "
+        f"each start; median of {args.repeats}"
+    )
     print(f"Machine: {describe_machine(facts)}")
     print()
     phase_rows = [
-        [mode, *(result["phases_median_s"].get(phase) for phase in PHASES),
-         (result["phases_median_s"]["imports"] or 0) + (result["phases_median_s"]["app setup"] or 0)]
+        [
+            mode,
+            *(result["phases_median_s"].get(phase) for phase in PHASES),
+            (result["phases_median_s"]["imports"] or 0) + (result["phases_median_s"]["app setup"] or 0),
+        ]
         for mode, result in results.items()
     ]
     print("Phases, one after another in a fresh interpreter (seconds):")
     print(format_table(["loading", *PHASES, "imports + setup"], phase_rows))
     print()
     print("The real server, `python -m inference_app` (seconds from process start):")
-    print(format_table(
-        ["loading", "/health 200", "/ready 200"],
-        [[mode, result["server_median_s"]["to_health_s"], result["server_median_s"]["to_ready_s"]]
-         for mode, result in results.items()],
-    ))
-    path = write_results(__file__, {
-        "model": model.description, "weights_bytes": weight_bytes, "repeats": args.repeats, "dtype": args.dtype,
-        "page_cache": "evicted before each start (posix_fadvise DONTNEED)", "modes": results,
-    })
+    print(
+        format_table(
+            ["loading", "/health 200", "/ready 200"],
+            [
+                [mode, result["server_median_s"]["to_health_s"], result["server_median_s"]["to_ready_s"]]
+                for mode, result in results.items()
+            ],
+        )
+    )
+    path = write_results(
+        __file__,
+        {
+            "model": model.description,
+            "weights_bytes": weight_bytes,
+            "repeats": args.repeats,
+            "dtype": args.dtype,
+            "page_cache": "evicted before each start (posix_fadvise DONTNEED)",
+            "modes": results,
+        },
+    )
     print(f"\nJSON: {path}")
 
 

@@ -100,7 +100,9 @@ def prepare_model(args: argparse.Namespace) -> BenchModel:
     dtype = torch.bfloat16 if args.size == "mini" else torch.float32
     folders, built_now = cached_model_folders(args.models_dir / args.size, args.size, dtype)
     if built_now:
-        print(f"built the {args.size} bench model in {folders.root} in {time.perf_counter() - started:.1f} s", flush=True)
+        print(
+            f"built the {args.size} bench model in {folders.root} in {time.perf_counter() - started:.1f} s", flush=True
+        )
     description = f"generated random-weight Phi-3 family, size {args.size}"
     return BenchModel(folders.model_path, folders.adapter_path, description)
 
@@ -286,13 +288,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max(len(header), *(len(row[column]) for row in cells)) for column, header in enumerate(headers)]
     lines = [
-        "| " + " | ".join(header.ljust(width) for header, width in zip(headers, widths)) + " |",
+        "| " + " | ".join(header.ljust(width) for header, width in zip(headers, widths, strict=True)) + " |",
         "|" + "|".join("-" * (width + 2) for width in widths) + "|",
     ]
-    for cells_row, row in zip(cells, rows):
+    for cells_row, row in zip(cells, rows, strict=True):
         aligned = [
             cell.rjust(width) if isinstance(value, (int, float)) else cell.ljust(width)
-            for cell, value, width in zip(cells_row, row, widths)
+            for cell, value, width in zip(cells_row, row, widths, strict=True)
         ]
         lines.append("| " + " | ".join(aligned) + " |")
     return "\n".join(lines)
@@ -325,7 +327,10 @@ def machine_facts() -> dict[str, Any]:
     if shutil.which("nvidia-smi"):
         query = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         facts["gpu"] = query.stdout.strip() or None
     return facts

@@ -156,11 +156,18 @@ def main() -> None:
     for clients, level in results.items():
         for server in SERVERS:
             numbers = level[server]
-            rows.append([
-                clients, server, f"{numbers['ok_requests']}/{numbers['planned_requests']}",
-                numbers["tokens_per_s"], numbers["latency_p50_s"], numbers["latency_p95_s"],
-                numbers["ttft_p50_s"], numbers["ttft_p95_s"],
-            ])
+            rows.append(
+                [
+                    clients,
+                    server,
+                    f"{numbers['ok_requests']}/{numbers['planned_requests']}",
+                    numbers["tokens_per_s"],
+                    numbers["latency_p50_s"],
+                    numbers["latency_p95_s"],
+                    numbers["ttft_p50_s"],
+                    numbers["ttft_p95_s"],
+                ]
+            )
     ratio_rows = []
     ratios: dict[int, dict[str, float | None]] = {}
     for clients, level in results.items():
@@ -174,26 +181,50 @@ def main() -> None:
 
     facts = machine_facts()
     print()
-    print(f"Model: {model.description}; {args.requests} streaming requests per client and level, "
-          f"max_tokens {args.max_tokens}, greedy; {args.rounds} rounds pooled")
+    print(
+        f"Model: {model.description}; {args.requests} streaming requests per client and level, "
+        f"max_tokens {args.max_tokens}, greedy; {args.rounds} rounds pooled"
+    )
     print(f"Machine: {describe_machine(facts)}")
     print()
-    print(format_table(
-        ["clients", "server", "ok/planned", "tokens/s", "latency p50 s", "latency p95 s", "TTFT p50 s", "TTFT p95 s"],
-        rows,
-    ))
+    print(
+        format_table(
+            [
+                "clients",
+                "server",
+                "ok/planned",
+                "tokens/s",
+                "latency p50 s",
+                "latency p95 s",
+                "TTFT p50 s",
+                "TTFT p95 s",
+            ],
+            rows,
+        )
+    )
     print()
-    print(format_table(
-        ["clients", "tokens/s app/baseline", "TTFT p95 app/baseline", "latency p95 app/baseline"], ratio_rows
-    ))
+    print(
+        format_table(
+            ["clients", "tokens/s app/baseline", "TTFT p95 app/baseline", "latency p95 app/baseline"], ratio_rows
+        )
+    )
     if 8 in ratios:
-        print(f"\n8 clients: tokens/s {ratios[8]['tokens_per_s']:.2f}x the baseline (target >= 3x); "
-              f"p95 TTFT {ratios[8]['ttft_p95']:.2f}x the baseline's (target <= 1)")
-    path = write_results(__file__, {
-        "model": model.description, "requests_per_client": args.requests, "rounds": args.rounds,
-        "max_tokens": args.max_tokens,
-        "dtype": args.dtype, "levels": results, "ratios_app_over_baseline": ratios,
-    })
+        print(
+            f"\n8 clients: tokens/s {ratios[8]['tokens_per_s']:.2f}x the baseline (target >= 3x); "
+            f"p95 TTFT {ratios[8]['ttft_p95']:.2f}x the baseline's (target <= 1)"
+        )
+    path = write_results(
+        __file__,
+        {
+            "model": model.description,
+            "requests_per_client": args.requests,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "dtype": args.dtype,
+            "levels": results,
+            "ratios_app_over_baseline": ratios,
+        },
+    )
     print(f"\nJSON: {path}")
 
 

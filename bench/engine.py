@@ -66,7 +66,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
     parser.add_argument(
-        "--kv-cache-tokens", type=int, help="the engine's KV cache size in tokens (fewer than 64 whole sequences: paged)"
+        "--kv-cache-tokens",
+        type=int,
+        help="the engine's KV cache size in tokens (fewer than 64 whole sequences: paged)",
     )
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/engine.json)")
     return parser.parse_args()
@@ -303,9 +305,12 @@ def main() -> None:
                     if name != "toolkit" or round_number == 0:
                         runs[name].append(way.run(clients))
             results[clients] = {name: summarize(way_runs) for name, way_runs in runs.items()}
-            print(f"{clients:>3} requests: " + ", ".join(
-                f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items()
-            ) + " tokens/s", flush=True)
+            print(
+                f"{clients:>3} requests: "
+                + ", ".join(f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items())
+                + " tokens/s",
+                flush=True,
+            )
     finally:
         for way in ways.values():
             way.close()
@@ -313,30 +318,53 @@ def main() -> None:
     rows = []
     for clients, by_way in results.items():
         for name, numbers in by_way.items():
-            rows.append([
-                clients, name, numbers["tokens_per_s"], numbers["ttft_p50_s"], numbers["ttft_p95_s"],
-                numbers["tokens"], ratio(numbers["tokens_per_s"], by_way["generate"]["tokens_per_s"]),
-            ])
+            rows.append(
+                [
+                    clients,
+                    name,
+                    numbers["tokens_per_s"],
+                    numbers["ttft_p50_s"],
+                    numbers["ttft_p95_s"],
+                    numbers["tokens"],
+                    ratio(numbers["tokens_per_s"], by_way["generate"]["tokens_per_s"]),
+                ]
+            )
     facts = machine_facts()
     print()
-    print(f"Model: random-weight Phi-3 family, size {args.size}, {models.device}, {models.merged.dtype}; "
-          f"greedy, {args.new_tokens} new tokens per request (toolkit: {args.toolkit_new_tokens}); "
-          f"best of {args.runs} runs (toolkit: 1)")
+    print(
+        f"Model: random-weight Phi-3 family, size {args.size}, {models.device}, {models.merged.dtype}; "
+        f"greedy, {args.new_tokens} new tokens per request (toolkit: {args.toolkit_new_tokens}); "
+        f"best of {args.runs} runs (toolkit: 1)"
+    )
     print(f"Machine: {describe_machine(facts)}")
-    print(f"Model built in {models.build_s:.1f} s; engine start (KV cache, CUDA graphs, warm-up) "
-          f"{engine.start_s:.1f} s: {engine_facts['summary']}")
+    print(
+        f"Model built in {models.build_s:.1f} s; engine start (KV cache, CUDA graphs, warm-up) "
+        f"{engine.start_s:.1f} s: {engine_facts['summary']}"
+    )
     print()
-    print(format_table(
-        ["requests", "way", "tokens/s", "TTFT p50 s", "TTFT p95 s", "tokens", "tokens/s vs generate"], rows
-    ))
+    print(
+        format_table(
+            ["requests", "way", "tokens/s", "TTFT p50 s", "TTFT p95 s", "tokens", "tokens/s vs generate"], rows
+        )
+    )
     if 64 in results:
         target = ratio(results[64]["engine"]["tokens_per_s"], results[64]["generate"]["tokens_per_s"])
         print(f"\n64 requests: engine / generate tokens/s = {target:.2f} (CPU target on --size tiny: >= 0.8)")
-    path = write_results(__file__, {
-        "size": args.size, "device": models.device, "new_tokens": args.new_tokens,
-        "toolkit_new_tokens": args.toolkit_new_tokens, "runs": args.runs, "model_build_s": models.build_s,
-        "engine_start_s": engine.start_s, "engine": engine_facts, "levels": results,
-    }, path=args.json)
+    path = write_results(
+        __file__,
+        {
+            "size": args.size,
+            "device": models.device,
+            "new_tokens": args.new_tokens,
+            "toolkit_new_tokens": args.toolkit_new_tokens,
+            "runs": args.runs,
+            "model_build_s": models.build_s,
+            "engine_start_s": engine.start_s,
+            "engine": engine_facts,
+            "levels": results,
+        },
+        path=args.json,
+    )
     print(f"\nJSON: {path}")
 
 

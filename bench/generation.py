@@ -189,13 +189,17 @@ def main() -> None:
     rows = []
     for variant, result in results.items():
         bare, service = result["bare_generate"], result["model_service"]
-        rows.append([
-            variant,
-            bare["tokens_per_s"], bare["ttft_s"],
-            service["tokens_per_s"], service["ttft_s"],
-            ratio(service["tokens_per_s"], bare["tokens_per_s"]),
-            f"{bare['tokens']:.0f}/{service['tokens']:.0f}",
-        ])
+        rows.append(
+            [
+                variant,
+                bare["tokens_per_s"],
+                bare["ttft_s"],
+                service["tokens_per_s"],
+                service["ttft_s"],
+                ratio(service["tokens_per_s"], bare["tokens_per_s"]),
+                f"{bare['tokens']:.0f}/{service['tokens']:.0f}",
+            ]
+        )
     merged, unmerged = results["merged adapter"], results["unmerged adapter"]
     targets = {
         "merged_over_unmerged_service": ratio(
@@ -213,19 +217,37 @@ def main() -> None:
     print(f"Model: {model.description}; {args.max_new_tokens} new tokens, greedy, median of {args.repeats} runs")
     print(f"Machine: {describe_machine(facts)}")
     print()
-    print(format_table(
-        ["variant", "bare generate tok/s", "bare TTFT s", "ModelService tok/s", "ModelService TTFT s",
-         "service/bare", "tokens bare/service"],
-        rows,
-    ))
+    print(
+        format_table(
+            [
+                "variant",
+                "bare generate tok/s",
+                "bare TTFT s",
+                "ModelService tok/s",
+                "ModelService TTFT s",
+                "service/bare",
+                "tokens bare/service",
+            ],
+            rows,
+        )
+    )
     print()
-    print(f"merged / unmerged tokens/s: ModelService {targets['merged_over_unmerged_service']:.2f}x, "
-          f"bare generate {targets['merged_over_unmerged_bare']:.2f}x (target >= 1.2x)")
+    print(
+        f"merged / unmerged tokens/s: ModelService {targets['merged_over_unmerged_service']:.2f}x, "
+        f"bare generate {targets['merged_over_unmerged_bare']:.2f}x (target >= 1.2x)"
+    )
     print(f"ModelService / bare generate (merged): {targets['service_over_bare_merged']:.2f} (target >= 0.90)")
-    path = write_results(__file__, {
-        "model": model.description, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "dtype": args.dtype, "variants": results, "targets": targets,
-    })
+    path = write_results(
+        __file__,
+        {
+            "model": model.description,
+            "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
+            "dtype": args.dtype,
+            "variants": results,
+            "targets": targets,
+        },
+    )
     print(f"\nJSON: {path}")
 
 

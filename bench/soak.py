@@ -243,12 +243,17 @@ def main() -> None:
         kind_outcomes = by_kind.get(kind, [])
         latencies = [outcome.latency_s for outcome in kind_outcomes]
         statuses = sorted({outcome.status for outcome in kind_outcomes})
-        rows.append([
-            kind, len(kind_outcomes), ",".join(map(str, statuses)),
-            sum(outcome.unexpected is None for outcome in kind_outcomes),
-            sum(outcome.unexpected is not None for outcome in kind_outcomes),
-            percentile(latencies, 0.5), percentile(latencies, 0.95),
-        ])
+        rows.append(
+            [
+                kind,
+                len(kind_outcomes),
+                ",".join(map(str, statuses)),
+                sum(outcome.unexpected is None for outcome in kind_outcomes),
+                sum(outcome.unexpected is not None for outcome in kind_outcomes),
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.95),
+            ]
+        )
     unexpected = [outcome for outcome in outcomes if outcome.unexpected is not None]
     invalid_statuses = {
         name: sorted({outcome.status for outcome in by_kind["invalid"] if outcome.detail == name})
@@ -259,40 +264,75 @@ def main() -> None:
 
     facts = machine_facts()
     print()
-    print(f"Model: {model.description}; {args.clients} clients x {args.requests} requests "
-          f"({len(outcomes)} sent in {result['wall_s']:.1f} s), seed {args.seed}")
+    print(
+        f"Model: {model.description}; {args.clients} clients x {args.requests} requests "
+        f"({len(outcomes)} sent in {result['wall_s']:.1f} s), seed {args.seed}"
+    )
     print(f"Machine: {describe_machine(facts)}")
     print()
-    print(format_table(
-        ["kind", "requests", "statuses", "as expected", "unexpected", "latency p50 s", "latency p95 s"], rows
-    ))
+    print(
+        format_table(
+            ["kind", "requests", "statuses", "as expected", "unexpected", "latency p50 s", "latency p95 s"], rows
+        )
+    )
     print()
-    print(format_table(
-        ["invalid request", "status"],
-        [[name, ",".join(map(str, statuses)) or "-"] for name, statuses in invalid_statuses.items()],
-    ))
+    print(
+        format_table(
+            ["invalid request", "status"],
+            [[name, ",".join(map(str, statuses)) or "-"] for name, statuses in invalid_statuses.items()],
+        )
+    )
     print()
-    print(format_table(
-        ["server RSS MiB: after /ready", "after warm-up", "max during soak", "end", "end / after warm-up"],
-        [[memory["after_ready_mib"], memory["after_warm_up_mib"], memory["max_during_soak_mib"], memory["end_mib"],
-          memory["end_over_after_warm_up"]]],
-    ))
+    print(
+        format_table(
+            ["server RSS MiB: after /ready", "after warm-up", "max during soak", "end", "end / after warm-up"],
+            [
+                [
+                    memory["after_ready_mib"],
+                    memory["after_warm_up_mib"],
+                    memory["max_during_soak_mib"],
+                    memory["end_mib"],
+                    memory["end_over_after_warm_up"],
+                ]
+            ],
+        )
+    )
     print()
     print(f"unexpected errors: {len(unexpected)} (target 0)")
     for outcome in unexpected[:10]:
         print(f"  {outcome.kind} ({outcome.detail}): {outcome.unexpected}")
-    print(f"after the soak: {args.max_concurrent_generations} concurrent requests -> "
-          f"{len(result['slot_check_problems'])} failed; /ready {result['ready_status_after']}")
+    print(
+        f"after the soak: {args.max_concurrent_generations} concurrent requests -> "
+        f"{len(result['slot_check_problems'])} failed; /ready {result['ready_status_after']}"
+    )
     print(f"memory at the end: {memory['end_over_after_warm_up']:.3f}x after warm-up (target within 1.10x)")
-    path = write_results(__file__, {
-        "model": model.description, "clients": args.clients, "requests_per_client": args.requests,
-        "seed": args.seed, "max_seconds": args.max_seconds, "wall_s": result["wall_s"],
-        "requests_sent": len(outcomes), "by_kind": {row[0]: dict(zip(
-            ["requests", "statuses", "as_expected", "unexpected", "latency_p50_s", "latency_p95_s"], row[1:]))
-            for row in rows},
-        "invalid_statuses": invalid_statuses, "unexpected": unexpected, "memory": memory,
-        "slot_check_problems": result["slot_check_problems"], "ready_status_after": result["ready_status_after"],
-    })
+    path = write_results(
+        __file__,
+        {
+            "model": model.description,
+            "clients": args.clients,
+            "requests_per_client": args.requests,
+            "seed": args.seed,
+            "max_seconds": args.max_seconds,
+            "wall_s": result["wall_s"],
+            "requests_sent": len(outcomes),
+            "by_kind": {
+                row[0]: dict(
+                    zip(
+                        ["requests", "statuses", "as_expected", "unexpected", "latency_p50_s", "latency_p95_s"],
+                        row[1:],
+                        strict=False,
+                    )
+                )
+                for row in rows
+            },
+            "invalid_statuses": invalid_statuses,
+            "unexpected": unexpected,
+            "memory": memory,
+            "slot_check_problems": result["slot_check_problems"],
+            "ready_status_after": result["ready_status_after"],
+        },
+    )
     print(f"\nJSON: {path}")
 
 

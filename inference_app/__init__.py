@@ -1,1 +1,1 @@
-"""Serves a base model with its LoRA adapter: Gradio chat UI and an OpenAI-compatible API (`python -m inference_app`)."""
+"""Serves a base model with its LoRA adapter: Gradio chat UI and an OpenAI-compatible API (python -m inference_app)."""

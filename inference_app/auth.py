@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 
 from fastapi import Request
-from starlette.requests import HTTPConnection
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from inference_app.api_errors import ApiError
 from inference_app.settings import Settings

@@ -201,9 +201,14 @@ class BatchingEngine:
         with_gather = plan.tokens * shape.bytes_per_token() + shape.gather_bytes(plan.slots, plan.slot_tokens)
         if plan.paged and options.kv_cache_tokens is not None and with_gather > budget:
             logger.warning(
-                "%s %d: with the paged read's copy for a full batch the KV cache needs %.1f GiB, more than the %.1f GiB "
-                "the %s's free memory leaves it: large batches may run out of memory; lower it or unset it",
-                KV_CACHE_TOKENS_OPTION, options.kv_cache_tokens, with_gather / 2**30, max(0, budget) / 2**30, memory,
+                "%s %d: with the paged read's copy for a full batch the KV cache needs %.1f GiB, "
+                "more than the %.1f GiB the %s's free memory leaves it: large batches may run out of memory; "
+                "lower it or unset it",
+                KV_CACHE_TOKENS_OPTION,
+                options.kv_cache_tokens,
+                with_gather / 2**30,
+                max(0, budget) / 2**30,
+                memory,
             )
         try:
             return KVCache(shape, plan, self._device)

@@ -85,13 +85,16 @@ class ModelService:
         try:
             loaded = load_model(self.settings)
             started = time.perf_counter()
-            engine = BatchingEngine(loaded, EngineOptions(
-                max_batch_size=self.settings.max_batch_size,
-                max_batch_tokens=self.settings.max_batch_tokens,
-                max_sequence_tokens=self.settings.max_sequence_tokens,
-                kv_cache_tokens=self.settings.kv_cache_tokens,
-                cuda_graphs=self.settings.cuda_graphs,
-            ))
+            engine = BatchingEngine(
+                loaded,
+                EngineOptions(
+                    max_batch_size=self.settings.max_batch_size,
+                    max_batch_tokens=self.settings.max_batch_tokens,
+                    max_sequence_tokens=self.settings.max_sequence_tokens,
+                    kv_cache_tokens=self.settings.kv_cache_tokens,
+                    cuda_graphs=self.settings.cuda_graphs,
+                ),
+            )
             engine.start()
             engine_started = time.perf_counter()
             try:

@@ -101,9 +101,7 @@ def _auth_password(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("is set but empty: unset it to turn authentication off")
     if len(text) < MIN_PASSWORD_LENGTH:
-        raise argparse.ArgumentTypeError(
-            f"is shorter than {MIN_PASSWORD_LENGTH} characters: choose a longer password"
-        )
+        raise argparse.ArgumentTypeError(f"is shorter than {MIN_PASSWORD_LENGTH} characters: choose a longer password")
     return text
 
 
@@ -159,8 +157,7 @@ _OPTIONS = (
     _Option(
         "max_concurrent_generations",
         ("--max-concurrent-generations",),
-        "generations running at once; more wait in the UI's queue or get 429 from the API "
-        "(default: --max-batch-size)",
+        "generations running at once; more wait in the UI's queue or get 429 from the API (default: --max-batch-size)",
         _positive_int,
     ),
     _Option("max_new_tokens_cap", ("--max-new-tokens-cap",), "upper bound on new tokens per reply", _positive_int),

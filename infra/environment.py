@@ -193,9 +193,11 @@ def _storage_properties(args: EnvironmentArgs) -> app.ManagedEnvironmentStorageP
         # need not be storageAccountName (looked up in the stack's resource group).
         azure_file = existing.properties.azure_file
         key = pulumi.Output.from_input(args.storage_account_name).apply(
-            lambda ours: args.storage_account_key
-            if ours.lower() == str(azure_file.account_name).lower()
-            else account_key(azure_file.account_name, args.resource_group_name)
+            lambda ours: (
+                args.storage_account_key
+                if ours.lower() == str(azure_file.account_name).lower()
+                else account_key(azure_file.account_name, args.resource_group_name)
+            )
         )
         return app.ManagedEnvironmentStoragePropertiesArgs(
             azure_file=app.AzureFilePropertiesArgs(

@@ -254,9 +254,7 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     )
     registry = in_group(
         f"container registry {names.container_registry!r}",
-        lambda: containerregistry.get_registry(
-            registry_name=names.container_registry, resource_group_name=group_name
-        ),
+        lambda: containerregistry.get_registry(registry_name=names.container_registry, resource_group_name=group_name),
     )
     if registry is None:
         require_free_name(

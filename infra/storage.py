@@ -60,7 +60,9 @@ def _share_args(adoption: Adoption) -> dict[str, Any]:
     if existing is None:
         return dict(share_quota=SHARE_QUOTA_GIB)
     # Adoption adds, it does not shrink: a larger quota someone already set is kept.
-    return mirror_inputs(existing, storage.FileShareArgs) | dict(share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0))
+    return mirror_inputs(existing, storage.FileShareArgs) | dict(
+        share_quota=max(SHARE_QUOTA_GIB, existing.share_quota or 0)
+    )
 
 
 def account_key(

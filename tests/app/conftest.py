@@ -80,4 +80,3 @@ def paced_decoding() -> Iterator[None]:
     handle = torch.nn.modules.module.register_module_forward_pre_hook(pace)
     yield
     handle.remove()
-

@@ -123,17 +123,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_process(
-    arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None
-) -> Iterator[str]:
+def app_process(arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None) -> Iterator[str]:
     """Runs `python -m inference_app <arguments> --port <free port>` (stdout and stderr into log_path) and yields
     its URL once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "inference_app", *arguments, "--port", str(port)]
-    with log_path.open("w") as log, subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
-    ) as process:
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
+        ) as process,
+    ):
         try:
 
             def ready() -> bool:

@@ -111,7 +111,6 @@ def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> 
     assert steps < LONG_REPLY_TOKENS / 2, f"{steps} decode steps: the generation ran on after Stop"
 
 
-
 @pytest.mark.slow
 @pytest.mark.browser
 def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page: Page) -> None:

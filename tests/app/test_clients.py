@@ -12,8 +12,8 @@ from gradio_client import Client
 from inference_app.generation import SamplingParams
 from inference_app.settings import Settings
 from inference_app.ui import CHAT_API_NAME
-from tests.app.service_harness import collect_chunks
 from tests.app.server_harness import RunningServer, running_server
+from tests.app.service_harness import collect_chunks
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from inference_app.decode_graphs import (
 )
 from inference_app.engine_types import GenerationChunk, SamplingParams
 from inference_app.generation import ModelService
-from inference_app.kv_cache import BLOCK_TOKENS, CacheShape, CachePlan, KVCache, SlotAllocator, plan_cache
+from inference_app.kv_cache import BLOCK_TOKENS, CachePlan, CacheShape, KVCache, SlotAllocator, plan_cache
 from inference_app.model_loading import LoadedModel, load_model
 from inference_app.sampling import BatchSampler, uniform_noise
 from inference_app.settings import Settings, parse_settings
@@ -401,8 +401,11 @@ def test_graph_decoder_pads_the_batch_and_length_up_to_the_next_bucket() -> None
         eager_calls.append((batch, length))
         return torch.zeros(batch, 5)
 
-    graphs = {(batch, length): (_FakeGraph(), torch.full((batch, 5), float(batch * 1000 + length)))
-              for batch in (1, 2, 4) for length in (256, 512)}
+    graphs = {
+        (batch, length): (_FakeGraph(), torch.full((batch, 5), float(batch * 1000 + length)))
+        for batch in (1, 2, 4)
+        for length in (256, 512)
+    }
     decoder = GraphDecoder(eager, graphs, (1, 2, 4), (256, 512), seconds=0.5)  # type: ignore[arg-type]
     assert decoder.run(3, 100)[0, 0] == 4 * 1000 + 256
     assert graphs[4, 256][0].replays == 1

@@ -22,9 +22,9 @@ from inference_app.generation import (
     SamplingParams,
     plain_template_prompt,
 )
-from inference_app.text_stream import IncrementalDetokenizer, StopMatcher
 from inference_app.model_loading import load_model
 from inference_app.settings import Settings
+from inference_app.text_stream import IncrementalDetokenizer, StopMatcher
 from tests.model_factory import SIZES, ModelFolders
 
 Reply = Callable[..., list[GenerationChunk]]
@@ -165,13 +165,14 @@ def test_each_request_samples_with_its_own_settings_in_a_shared_batch(
         {"temperature": 0.0},
     ]
     alone = [
-        text_of(reply(service, prompt, max_new_tokens=24, **sampling)) for prompt, sampling in zip(PROMPTS, settings)
+        text_of(reply(service, prompt, max_new_tokens=24, **sampling))
+        for prompt, sampling in zip(PROMPTS, settings, strict=True)
     ]
 
     async def together() -> list[str]:
         replies = [
             _collect(service, user(prompt), SamplingParams(max_new_tokens=24, **sampling), wait=True)
-            for prompt, sampling in zip(PROMPTS, settings)
+            for prompt, sampling in zip(PROMPTS, settings, strict=True)
         ]
         return [text_of(chunks) for chunks in await asyncio.gather(*replies)]
 

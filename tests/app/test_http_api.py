@@ -16,7 +16,6 @@ import pytest
 from inference_app.generation import ModelService, SamplingParams
 from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
-from tests.app.service_harness import collect_chunks
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
@@ -26,6 +25,7 @@ from tests.app.server_harness import (
     sse_events,
     wait_for,
 )
+from tests.app.service_harness import collect_chunks
 from tests.model_factory import ModelFolders
 
 pytestmark = pytest.mark.slow

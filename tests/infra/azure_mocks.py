@@ -316,9 +316,15 @@ class FakeAzure(pulumi.runtime.Mocks):
             state |= {"name": inputs["registryName"], "loginServer": f"{inputs['registryName'].lower()}.azurecr.io"}
         elif args.typ == "azure-native:managedidentity:UserAssignedIdentity":
             resource_id = identity_id(group, inputs["resourceName"])
-            state |= {"name": inputs["resourceName"], "principalId": IDENTITY_PRINCIPAL_ID, "clientId": IDENTITY_CLIENT_ID}
+            state |= {
+                "name": inputs["resourceName"],
+                "principalId": IDENTITY_PRINCIPAL_ID,
+                "clientId": IDENTITY_CLIENT_ID,
+            }
         elif args.typ == "azure-native:authorization:RoleAssignment":
-            resource_id = f"{inputs['scope']}/providers/Microsoft.Authorization/roleAssignments/{fingerprint(inputs)[:32]}"
+            resource_id = (
+                f"{inputs['scope']}/providers/Microsoft.Authorization/roleAssignments/{fingerprint(inputs)[:32]}"
+            )
         elif args.typ == "random:index/randomPassword:RandomPassword":
             resource_id = f"{args.name}_id"
             state["result"] = GENERATED_PASSWORD

@@ -113,7 +113,9 @@ def test_every_installed_package_has_the_tests_version() -> None:
         if name in image_only:
             assert name not in tested, f"{name} is pinned in both the test and the image-only requirements"
             continue
-        assert name in tested, f"the image installs {name} but the tests do not: pin it in inference_app/requirements.txt"
+        assert name in tested, (
+            f"the image installs {name} but the tests do not: pin it in inference_app/requirements.txt"
+        )
         assert version == tested[name], f"{name}: image {version}, tests {tested[name]}"
     for name in ("transformers", "peft", "accelerate", "gradio", "fastapi", "uvicorn"):
         assert name in installed, f"the image does not install {name}"

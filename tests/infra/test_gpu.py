@@ -151,7 +151,8 @@ def test_scale_to_zero_on_dedicated_with_the_default_minimum_count_of_zero() -> 
         ),
         (
             {"gpu": "serverless-T4", "maximumInstanceCount": "2"},
-            "maximumInstanceCount: serverless GPU profiles .* have no instance counts.*pulumi config rm maximumInstanceCount",
+            "maximumInstanceCount: serverless GPU profiles .* have no instance counts"
+            ".*pulumi config rm maximumInstanceCount",
         ),
         (
             {"gpu": "serverless-A100", "minimumInstanceCount": "0"},

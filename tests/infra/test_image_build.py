@@ -16,7 +16,9 @@ from infra.image_config import SETTINGS_ENV
 @pytest.fixture
 def repository_copy(tmp_path: Path) -> Path:
     """A copy of inference_app/ in a scratch repository with an unrelated file beside it."""
-    shutil.copytree(PROJECT_DIR / BUILD_CONTEXT, tmp_path / "inference_app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        PROJECT_DIR / BUILD_CONTEXT, tmp_path / "inference_app", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (tmp_path / "README.md").write_text("# readme\n")
     return tmp_path
 

@@ -129,7 +129,11 @@ def test_container_app_properties(fresh: tuple[FakeAzure, Any]) -> None:
     assert app["template"]["volumes"] == [
         {"name": f"aifileshare{suffix}volume", "storageType": "AzureFile", "storageName": f"aienvstorage{suffix}"}
     ]
-    assert app["template"]["scale"] == {"minReplicas": 1, "maxReplicas": 1, "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}]}
+    assert app["template"]["scale"] == {
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}],
+    }
 
 
 def test_resource_group_is_created_when_missing(fresh: tuple[FakeAzure, Any]) -> None:
@@ -261,7 +265,11 @@ def test_sizing_scale_image_and_access_mode_come_from_config(in_scratch_dir: Pat
     (container,) = app["template"]["containers"]
     assert container["resources"] == {"cpu": 8, "memory": "64Gi"}
     assert container["image"] == "myregistry.azurecr.io/inference:1"
-    assert app["template"]["scale"] == {"minReplicas": 0, "maxReplicas": 3, "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}]}
+    assert app["template"]["scale"] == {
+        "minReplicas": 0,
+        "maxReplicas": 3,
+        "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "10"}}}],
+    }
     assert app["configuration"]["ingress"]["stickySessions"] == {"affinity": "sticky"}  # Gradio's queue state
     env_storage = azure.one("azure-native:app:ManagedEnvironmentsStorage").inputs
     assert env_storage["properties"]["azureFile"]["accessMode"] == "ReadOnly"

@@ -10,8 +10,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pulumiverse_time
+import pytest
 from pulumi_azure_native import authorization
 
 from inference_app.settings import parse_settings
@@ -296,9 +296,10 @@ def test_a_model_revision_change_changes_the_template_and_the_active_revision(in
     same_azure, same = deploy({"modelRevision": "2026-11-24"})
     second_azure, second = deploy({"modelRevision": "2026-11-25"})
     first_app, second_app = first_azure.one(APP_TYPE).inputs, second_azure.one(APP_TYPE).inputs
-    assert same_azure.one(APP_TYPE).inputs == first_app and same.outputs["activeRevision"] == first.outputs[
-        "activeRevision"
-    ]
+    assert (
+        same_azure.one(APP_TYPE).inputs == first_app
+        and same.outputs["activeRevision"] == first.outputs["activeRevision"]
+    )
     assert second_app["template"] != first_app["template"]
     assert {key: value for key, value in second_app.items() if key != "template"} == {
         key: value for key, value in first_app.items() if key != "template"
@@ -487,7 +488,9 @@ def test_an_existing_pull_identity_and_its_acr_pull_are_adopted(in_scratch_dir: 
 
     second_azure = FakeAzure(existing=azure.existing, previous_outputs={"adoption": run.outputs["adoption"]})
     deploy(azure=second_azure)
-    assert second_azure.one(IDENTITY_TYPE).import_id is None and second_azure.one(ROLE_ASSIGNMENT_TYPE).import_id is None
+    assert (
+        second_azure.one(IDENTITY_TYPE).import_id is None and second_azure.one(ROLE_ASSIGNMENT_TYPE).import_id is None
+    )
 
 
 def test_an_existing_pull_identity_without_acr_pull_gets_it(in_scratch_dir: Path) -> None:
