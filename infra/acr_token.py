@@ -1,6 +1,6 @@
 """Push credentials without a registry password: the Azure AD token of whoever runs `pulumi up` (the azure-native
 provider's own login, e.g. `az login`) exchanged at the registry's `/oauth2/exchange` endpoint for an ACR refresh
-token, the flow `az acr login --expose-token` uses (retried on network errors, infra/rest.py). The pushing identity
+token, the flow `az acr login --expose-token` uses (retried on network errors, infra/arm.py). The pushing identity
 needs push rights on the registry (Owner or Contributor of the resource group have them; otherwise grant AcrPush)."""
 
 import urllib.parse
@@ -9,7 +9,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import authorization
 
-from infra.rest import RequestFailed, post
+from infra.arm import RequestFailed, post
 
 # The user name ACR expects with a refresh token obtained from an Azure AD token (`az acr login --expose-token`).
 ACR_TOKEN_USERNAME = "00000000-0000-0000-0000-000000000000"

@@ -24,7 +24,7 @@ DEFAULT_GPU: GpuChoice = "dedicated-A100"
 # Sources (MicrosoftDocs/azure-docs, articles/container-apps/):
 # - dedicated: workload-profiles-overview.md, "Dedicated profile details" (ms.date 2025-11-04, re-checked
 #   2026-11-28): "GPU | NC24-A100, NC48-A100, NC96-A100 | ... | West US 3, North Europe", capacity by support request;
-#   "GPU-enabled Dedicated profiles must be configured when creating an environment" (infra/environment.py);
+#   "GPU-enabled Dedicated profiles must be configured when creating an environment" (infra/workload_profiles.py);
 # - serverless: gpu-serverless-overview.md#supported-regions, "Serverless GPUs are available in the following regions"
 #   (A100: Australia East, Brazil South, East US, Italy North, Sweden Central, West US, West US 3; T4 also in Central
 #   India, France Central, Japan East, North Central US, South Central US, South East Asia, South India, West Europe
@@ -110,7 +110,7 @@ class GpuConfig:
     concurrent_requests: int
     skip_region_check: bool = False  # `skipGpuRegionCheck`: for regions Azure added after the table above
     # Instance count keys set in config or the parameters file: applied to an adopted environment's GPU profile,
-    # whose live counts are kept otherwise (infra/environment.py).
+    # whose live counts are kept otherwise (infra/workload_profiles.py).
     configured_counts: frozenset[str] = frozenset()
 
 

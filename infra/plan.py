@@ -4,7 +4,6 @@ a free name that is taken elsewhere in Azure (storage accounts and registries ha
 the key to change."""
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,100 +19,14 @@ from pulumi_azure_native import (
     storage,
 )
 
-from infra.adoption import Adoption, AzureLookupError, PreviousRun, decide, lookup
+from infra.adoption import Adoption, PreviousRun, decide, lookup
+from infra.arm import REGISTRY_NAME, STORAGE_ACCOUNT_NAME, find_acr_pull, require_free_name
 from infra.config import ProgramConfig
-from infra.environment import WorkloadProfiles, plan_workload_profiles
 from infra.errors import ConfigError
 from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
-from infra.registry import ACR_PULL_ROLE_ID
-from infra.rest import RequestFailed, get, post
+from infra.workload_profiles import WorkloadProfiles, plan_workload_profiles
 
 T = TypeVar("T")
-
-
-ARM = "https://management.azure.com"
-
-
-@dataclass(frozen=True)
-class GlobalName:
-    """A name unique across Azure, checked with its provider's checkNameAvailability action."""
-
-    key: str  # the config key that sets it
-    provider: str
-    api_version: str
-    resource_type: str
-    description: str
-    rule: str
-
-
-STORAGE_ACCOUNT_NAME = GlobalName(
-    "storageAccountName",
-    "Microsoft.Storage",
-    "2023-05-01",
-    "Microsoft.Storage/storageAccounts",
-    "storage account",
-    "3-24 lowercase letters and digits",
-)
-REGISTRY_NAME = GlobalName(
-    "registryName",
-    "Microsoft.ContainerRegistry",
-    "2023-07-01",
-    "Microsoft.ContainerRegistry/registries",
-    "registry",
-    "5-50 letters and digits",
-)
-
-
-def require_free_name(
-    kind: GlobalName, name: str, *, explicit: bool, subscription_id: str, arm_token: Callable[[], str]
-) -> None:
-    """Stop, naming the key, when ARM says the name is taken (by anyone, anywhere); a check that cannot be made is
-    only a warning (creating the resource would then fail with Azure's own message)."""
-    url = (
-        f"{ARM}/subscriptions/{subscription_id}/providers/{kind.provider}/checkNameAvailability"
-        f"?api-version={kind.api_version}"
-    )
-    body = json.dumps({"name": name, "type": kind.resource_type}).encode()
-    try:
-        answer = post(url, body, {"Authorization": f"Bearer {arm_token()}", "Content-Type": "application/json"})
-    except RequestFailed as error:
-        pulumi.log.warn(f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing.")
-        return
-    if isinstance(answer, dict) and answer.get("nameAvailable") is False:
-        how = "the name you configured" if explicit else "the default name"
-        raise ConfigError(
-            f"{kind.key}: {name!r} ({how}) is taken by a {kind.description} elsewhere in Azure ({kind.description} "
-            f"names are global; Azure says: {answer.get('message') or answer.get('reason')}); choose another with "
-            f"`pulumi config set {kind.key} <{kind.rule}>`"
-        )
-
-
-@dataclass(frozen=True)
-class RoleAssignmentFound:
-    id: str
-    name: str
-
-
-def find_acr_pull(registry_id: str, principal_id: str, arm_token: Callable[[], str]) -> RoleAssignmentFound | None:
-    """The AcrPull assignment of this principal on the registry itself, if there is one: an existing pull identity
-    usually has it, and ARM refuses a second one (RoleAssignmentExists). azure-native has no invoke to list them."""
-    url = (
-        f"{ARM}{registry_id}/providers/Microsoft.Authorization/roleAssignments?api-version=2022-04-01"
-        f"&$filter=principalId%20eq%20'{principal_id}'"
-    )
-    try:
-        answer = get(url, {"Authorization": f"Bearer {arm_token()}"})
-    except RequestFailed as error:
-        raise AzureLookupError(
-            f"Looking up the role assignments of pull identity {principal_id} on registry {registry_id} failed, so "
-            f"nothing was created or changed. Azure said: {error}"
-        ) from None
-    for assignment in answer.get("value", []) if isinstance(answer, dict) else []:
-        properties = assignment.get("properties", {})
-        same_scope = str(properties.get("scope", "")).lower() == registry_id.lower()
-        if same_scope and str(properties.get("roleDefinitionId", "")).lower().endswith(ACR_PULL_ROLE_ID):
-            return RoleAssignmentFound(assignment["id"], assignment["name"])
-    return None
 
 
 @dataclass(frozen=True)

@@ -474,8 +474,8 @@ def run_program(
         stack = pulumi.runtime.get_root_resource()
         return collect_stack_outputs(stack.outputs, run.outputs, run.secret_outputs)  # type: ignore[union-attr]
 
-    # Global name checks and the image's push credentials are HTTPS POSTs (infra/rest.py): answered by the fake
+    # Global name checks and the image's push credentials are HTTPS POSTs (infra/arm.py): answered by the fake
     # instead of the network, and its retries do not wait.
-    with mock.patch("infra.rest.urlopen", azure.urlopen), mock.patch("infra.rest.time.sleep", azure.sleeps.append):
+    with mock.patch("infra.arm.urlopen", azure.urlopen), mock.patch("infra.arm.time.sleep", azure.sleeps.append):
         program()
     return run
