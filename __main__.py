@@ -96,7 +96,7 @@ if plan.container_app.declared:  # a referenced app is only read
 
 export_outputs(
     subscription_id=plan.subscription_id,
-    resource_group_name=config.resource_group_name,
+    resource_group_name=plan.resource_group.name,  # as Azure spells it, once the group exists
     storage_account_name=storage.account_name,
     file_share_name=storage.share_name,
     app=container_app,

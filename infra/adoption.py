@@ -95,10 +95,18 @@ class Adoption:
     name: str
     status: Status
     existing: Any = None  # the lookup result (typed invoke result) when the resource exists in Azure
-    # Adopted and not in this stack yet: the Azure id imported on this run. The engine (Pulumi CLI >= 3.174,
-    # `requiredPulumiVersion`) imports it and applies the declared inputs in the same run; only a diff that would
-    # replace it fails, which infra/plan.py refuses before (see `require_no_replacement`).
+    # Not in this stack's record: the Azure id imported on this run, spelled as the program declares the resource
+    # (the import's path must equal the declared names, case included, or the engine sees a replacement). The
+    # engine (Pulumi CLI >= 3.174, `requiredPulumiVersion`) imports it and applies the declared inputs in the same
+    # run; only a diff that would replace it fails, which infra/plan.py refuses before (`require_no_replacement`).
+    # For a resource the stack's state already holds, the import is a no-op.
     import_id: str | None = None
+
+    @property
+    def foreign(self) -> Any:
+        """What Azure has, for a resource this stack did not create (adopted or referenced): its inputs mirror it.
+        None for the stack's own, which it declares as it created them."""
+        return self.existing if self.status != "created" else None
 
     @property
     def declared(self) -> bool:
@@ -127,20 +135,51 @@ class Adoption:
         )
 
     def summary(self) -> str:
+        if self.import_id is not None and self.status == "created":
+            return (
+                f"{self.key} {self.name}: created (by an earlier run of this stack that did not finish; its tags say "
+                "so), managed as the stack's own"
+            )
         if self.import_id is not None:
             return f"{self.key} {self.name}: adopted (imported on this run, with this program's settings)"
         return f"{self.key} {self.name}: {self.status}"
 
 
-def decide(key: str, name: str, existing: Any, mode: Mode, previous: PreviousRun) -> Adoption:
+def stack_tags() -> dict[str, str]:
+    """The tags this stack puts on what it creates: how a later run knows them as its own even when the record of a
+    run was never saved (a run that failed, e.g. on GPU quota, saves no outputs)."""
+    return {"pulumi-project": pulumi.get_project(), "pulumi-stack": pulumi.get_stack()}
+
+
+def made_by_this_stack(existing: Any) -> bool:
+    tags = getattr(existing, "tags", None) or {}
+    return all(tags.get(key) == value for key, value in stack_tags().items())
+
+
+def decide(
+    key: str,
+    name: str,
+    existing: Any,
+    mode: Mode,
+    previous: PreviousRun,
+    *,
+    declared_id: str,
+    made_here: bool | None = None,
+) -> Adoption:
+    """`declared_id`: the resource's id spelled as the program declares it; `made_here`: whether this stack created
+    it (default: its tags say so; resources without tags follow their parent)."""
     if existing is None:
         return Adoption(key, name, "created")
     managed_status = previous.manages(key, existing.id)
     if managed_status is not None:  # already in this stack: an ordinary update, never a second import
         return Adoption(key, name, managed_status, existing)
+    # ARM ids are case-insensitive, but the import's path parameters must equal the declared ones exactly.
+    import_id = declared_id if declared_id.lower() == str(existing.id).lower() else str(existing.id)
+    if made_here if made_here is not None else made_by_this_stack(existing):
+        return Adoption(key, name, "created", existing, import_id=import_id)
     if mode == "reference":
         return Adoption(key, name, "referenced", existing)
-    return Adoption(key, name, "adopted", existing, import_id=existing.id)
+    return Adoption(key, name, "adopted", existing, import_id=import_id)
 
 
 def _as_input(value: Any) -> Any:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_azure_native import app
 
-from infra.adoption import Adoption, Ledger, declare_or_reference
+from infra.adoption import Adoption, Ledger, declare_or_reference, stack_tags
 
 TARGET_PORT = 7860
 MOUNT_PATH = "/mount"
@@ -131,14 +131,27 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
     )
 
 
-def _as_azure_spells_it(environment_id: pulumi.Input[str], adoption: Adoption) -> pulumi.Output[str]:
-    """The environment id as the existing app records it when they differ only in case (ARM ids are
-    case-insensitive, and some GET answers lowercase them): a case-only change of this create-only property would
-    otherwise show as a replacement."""
-    live = str(getattr(adoption.existing, "managed_environment_id", None) or "")
-    return pulumi.Output.from_input(environment_id).apply(
-        lambda wanted: live if live.lower() == wanted.lower() else wanted
-    )
+EnvironmentIds = tuple[pulumi.Output[str] | None, pulumi.Output[str] | None]  # managedEnvironmentId, environmentId
+
+
+def _environment_ids(environment_id: pulumi.Input[str], adoption: Adoption) -> EnvironmentIds:
+    """The app's environment, a create-only property Azure records twice (`environmentId` and the deprecated
+    `managedEnvironmentId`). An app this stack creates sets `managedEnvironmentId` (as it always has: adding the
+    other to an app in the state would replace it); an app it did not create (adopted, e.g. the AI Toolkit's
+    bicep-deployed app) sets each one its live app has, spelled as Azure spells it when they differ only in case
+    (ARM ids are case-insensitive, some GET answers lowercase them). Anything else would replace the app on import,
+    which the engine refuses."""
+    wanted = pulumi.Output.from_input(environment_id)
+    live = adoption.foreign
+    if live is None:
+        return wanted, None
+
+    def as_azure_spells_it(recorded: str | None) -> pulumi.Output[str] | None:
+        if not recorded:
+            return None
+        return wanted.apply(lambda declared: recorded if recorded.lower() == declared.lower() else declared)
+
+    return as_azure_spells_it(live.managed_environment_id), as_azure_spells_it(live.environment_id)
 
 
 def _first_image(template: app.outputs.TemplateResponse | None) -> str:
@@ -161,6 +174,7 @@ class ContainerApp(pulumi.ComponentResource):
         super().__init__("inference:infra:ContainerApp", name, None, opts)
         # An existing app of this name is adopted with this configuration in the same run that imports it
         # (infra/plan.py refuses one in another environment, which would need a replacement).
+        managed_environment_id, environment_id = _environment_ids(args.environment_id, args.adoption)
         container_app = declare_or_reference(
             args.adoption,
             args.ledger,
@@ -169,7 +183,9 @@ class ContainerApp(pulumi.ComponentResource):
                 container_app_name=args.adoption.name,
                 resource_group_name=args.resource_group_name,
                 location=args.location,
-                managed_environment_id=_as_azure_spells_it(args.environment_id, args.adoption),
+                managed_environment_id=managed_environment_id,
+                environment_id=environment_id,
+                tags=stack_tags() if args.adoption.foreign is None else args.adoption.foreign.tags,
                 workload_profile_name=args.workload_profile_name,
                 identity=args.identity or app.ManagedServiceIdentityArgs(type=app.ManagedServiceIdentityType.NONE),
                 configuration=_configuration(args),

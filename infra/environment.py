@@ -6,7 +6,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import app
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs, stack_tags
 from infra.config import StorageAccessMode
 from infra.storage import account_key
 from infra.workload_profiles import WorkloadProfiles
@@ -36,7 +36,7 @@ def _logs(customer_id: pulumi.Input[str], shared_key: pulumi.Input[str]) -> app.
 
 
 def _environment_args(args: EnvironmentArgs) -> dict[str, Any]:
-    existing = args.environment.existing
+    existing = args.environment.foreign
     logs = _logs(args.logs_customer_id, args.logs_shared_key)
     profiles = dict(workload_profiles=args.workload_profiles.profiles)
     if existing is None:
@@ -45,6 +45,7 @@ def _environment_args(args: EnvironmentArgs) -> dict[str, Any]:
             app_logs_configuration=logs,
             zone_redundant=False,
             peer_authentication=app.ManagedEnvironmentPeerAuthenticationArgs(mtls=app.MtlsArgs(enabled=False)),
+            tags=stack_tags(),
             **profiles,
         )
     # Existing environment: everything stays as Azure has it (region, zone redundancy, mTLS, network) except the
@@ -54,7 +55,7 @@ def _environment_args(args: EnvironmentArgs) -> dict[str, Any]:
 
 
 def _storage_properties(args: EnvironmentArgs) -> app.ManagedEnvironmentStoragePropertiesArgs:
-    existing = args.environment_storage.existing
+    existing = args.environment_storage.foreign
     if existing is not None:
         # An existing environment storage keeps its account, share and access mode (fine-tuning writes through it);
         # only the account key, which Azure never returns, is declared: that of the account it points to, which

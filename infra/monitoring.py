@@ -6,7 +6,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import operationalinsights
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs, stack_tags
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,13 @@ class MonitoringArgs:
 
 
 def _workspace_args(args: MonitoringArgs) -> dict[str, Any]:
-    existing = args.workspace.existing
+    existing = args.workspace.foreign
     if existing is not None:  # an existing workspace (sku, retention, region) is kept as it is
         return mirror_inputs(existing, operationalinsights.WorkspaceArgs)
     return dict(
         sku=operationalinsights.WorkspaceSkuArgs(name=operationalinsights.WorkspaceSkuNameEnum.PER_GB2018),
         location=args.location,
+        tags=stack_tags(),
     )
 
 

@@ -6,7 +6,7 @@ the key to change."""
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pulumi
 from pulumi_azure_native import (
@@ -19,7 +19,7 @@ from pulumi_azure_native import (
     storage,
 )
 
-from infra.adoption import Adoption, PreviousRun, decide, lookup
+from infra.adoption import Adoption, PreviousRun, decide, lookup, made_by_this_stack
 from infra.arm import REGISTRY_NAME, STORAGE_ACCOUNT_NAME, find_acr_pull, require_free_name
 from infra.config import ProgramConfig
 from infra.errors import ConfigError
@@ -96,12 +96,16 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     """Look every resource up by name and decide create / adopt / reference for each; logs the decisions."""
     previous = PreviousRun.read()
     mode = config.existing_resources
-    group_name = config.resource_group_name
+    configured_group_name = config.resource_group_name
     subscription_id = authorization.get_client_config().subscription_id
     arm_token = functools.cache(lambda: str(authorization.get_client_token().token))  # for the name checks
     group = lookup(
-        f"resource group {group_name!r}", lambda: resources.get_resource_group(resource_group_name=group_name)
+        f"resource group {configured_group_name!r}",
+        lambda: resources.get_resource_group(resource_group_name=configured_group_name),
     )
+    # Group names are case-insensitive in ARM, but the name is part of every resource's path, which an import must
+    # match exactly: once the group is found, its name is spelled as Azure has it everywhere.
+    group_name = str(group.name) if group is not None else configured_group_name
     group_id = group.id if group is not None else resource_group_id(subscription_id, group_name)
     names = resource_names(config.names, config.resource_suffix or resource_suffix(group_id))
 
@@ -188,24 +192,68 @@ def plan_resources(config: ProgramConfig) -> tuple[AdoptionPlan, ResourceNames]:
     if registry is not None and identity is not None:
         acr_pull = find_acr_pull(registry.id, identity.principal_id, arm_token)
 
-    environment_adoption = decide("environment", names.environment, environment, mode, previous)
+    def decide_for(key: str, name: str, found: Any, declared_path: str, made_here: bool | None = None) -> Adoption:
+        return decide(key, name, found, mode, previous, declared_id=f"{group_id}{declared_path}", made_here=made_here)
+
+    def made_here(parent: Any) -> bool:
+        """Resources without tags (the file service and share, the environment storage, the role assignment) are
+        the stack's own when what they belong to is."""
+        return parent is not None and made_by_this_stack(parent)
+
+    account_path = f"/providers/Microsoft.Storage/storageAccounts/{names.storage_account}"
+    environment_path = f"/providers/Microsoft.App/managedEnvironments/{names.environment}"
+    registry_path = f"/providers/Microsoft.ContainerRegistry/registries/{names.container_registry}"
+    environment_adoption = decide_for("environment", names.environment, environment, environment_path)
     plan = AdoptionPlan(
         subscription_id=subscription_id,
         resource_group_id=group_id,
         location=location,
-        resource_group=decide("resourceGroup", group_name, group, mode, previous),
-        storage_account=decide("storageAccount", names.storage_account, account, mode, previous),
-        file_service=decide("fileService", "default", file_service, mode, previous),
-        file_share=decide("fileShare", names.file_share, share, mode, previous),
-        log_analytics=decide("logAnalyticsWorkspace", names.log_analytics, workspace, mode, previous),
-        environment=environment_adoption,
-        environment_storage=decide(
-            "environmentStorage", names.environment_storage, environment_storage, mode, previous
+        resource_group=decide_for("resourceGroup", group_name, group, ""),
+        storage_account=decide_for("storageAccount", names.storage_account, account, account_path),
+        file_service=decide_for(
+            "fileService", "default", file_service, f"{account_path}/fileServices/default", made_here(account)
         ),
-        container_app=decide("containerApp", names.container_app, container_app, mode, previous),
-        container_registry=decide("containerRegistry", names.container_registry, registry, mode, previous),
-        pull_identity=decide("pullIdentity", names.pull_identity, identity, mode, previous),
-        acr_pull=decide("acrPullAssignment", "AcrPull", acr_pull, mode, previous),
+        file_share=decide_for(
+            "fileShare",
+            names.file_share,
+            share,
+            f"{account_path}/fileServices/default/shares/{names.file_share}",
+            made_here(account),
+        ),
+        log_analytics=decide_for(
+            "logAnalyticsWorkspace",
+            names.log_analytics,
+            workspace,
+            f"/providers/Microsoft.OperationalInsights/workspaces/{names.log_analytics}",
+        ),
+        environment=environment_adoption,
+        environment_storage=decide_for(
+            "environmentStorage",
+            names.environment_storage,
+            environment_storage,
+            f"{environment_path}/storages/{names.environment_storage}",
+            made_here(environment),
+        ),
+        container_app=decide_for(
+            "containerApp",
+            names.container_app,
+            container_app,
+            f"/providers/Microsoft.App/containerApps/{names.container_app}",
+        ),
+        container_registry=decide_for("containerRegistry", names.container_registry, registry, registry_path),
+        pull_identity=decide_for(
+            "pullIdentity",
+            names.pull_identity,
+            identity,
+            f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{names.pull_identity}",
+        ),
+        acr_pull=decide_for(
+            "acrPullAssignment",
+            "AcrPull",
+            acr_pull,
+            f"{registry_path}/providers/Microsoft.Authorization/roleAssignments/{getattr(acr_pull, 'name', '')}",
+            made_here(registry) and made_here(identity),
+        ),
         workload_profiles=plan_workload_profiles(environment_adoption, config.gpu),
     )
     require_no_replacement(plan, names)

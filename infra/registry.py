@@ -11,7 +11,7 @@ import pulumi
 import pulumiverse_time
 from pulumi_azure_native import app, authorization, containerregistry, managedidentity
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs, stack_tags
 
 # Built-in role "AcrPull" (the same id in every tenant).
 ACR_PULL_ROLE_ID = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
@@ -38,11 +38,11 @@ class RegistryArgs:
 
 
 def _registry_args(args: RegistryArgs) -> dict[str, Any]:
-    existing = args.registry.existing
+    existing = args.registry.foreign
     owned = dict(admin_user_enabled=False)
     if existing is not None:  # sku, region and the rest stay as Azure has them
         return mirror_inputs(existing, containerregistry.RegistryArgs) | owned
-    return dict(sku=containerregistry.SkuArgs(name=args.sku), location=args.location, **owned)
+    return dict(sku=containerregistry.SkuArgs(name=args.sku), location=args.location, tags=stack_tags(), **owned)
 
 
 class Registry(pulumi.ComponentResource):
@@ -76,7 +76,7 @@ class Registry(pulumi.ComponentResource):
         self._identity_name = args.pull_identity.name
         self.registry_id = registry.output("id")
 
-        existing_identity = args.pull_identity.existing
+        existing_identity = args.pull_identity.foreign
         identity = declare_or_reference(
             args.pull_identity,
             args.ledger,
@@ -88,7 +88,7 @@ class Registry(pulumi.ComponentResource):
                 **(
                     mirror_inputs(existing_identity, managedidentity.UserAssignedIdentityArgs)
                     if existing_identity is not None
-                    else {"location": args.location}
+                    else {"location": args.location, "tags": stack_tags()}
                 ),
                 opts=options,
             ),
@@ -97,14 +97,14 @@ class Registry(pulumi.ComponentResource):
         self.identity_id = identity.output("id")
         self.identity_principal_id = identity.output("principal_id")
         self.identity_client_id = identity.output("client_id")
-        adopted_assignment = args.acr_pull.existing if args.acr_pull.status == "adopted" else None
+        existing_assignment = args.acr_pull.existing
         assignment = declare_or_reference(
             args.acr_pull,
             args.ledger,
             lambda options: authorization.RoleAssignment(
                 "acr-pull",
-                # An adopted assignment keeps its name (the name is its identity); a new one gets a generated GUID.
-                role_assignment_name=adopted_assignment.name if adopted_assignment is not None else None,
+                # An existing assignment keeps its name (the name is its identity); a new one gets a generated GUID.
+                role_assignment_name=existing_assignment.name if existing_assignment is not None else None,
                 principal_id=self.identity_principal_id,
                 # A new identity's service principal takes a while to replicate; the type lets ARM accept it at once.
                 principal_type=authorization.PrincipalType.SERVICE_PRINCIPAL,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pulumi
 from pulumi_azure_native import resources
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs, stack_tags
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class ResourceGroup(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ResourceGroupArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("inference:infra:ResourceGroup", name, None, opts)
-        existing = args.group.existing
+        foreign = args.group.foreign
         group = declare_or_reference(
             args.group,
             args.ledger,
@@ -28,9 +28,9 @@ class ResourceGroup(pulumi.ComponentResource):
                 "resource-group",
                 resource_group_name=args.group.name,
                 **(
-                    mirror_inputs(existing, resources.ResourceGroupArgs)
-                    if existing is not None
-                    else {"location": args.location}
+                    mirror_inputs(foreign, resources.ResourceGroupArgs)
+                    if foreign is not None
+                    else {"location": args.location, "tags": stack_tags()}
                 ),
                 # Declared at the stack's root before this component existed: the alias keeps its URN, so that
                 # stacks deployed before are not asked to delete and recreate their group.
@@ -42,6 +42,6 @@ class ResourceGroup(pulumi.ComponentResource):
             # Deleting a group deletes everything in it, the retained storage account and share included.
             always_retain=True,
         )
-        # A referenced group keeps the configured name (the lookup's answer may differ in case only).
+        # A referenced group: its name as Azure spells it (infra/plan.py), which may differ in case from the config.
         self.name = group.output("name") if group.resource is not None else pulumi.Output.from_input(args.group.name)
         self.register_outputs({"name": self.name})

@@ -10,7 +10,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import storage
 
-from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs
+from infra.adoption import Adoption, Ledger, declare_or_reference, mirror_inputs, stack_tags
 
 SHARE_QUOTA_GIB = 1024
 SHARE_SOFT_DELETE_DAYS = 7
@@ -27,7 +27,7 @@ class StorageArgs:
 
 
 def _account_args(args: StorageArgs) -> dict[str, Any]:
-    existing = args.account.existing
+    existing = args.account.foreign
     owned = dict(
         large_file_shares_state=storage.LargeFileSharesState.ENABLED,
         minimum_tls_version=storage.MinimumTlsVersion.TLS1_2,
@@ -40,12 +40,13 @@ def _account_args(args: StorageArgs) -> dict[str, Any]:
         sku=storage.SkuArgs(name=storage.SkuName.STANDARD_LRS),
         kind=storage.Kind.STORAGE_V2,
         location=args.location,
+        tags=stack_tags(),
         **owned,
     )
 
 
 def _file_service_args(adoption: Adoption) -> dict[str, Any]:
-    existing = adoption.existing
+    existing = adoption.foreign
     if existing is not None:  # an existing file service (soft delete, CORS, protocols) is kept as it is
         return mirror_inputs(existing, storage.FileServicePropertiesArgs)
     return dict(
@@ -56,7 +57,7 @@ def _file_service_args(adoption: Adoption) -> dict[str, Any]:
 
 
 def _share_args(adoption: Adoption) -> dict[str, Any]:
-    existing = adoption.existing
+    existing = adoption.foreign
     if existing is None:
         return dict(share_quota=SHARE_QUOTA_GIB)
     # Adoption adds, it does not shrink: a larger quota someone already set is kept.

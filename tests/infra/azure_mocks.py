@@ -8,6 +8,7 @@ import copy
 import hashlib
 import io
 import json
+import re
 import runpy
 import urllib.parse
 from dataclasses import dataclass, field
@@ -150,6 +151,136 @@ def _not_found(resource_id: str, parent_missing: str | None) -> str:
     )
 
 
+# -- imports as the engine runs them ------------------------------------------------------------------------------
+# On import, azure-native builds the resource's old inputs from the import id's path and the whole GET body
+# (provider/pkg/provider/provider.go, Read: `ResponseToSdkInputs(res.PutParameters, pathItems, response)`), then diffs
+# them with the program's inputs (diff.go, calculateDetailedDiff): a path parameter, or a top-level property whose
+# `x-ms-mutability` lacks "update" (provider/pkg/gen: forceNew), that differs or is present on one side only makes the
+# step a replacement, and the engine refuses to replace a resource that still carries an import id. `location` is
+# compared without case and spaces (diff.go, applyAzureSpecificDiff); everything else exactly.
+IMPORT_REFUSED = "previously-imported resources that still specify an ID may not be replaced"
+
+
+@dataclass(frozen=True)
+class CreateOnly:
+    """A resource type's PUT path (its parameters are inputs) and its create-only top-level properties."""
+
+    path: str
+    properties: tuple[str, ...]
+    source: str  # where the specs say so (Azure/azure-rest-api-specs, specification/...)
+
+
+_TRACKED = "common-types/resource-management/v3/types.json#/definitions/TrackedResource (location: [read, create])"
+CREATE_ONLY: dict[str, CreateOnly] = {
+    "azure-native:resources:ResourceGroup": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}",
+        ("location",),
+        "resources/resource-manager/Microsoft.Resources/stable/2024-03-01/resources.json, ResourceGroup.location "
+        "(a group's region is fixed at creation)",
+    ),
+    "azure-native:storage:StorageAccount": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.Storage/"
+        "storageAccounts/{accountName}",
+        ("location", "extendedLocation"),
+        "storage/resource-manager/Microsoft.Storage/stable/2024-01-01/storage.json, StorageAccountCreateParameters "
+        f"(location and extendedLocation are fixed at creation); {_TRACKED}",
+    ),
+    "azure-native:storage:FileServiceProperties": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.Storage/"
+        "storageAccounts/{accountName}/fileServices/{fileServicesName}",
+        (),
+        "storage/resource-manager/Microsoft.Storage/stable/2024-01-01/file.json (path only)",
+    ),
+    "azure-native:storage:FileShare": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.Storage/"
+        "storageAccounts/{accountName}/fileServices/default/shares/{shareName}",
+        ("enabledProtocols",),
+        "storage/resource-manager/Microsoft.Storage/stable/2024-01-01/file.json, FileShareProperties.enabledProtocols "
+        "(x-ms-mutability [create, read])",
+    ),
+    "azure-native:operationalinsights:Workspace": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/"
+        "Microsoft.OperationalInsights/workspaces/{workspaceName}",
+        ("location",),
+        "operationalinsights/resource-manager/Microsoft.OperationalInsights/stable/2023-09-01/Workspaces.json; "
+        + _TRACKED,
+    ),
+    "azure-native:app:ManagedEnvironment": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
+        "managedEnvironments/{environmentName}",
+        ("location", "zoneRedundant", "vnetConfiguration", "infrastructureResourceGroup"),
+        "app/resource-manager/Microsoft.App/stable/2025-01-01/ManagedEnvironments.json, ManagedEnvironment.properties "
+        f"(zoneRedundant, vnetConfiguration, infrastructureResourceGroup: x-ms-mutability [create, read]); {_TRACKED}",
+    ),
+    "azure-native:app:ManagedEnvironmentsStorage": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
+        "managedEnvironments/{environmentName}/storages/{storageName}",
+        (),
+        "app/resource-manager/Microsoft.App/stable/2025-01-01/ManagedEnvironmentsStorages.json (path only)",
+    ),
+    "azure-native:app:ContainerApp": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
+        "containerApps/{containerAppName}",
+        ("location", "environmentId", "managedEnvironmentId", "extendedLocation"),
+        "app/resource-manager/Microsoft.App/stable/2025-01-01/ContainerApps.json, ContainerApp.properties "
+        f"(environmentId, managedEnvironmentId: x-ms-mutability [create, read]); {_TRACKED}",
+    ),
+    "azure-native:containerregistry:Registry": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/"
+        "Microsoft.ContainerRegistry/registries/{registryName}",
+        ("location",),
+        "containerregistry/resource-manager/Microsoft.ContainerRegistry/stable/2023-07-01/containerregistry.json; "
+        + _TRACKED,
+    ),
+    "azure-native:managedidentity:UserAssignedIdentity": CreateOnly(
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/"
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{resourceName}",
+        ("location",),
+        f"msi/resource-manager/Microsoft.ManagedIdentity/stable/2023-01-31/ManagedIdentity.json; {_TRACKED}",
+    ),
+    "azure-native:authorization:RoleAssignment": CreateOnly(
+        "{scope}/providers/Microsoft.Authorization/roleAssignments/{roleAssignmentName}",
+        ("principalId", "roleDefinitionId"),
+        "authorization/resource-manager/Microsoft.Authorization/stable/2022-04-01/authorization-RoleAssignmentsCalls"
+        ".json (an assignment cannot be updated: RoleAssignmentUpdateNotPermitted)",
+    ),
+}
+
+
+def path_parameters(template: str, resource_id: str) -> dict[str, str]:
+    """The path parameters an id gives, spelled as in the id (ARM matches the static segments without case)."""
+    pattern = re.sub(
+        r"\\\{(\w+)\\\}",
+        lambda m: f"(?P<{m.group(1)}>.+)" if m.group(1) == "scope" else f"(?P<{m.group(1)}>[^/]+)",
+        re.escape(template),
+    )
+    match = re.fullmatch(pattern, resource_id, flags=re.IGNORECASE)
+    assert match is not None, f"{resource_id} is not an id of {template}"
+    return match.groupdict()
+
+
+def _normalized_location(value: Any) -> Any:
+    return value.replace(" ", "").lower() if isinstance(value, str) else value
+
+
+def import_replacements(typ: str, import_id: str, inputs: dict[str, Any], body: dict[str, Any]) -> list[str]:
+    """What makes importing `import_id` with `inputs` a replacement: each differing create-only input, described."""
+    create_only = CREATE_ONLY[typ]
+    changes = [
+        f"{name} {value!r} (from the id) -> {inputs.get(name)!r}"
+        for name, value in path_parameters(create_only.path, import_id).items()
+        if name != "subscriptionId" and inputs.get(name) != value
+    ]
+    for name in create_only.properties:
+        old = body.get(name, body.get("properties", {}).get(name))
+        new = inputs.get(name)
+        if name == "location":
+            old, new = _normalized_location(old), _normalized_location(new)
+        if old != new:
+            changes.append(f"{name} {old!r} (in Azure) -> {new!r}")
+    return changes
+
+
 @dataclass
 class Declared:
     typ: str
@@ -186,6 +317,7 @@ class FakeAzure(pulumi.runtime.Mocks):
     # URL fragment -> how many of the next POSTs to such URLs fail with a connection reset
     network_failures: dict[str, int] = field(default_factory=dict)
     sleeps: list[float] = field(default_factory=list)  # the program's waits between retries
+    preview_warnings: list[str] = field(default_factory=list)  # replacing imports, which `up` would refuse
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -340,10 +472,24 @@ class FakeAzure(pulumi.runtime.Mocks):
         if args.resource_id:  # an import: the state is what exists in Azure
             resource_id = args.resource_id
             existing = self.existing.get(resource_id.lower(), {})
+            self.refuse_a_replacing_import(args.typ, args.name, resource_id, inputs, existing)
             state |= {key: value for key, value in existing.items() if key not in args.inputs}
         state["id"] = resource_id
         declared.state = reveal(copy.deepcopy(state))
         return resource_id, state
+
+    def refuse_a_replacing_import(
+        self, typ: str, name: str, import_id: str, inputs: dict[str, Any], existing: dict[str, Any]
+    ) -> None:
+        """The engine's answer to an import that would replace: an error in `up`, a warning in preview."""
+        changes = import_replacements(typ, import_id, inputs, existing)
+        if not changes:
+            return
+        message = f"{typ} {name}: {IMPORT_REFUSED} (import id {import_id}; replaced by {'; '.join(changes)})"
+        if pulumi.runtime.is_dry_run():
+            self.preview_warnings.append(message)
+            return
+        raise Exception(message)
 
     def urlopen(self, request: Request, timeout: float) -> io.BytesIO:
         """urlopen as the program's HTTPS POSTs see it: a registry's /oauth2/exchange (an ACR refresh token for the

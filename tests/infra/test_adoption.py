@@ -417,7 +417,9 @@ def test_unreadable_previous_outputs_fall_back_to_the_safe_side(
 # -- ids as Azure spells them (issue 11, point 9) --------------------------------------------------------------------
 def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) -> None:
     """Log Analytics answers with a lowercased id (`/resourcegroups/.../microsoft.operationalinsights/...`); in a
-    group whose name has capitals the recorded and the looked-up ids still match: no second import."""
+    group whose name has capitals it is imported spelled as declared (the import's path must equal the declared
+    group name, or the engine sees a replacement and refuses it), and the recorded and the looked-up ids still match
+    on the next run: no second import."""
     group = "RG-Phi3-Finetune"
     suffix = default_suffix(group)
     workspace = f"ailog{suffix}"
@@ -428,8 +430,11 @@ def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) 
         lowercased, {"location": LOCATION, "customerId": WORKSPACE_CUSTOMER_ID, "sku": {"name": "PerGB2018"}}
     )
     first = run_program(first_azure, {"resourceGroupName": group})
-    assert first_azure.one(TYPES["logAnalyticsWorkspace"]).import_id == lowercased
-    assert first.outputs["adoption"]["logAnalyticsWorkspace"] == {"status": "adopted", "id": lowercased}
+    assert first_azure.one(TYPES["logAnalyticsWorkspace"]).import_id == workspace_id(group, workspace)
+    assert first.outputs["adoption"]["logAnalyticsWorkspace"] == {
+        "status": "adopted",
+        "id": workspace_id(group, workspace),
+    }
 
     second_azure = FakeAzure(existing=first_azure.existing, previous_outputs=previous_run_outputs(first))
     second = run_program(second_azure, {"resourceGroupName": group})

@@ -141,6 +141,7 @@ def test_resource_group_is_created_when_missing(fresh: tuple[FakeAzure, Any]) ->
     assert azure.one("azure-native:resources:ResourceGroup").inputs == {
         "resourceGroupName": GROUP,
         "location": "westus3",
+        "tags": {"pulumi-project": "aitk-inference", "pulumi-stack": "dev"},  # the stack's own (issue 18, 2)
     }
 
 
