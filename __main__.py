@@ -76,6 +76,7 @@ container_app = ContainerApp(
         volume_name=f"{names.file_share}volume",
         image=image,
         command=container_command(config.image, config.default_commands),
+        serves_inference_app=not config.runs_foreign_image,
         env=[*container_env(config.image.settings), *access.env],
         secrets=access.secrets,
         registries=registry.app_registries(config.image.image),

@@ -16,6 +16,8 @@ from typing import Any, Generic, Literal, TypeVar
 import pulumi
 from pulumi._types import is_output_type
 
+from infra.errors import registration_fix
+
 Status = Literal["created", "adopted", "referenced"]
 Mode = Literal["adopt", "reference"]
 
@@ -43,7 +45,8 @@ def lookup(description: str, fetch: Callable[[], T]) -> T | None:
         if _NOT_FOUND.search(str(error)):
             return None
         raise AzureLookupError(
-            f"Looking up {description} failed, so nothing was created or changed. Azure said: {error}"
+            f"Looking up {description} failed, so nothing was created or changed. "
+            f"{registration_fix(str(error))}Azure said: {error}"
         ) from error
 
 
@@ -198,8 +201,16 @@ def _as_input(value: Any) -> Any:
 def mirror_inputs(existing: Any, args_type: type) -> dict[str, Any]:
     """Inputs equal to what exists in Azure: every non-empty property of `existing` that `args_type` accepts."""
     accepted = [name for name in inspect.signature(args_type).parameters if not name.startswith("_")]
-    values = {name: _as_input(getattr(existing, name, None)) for name in accepted}
+    values = {name: _mirrored(name, getattr(existing, name, None)) for name in accepted}
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _mirrored(name: str, value: Any) -> Any:
+    if name == "user_assigned_identities" and isinstance(value, Mapping):
+        # ARM answers with a map, identity id -> its principal and client ids; every identity input of the SDK
+        # (storage, registry, workspace, environment) takes the list of ids.
+        return list(value)
+    return _as_input(value)
 
 
 @dataclass

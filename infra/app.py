@@ -29,6 +29,8 @@ class ContainerAppArgs:
     volume_name: str  # bicep: '<fileShareName>volume'
     image: pulumi.Input[str]
     command: Sequence[str] | None = None  # None: the image's own entrypoint
+    # False: a prebuilt image started by `defaultCommands` (the bicep's mode), which serves no /health or /ready
+    serves_inference_app: bool = True
     cpu: float = 24.0
     memory: str = "220Gi"
     env: Sequence[app.EnvironmentVarArgs] = ()
@@ -86,6 +88,33 @@ def probes(port: int) -> list[app.ContainerAppProbeArgs]:
     ]
 
 
+# A prebuilt image started by the bicep's `defaultCommands` answers on the target port once its server is up, and
+# nothing tells when its model is loaded: TCP probes, with the startup budget the bicep gave it (60 s + 10 x 120 s).
+FOREIGN_STARTUP_INITIAL_DELAY_S = 60
+FOREIGN_STARTUP_PERIOD_S = 120
+
+
+def foreign_image_probes(port: int) -> list[app.ContainerAppProbeArgs]:
+    """TCP startup, readiness and liveness on the target port, for an image that is not inference_app/."""
+    tcp = app.ContainerAppProbeTcpSocketArgs(port=port)
+    return [
+        app.ContainerAppProbeArgs(
+            type=app.Type.STARTUP,
+            tcp_socket=tcp,
+            initial_delay_seconds=FOREIGN_STARTUP_INITIAL_DELAY_S,
+            period_seconds=FOREIGN_STARTUP_PERIOD_S,
+            timeout_seconds=5,
+            failure_threshold=STARTUP_FAILURE_THRESHOLD,
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.READINESS, tcp_socket=tcp, period_seconds=5, timeout_seconds=5, failure_threshold=3
+        ),
+        app.ContainerAppProbeArgs(
+            type=app.Type.LIVENESS, tcp_socket=tcp, period_seconds=30, timeout_seconds=5, failure_threshold=3
+        ),
+    ]
+
+
 def _configuration(args: ContainerAppArgs) -> app.ConfigurationArgs:
     return app.ConfigurationArgs(
         active_revisions_mode=app.ActiveRevisionsMode.SINGLE,
@@ -114,7 +143,7 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
                 command=list(args.command) if args.command is not None else None,
                 resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                 env=list(args.env) or None,
-                probes=probes(TARGET_PORT),
+                probes=probes(TARGET_PORT) if args.serves_inference_app else foreign_image_probes(TARGET_PORT),
                 volume_mounts=[app.VolumeMountArgs(volume_name=args.volume_name, mount_path=MOUNT_PATH)],
             )
         ],

@@ -14,7 +14,7 @@ from urllib.request import Request, urlopen
 import pulumi
 
 from infra.adoption import AzureLookupError
-from infra.errors import ConfigError
+from infra.errors import ConfigError, registration_fix
 from infra.registry import ACR_PULL_ROLE_ID
 
 TIMEOUT_S = 60
@@ -43,7 +43,9 @@ def _send(request: Request) -> Any:
                 return json.load(response)
         except HTTPError as error:
             if error.code not in _RETRIED_STATUSES or delay is None:
-                raise RequestFailed(str(error)) from None
+                # Azure's JSON error body names the cause (e.g. MissingSubscriptionRegistration); keep it.
+                body = error.read().decode("utf-8", "replace")[:1000] if error.fp is not None else ""
+                raise RequestFailed(f"{error} {body}".strip()) from None
         except (URLError, TimeoutError, ConnectionError) as error:  # DNS, refused, reset, timed out
             if delay is None:
                 raise RequestFailed(str(error)) from None
@@ -99,7 +101,10 @@ def require_free_name(
     try:
         answer = post(url, body, {"Authorization": f"Bearer {arm_token()}", "Content-Type": "application/json"})
     except RequestFailed as error:
-        pulumi.log.warn(f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing.")
+        pulumi.log.warn(
+            f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing. "
+            + registration_fix(str(error))
+        )
         return
     if isinstance(answer, dict) and answer.get("nameAvailable") is False:
         how = "the name you configured" if explicit else "the default name"
@@ -128,7 +133,7 @@ def find_acr_pull(registry_id: str, principal_id: str, arm_token: Callable[[], s
     except RequestFailed as error:
         raise AzureLookupError(
             f"Looking up the role assignments of pull identity {principal_id} on registry {registry_id} failed, so "
-            f"nothing was created or changed. Azure said: {error}"
+            f"nothing was created or changed. {registration_fix(str(error))}Azure said: {error}"
         ) from None
     for assignment in answer.get("value", []) if isinstance(answer, dict) else []:
         properties = assignment.get("properties", {})

@@ -36,6 +36,11 @@ class ProgramConfig:
     image: ImageConfig = field(default_factory=ImageConfig)  # what the app runs and its app settings
     access: AccessConfig = AccessConfig("password")  # who may reach the endpoint (infra/access.py)
 
+    @property
+    def runs_foreign_image(self) -> bool:
+        """A prebuilt `image` started by `defaultCommands` (the bicep's mode): not inference_app/'s server."""
+        return self.image.image is not None and bool(self.default_commands)
+
 
 # Config keys (camelCase, as the parameters file) -> NameOverrides fields.
 NAME_KEYS = {
@@ -80,7 +85,7 @@ def read_config(config: pulumi.Config | None = None, parameters_file: Path = PAR
             "every default name, e.g. aistorage<suffix>, a storage account name of at most 24 characters)"
         )
 
-    return ProgramConfig(
+    program_config = ProgramConfig(
         resource_group_name=resource_group_name,
         resource_suffix=resource_suffix,
         location=source.string("location"),
@@ -99,3 +104,12 @@ def read_config(config: pulumi.Config | None = None, parameters_file: Path = PAR
         image=read_image_config(source),
         access=read_access_config(source),
     )
+    if program_config.runs_foreign_image and program_config.access.mode == "password":
+        raise ConfigError(
+            "access: password is checked by inference_app/'s own server, and the prebuilt `image` started by "
+            "`defaultCommands` runs something else, which would ignore it: the endpoint would be open while the stack "
+            "exports a password. Choose who may reach it: `pulumi config set access entra` (Microsoft Entra ID "
+            "sign-in in front of the app) or `pulumi config set access public` (anyone, as the bicep; narrow it "
+            "with allowedIpRanges); or remove defaultCommands to run the image's own entrypoint"
+        )
+    return program_config

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
+import pulumi
 from pulumi_azure_native import app
 
 from infra.config_source import ConfigSource
@@ -232,6 +233,21 @@ def require_nodes_for_replicas(config: GpuConfig, maximum: int | None, whose_max
     raise ConfigError(
         f"maxReplicas: {config.max_replicas} replicas need {config.max_replicas} {config.profile.profile_type} nodes "
         f"(one GPU each), but {whose_maximum} {maximum}; {fix}"
+    )
+
+
+def warn_without_a_spare_node(config: GpuConfig, maximum: int | None) -> None:
+    """With as many replicas as the profile has nodes, every node is taken: a new revision (a new image, settings or
+    `modelRevision`) has no node to start on, and in single revision mode the old replicas stay until it is ready,
+    so the update hangs until it times out."""
+    if config.profile.serverless or maximum is None or config.max_replicas < maximum:
+        return
+    pulumi.log.warn(
+        f"maxReplicas: {config.max_replicas} replicas can fill all {maximum} {config.profile.profile_type} nodes of "
+        "the GPU profile (one GPU each), leaving no node for a new revision: an update that changes the image, the "
+        "settings or modelRevision would hang. Allow one more node than replicas (`pulumi config set "
+        f"maximumInstanceCount {config.max_replicas + 1}`), lower maxReplicas, or use a serverless gpu "
+        "(`pulumi config set gpu serverless-A100`)."
     )
 
 

@@ -12,7 +12,13 @@ from pulumi_azure_native import app
 
 from infra.adoption import Adoption
 from infra.errors import ConfigError
-from infra.gpu import GpuConfig, normalize_region, require_nodes_for_replicas, workload_profiles
+from infra.gpu import (
+    GpuConfig,
+    normalize_region,
+    require_nodes_for_replicas,
+    warn_without_a_spare_node,
+    workload_profiles,
+)
 
 
 def _existing_profiles(existing: Any) -> list[app.WorkloadProfileArgs]:
@@ -55,6 +61,7 @@ def plan_workload_profiles(environment: Adoption, gpu: GpuConfig) -> WorkloadPro
     existing = environment.existing
     if existing is None:
         require_nodes_for_replicas(gpu, gpu.maximum_instance_count, "maximumInstanceCount is", _RAISE_MAXIMUM)
+        warn_without_a_spare_node(gpu, gpu.maximum_instance_count)
         return WorkloadProfiles(desired, gpu.profile.profile_name)
     live = _existing_profiles(existing)
     name = environment.name
@@ -131,6 +138,7 @@ def _with_counts(
         f"the GPU profile {reused.name!r} of environment {environment.name!r} has a maximum of",
         "lower maxReplicas" if environment.status == "referenced" else _RAISE_MAXIMUM,
     )
+    warn_without_a_spare_node(gpu, maximum)
     return [
         app.WorkloadProfileArgs(
             name=p.name,

@@ -245,7 +245,10 @@ def test_parameters_file_values_are_defaults_and_config_wins(in_scratch_dir: Pat
     assert environment["workloadProfiles"][1]["maximumCount"] == 3  # config wins over the file's 4
     (container,) = azure.one("azure-native:app:ContainerApp").inputs["template"]["containers"]
     assert "command" not in container  # the file's defaultCommands apply only to a prebuilt `image`...
-    run_program(azure := FakeAzure(), {"resourceGroupName": GROUP, "image": "docker.io/pytorch/pytorch:2.4.0"})
+    run_program(
+        azure := FakeAzure(),
+        {"resourceGroupName": GROUP, "image": "docker.io/pytorch/pytorch:2.4.0", "access": "public"},
+    )
     (container,) = azure.one("azure-native:app:ContainerApp").inputs["template"]["containers"]
     assert container["command"] == ["/bin/bash", "-c", "cd /mount; python serve.py"]  # ...such as this one
 

@@ -221,12 +221,37 @@ def test_default_commands_apply_only_with_a_prebuilt_image(
     in_scratch_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     commands = ["cd /mount/inference", "pip install -r requirements.txt", "python -m inference_app"]
-    azure, _ = deploy({"image": "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "defaultCommands": commands})
+    stock = "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    azure, _ = deploy({"image": stock, "defaultCommands": commands, "access": "public"})
     assert container(azure)["command"] == ["/bin/bash", "-c", "; ".join(commands)]
     caplog.set_level(logging.WARNING)
     azure, _ = deploy({"defaultCommands": commands})
     assert "command" not in container(azure)
     assert "defaultCommands is ignored" in caplog.text
+
+
+def test_a_stock_image_with_default_commands_gets_probes_it_can_answer(in_scratch_dir: Path) -> None:
+    """Issue 18, 5: such an image serves neither /health nor /ready: TCP probes on the target port, with the bicep's
+    startup budget (60 s + 10 x 120 s), not the 310 s the app's own server gets."""
+    commands = ["cd /mount/inference", "pip install -r requirements.txt", "python serve.py"]
+    azure, _ = deploy({"image": "docker.io/pytorch/pytorch:2.4.0", "defaultCommands": commands, "access": "public"})
+    probes = container(azure)["probes"]
+    assert [probe["type"] for probe in probes] == ["Startup", "Readiness", "Liveness"]
+    assert all(probe["tcpSocket"] == {"port": 7860} and "httpGet" not in probe for probe in probes)
+    startup = probes[0]
+    assert startup["initialDelaySeconds"] + startup["failureThreshold"] * startup["periodSeconds"] == 60 + 10 * 120
+    # The built image (and a prebuilt one of this app, without defaultCommands) keeps its own HTTP probes.
+    azure, _ = deploy({"image": "contoso.azurecr.io/inference-app:1.0"})
+    assert {probe["httpGet"]["path"] for probe in container(azure)["probes"]} == {"/health", "/ready"}
+
+
+def test_password_access_is_refused_for_a_stock_image_naming_the_choices(in_scratch_dir: Path) -> None:
+    """Issue 18, 5: the password is checked by inference_app/'s server; a stock image would ignore it and leave the
+    endpoint open while the stack exports a password."""
+    with pytest.raises(
+        Exception, match=r"access: password .*`pulumi config set access entra`.*`pulumi config set access public`"
+    ):
+        deploy({"image": "docker.io/pytorch/pytorch:2.4.0", "defaultCommands": ["python serve.py"]})
 
 
 def app_settings(azure: FakeAzure) -> dict[str, str]:

@@ -42,7 +42,12 @@ CASES: dict[str, tuple[Callable[[FakeAzure], None], dict[str, Any], tuple[str, .
     "reference-fine-tuning": (fine_tuning, {"resourceGroupName": GROUP, "existingResources": "reference"}, ()),
     "prebuilt-image": (
         nothing,
-        BASE | {"image": "contoso.azurecr.io/inference-app@sha256:" + "0a" * 32, "defaultCommands": ["cd /mount"]},
+        BASE
+        | {
+            "image": "contoso.azurecr.io/inference-app@sha256:" + "0a" * 32,
+            "defaultCommands": ["cd /mount"],
+            "access": "public",  # password mode is refused for such an image (issue 18, 5)
+        },
         (),
     ),
     "password-from-config": (
