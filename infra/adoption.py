@@ -9,6 +9,7 @@ is exported as the stack output `adoption` and read back by the next run (`Previ
 import inspect
 import re
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -200,17 +201,29 @@ def _as_input(value: Any) -> Any:
 
 def mirror_inputs(existing: Any, args_type: type) -> dict[str, Any]:
     """Inputs equal to what exists in Azure: every non-empty property of `existing` that `args_type` accepts."""
-    accepted = [name for name in inspect.signature(args_type).parameters if not name.startswith("_")]
-    values = {name: _mirrored(name, getattr(existing, name, None)) for name in accepted}
+    accepted = {
+        name: parameter.annotation
+        for name, parameter in inspect.signature(args_type).parameters.items()
+        if not name.startswith("_")
+    }
+    values = {name: _mirrored(getattr(existing, name, None), annotation) for name, annotation in accepted.items()}
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _mirrored(name: str, value: Any) -> Any:
-    if name == "user_assigned_identities" and isinstance(value, Mapping):
-        # ARM answers with a map, identity id -> its principal and client ids; every identity input of the SDK
-        # (storage, registry, workspace, environment) takes the list of ids.
-        return list(value)
+def _mirrored(value: Any, accepted_type: Any) -> Any:
+    """One property as the input type takes it. ARM answers user-assigned identities with a map, identity id -> its
+    principal and client ids; most inputs (storage, workspace, environment) take the list of ids, the registry's the
+    map."""
+    if isinstance(value, Mapping) and not is_output_type(type(value)):
+        if _accepts_list(accepted_type):
+            return list(value)
+        return {key: _as_input(item) for key, item in value.items()}
     return _as_input(value)
+
+
+def _accepts_list(annotation: Any) -> bool:
+    options = typing.get_args(annotation) or (annotation,)
+    return any(typing.get_origin(option) in (list, Sequence) for option in options)
 
 
 @dataclass

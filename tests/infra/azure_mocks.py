@@ -102,7 +102,7 @@ def fingerprint(value: Any) -> str:
 
 def azure_error(method: str, resource_id: str, status: int, code: str, message: str) -> str:
     """The shape of azure-native v3's provider errors (azcore's ResponseError)."""
-    reason = {403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}[status]
+    reason = {403: "Forbidden", 404: "Not Found", 409: "Conflict", 429: "Too Many Requests"}[status]
     return (
         f"{method} {ARM}{resource_id}\n"
         "--------------------------------------------------------------------------------\n"
@@ -318,6 +318,8 @@ class FakeAzure(pulumi.runtime.Mocks):
     network_failures: dict[str, int] = field(default_factory=dict)
     sleeps: list[float] = field(default_factory=list)  # the program's waits between retries
     preview_warnings: list[str] = field(default_factory=list)  # replacing imports, which `up` would refuse
+    # Ids the stack's state already holds (e.g. after a failed run): the engine does not import them again.
+    in_state: set[str] = field(default_factory=set)
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -432,17 +434,12 @@ class FakeAzure(pulumi.runtime.Mocks):
                 f"{inputs['containerAppName']}.bluesky-1a2b3c4d.eastus.azurecontainerapps.io"
             )
             state["configuration"] = configuration
+            # Azure records the environment under both names, whichever the request set.
+            environment = inputs.get("environmentId") or inputs.get("managedEnvironmentId")
+            state |= {"environmentId": environment, "managedEnvironmentId": environment}
             # Azure rolls a new revision whenever the template changes; the name's suffix is random in Azure.
             revision = f"{inputs['containerAppName']}--{fingerprint(inputs.get('template'))[:7]}"
             state |= {"latestRevisionName": revision, "latestReadyRevisionName": revision}
-            identity = inputs.get("identity") or {}
-            if identity.get("userAssignedIdentities"):  # Azure answers with a map: id -> principal and client ids
-                state["identity"] = identity | {
-                    "userAssignedIdentities": {
-                        key: {"principalId": IDENTITY_PRINCIPAL_ID, "clientId": IDENTITY_CLIENT_ID}
-                        for key in identity["userAssignedIdentities"]
-                    }
-                }
         elif args.typ == "azure-native:containerregistry:Registry":
             resource_id = registry_id(group, inputs["registryName"])
             state |= {"name": inputs["registryName"], "loginServer": f"{inputs['registryName'].lower()}.azurecr.io"}
@@ -469,10 +466,19 @@ class FakeAzure(pulumi.runtime.Mocks):
             state["digest"] = resource_id
         else:
             resource_id = f"{args.name}_id"
+        identity = inputs.get("identity") or {}
+        if identity.get("userAssignedIdentities"):  # Azure answers with a map: id -> principal and client ids
+            state["identity"] = identity | {
+                "userAssignedIdentities": {
+                    key: {"principalId": IDENTITY_PRINCIPAL_ID, "clientId": IDENTITY_CLIENT_ID}
+                    for key in identity["userAssignedIdentities"]
+                }
+            }
         if args.resource_id:  # an import: the state is what exists in Azure
             resource_id = args.resource_id
             existing = self.existing.get(resource_id.lower(), {})
-            self.refuse_a_replacing_import(args.typ, args.name, resource_id, inputs, existing)
+            if resource_id.lower() not in self.in_state:
+                self.refuse_a_replacing_import(args.typ, args.name, resource_id, inputs, existing)
             state |= {key: value for key, value in existing.items() if key not in args.inputs}
         state["id"] = resource_id
         declared.state = reveal(copy.deepcopy(state))
@@ -536,6 +542,17 @@ class FakeAzure(pulumi.runtime.Mocks):
         if name.lower() in {n.lower() for n in taken} | existing:
             return {"nameAvailable": False, "reason": "AlreadyExists", "message": f"The name {name} is already in use."}
         return {"nameAvailable": True}
+
+    def after(self, **fields: Any) -> FakeAzure:
+        """A fake Azure holding what this one's run created, as the next run finds it (GET bodies: the state)."""
+        later = FakeAzure(**fields)
+        for declared in self.declared:
+            if declared.typ in CREATE_ONLY:
+                body = {key: value for key, value in declared.state.items() if key != "id"}
+                if declared.typ == "azure-native:authorization:RoleAssignment":  # not flattened by ARM
+                    body = {"properties": body}
+                later.add(declared.state["id"], body)
+        return later
 
     def by_type(self, typ: str) -> list[Declared]:
         return [d for d in self.declared if d.typ == typ]

@@ -9,6 +9,7 @@ from infra.unique_string import unique_string
 from tests.infra.azure_mocks import (
     SUBSCRIPTION_ID,
     FakeAzure,
+    container_app_id,
     environment_id,
     environment_storage_id,
     file_service_id,
@@ -146,6 +147,68 @@ def add_fine_tuning_layout(
     azure.add(
         environment_storage_id(group, environment, environment_storage),
         {"properties": {"azureFile": {"accountName": account, "shareName": share, "accessMode": "ReadWrite"}}},
+    )
+
+
+def add_toolkit_app(
+    azure: FakeAzure, *, group: str = GROUP, app: str = APP, environment: str = ENVIRONMENT, share: str = SHARE
+) -> None:
+    """The container app the AI Toolkit's inference.bicep deployed, as Azure's GET answers it (shaped after
+    azure-rest-api-specs, specification/app/resource-manager/Microsoft.App/stable/2025-01-01/examples/
+    ContainerApps_Get.json: both environment ids, the region's display name, read-only properties)."""
+    environment_resource_id = environment_id(group, environment)
+    azure.add(
+        container_app_id(group, app),
+        {
+            "type": "Microsoft.App/containerApps",
+            "location": "West US 3",
+            "identity": {"type": "None"},
+            "provisioningState": "Succeeded",
+            "runningStatus": "Running",
+            "managedEnvironmentId": environment_resource_id,
+            "environmentId": environment_resource_id,
+            "workloadProfileName": "GPU",
+            "latestRevisionName": f"{app}--x1y2z3a",
+            "latestReadyRevisionName": f"{app}--x1y2z3a",
+            "latestRevisionFqdn": f"{app}--x1y2z3a.bluesky-1a2b3c4d.westus3.azurecontainerapps.io",
+            "customDomainVerificationId": "0FD5F3C0A6A8D1A9B3E5B2C4D6E8F0A2B4C6D8E0F2A4B6C8D0E2F4A6B8C0D2E4",
+            "configuration": {
+                "activeRevisionsMode": "Single",
+                "maxInactiveRevisions": 100,
+                "ingress": {
+                    "fqdn": f"{app}.bluesky-1a2b3c4d.westus3.azurecontainerapps.io",
+                    "external": True,
+                    "targetPort": 7860,
+                    "transport": "Auto",
+                    "traffic": [{"weight": 100, "latestRevision": True}],
+                    "allowInsecure": False,
+                },
+            },
+            "template": {
+                "containers": [
+                    {
+                        "name": app,
+                        "image": "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime",
+                        "command": ["/bin/bash", "-c", "cd /mount/inference; ./startup.sh"],
+                        "resources": {"cpu": 24, "memory": "220Gi", "ephemeralStorage": ""},
+                        "probes": [
+                            {
+                                "type": "Startup",
+                                "tcpSocket": {"port": 7860},
+                                "initialDelaySeconds": 60,
+                                "periodSeconds": 120,
+                                "failureThreshold": 10,
+                            }
+                        ],
+                        "volumeMounts": [{"volumeName": f"{share}volume", "mountPath": "/mount"}],
+                    }
+                ],
+                "scale": {"minReplicas": 1, "maxReplicas": 1},
+                "volumes": [{"name": f"{share}volume", "storageType": "AzureFile", "storageName": ENV_STORAGE}],
+            },
+            "outboundIpAddresses": ["20.1.2.4"],
+            "eventStreamEndpoint": f"https://westus3.azurecontainerapps.dev/subscriptions/{SUBSCRIPTION_ID}/eventstream",
+        },
     )
 
 
