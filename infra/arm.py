@@ -91,8 +91,9 @@ REGISTRY_NAME = GlobalName(
 def require_free_name(
     kind: GlobalName, name: str, *, explicit: bool, subscription_id: str, arm_token: Callable[[], str]
 ) -> None:
-    """Stop, naming the key, when ARM says the name is taken (by anyone, anywhere); a check that cannot be made is
-    only a warning (creating the resource would then fail with Azure's own message)."""
+    """Stop, naming the key, when ARM says the name is taken (by anyone, anywhere), and naming the command when the
+    subscription has not registered the provider; a check that cannot be made otherwise is only a warning (creating
+    the resource would then fail with Azure's own message)."""
     url = (
         f"{ARM}/subscriptions/{subscription_id}/providers/{kind.provider}/checkNameAvailability"
         f"?api-version={kind.api_version}"
@@ -101,10 +102,13 @@ def require_free_name(
     try:
         answer = post(url, body, {"Authorization": f"Bearer {arm_token()}", "Content-Type": "application/json"})
     except RequestFailed as error:
-        pulumi.log.warn(
-            f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing. "
-            + registration_fix(str(error))
-        )
+        fix = registration_fix(str(error))
+        if fix:  # creating the resource would fail the same way: stop now, saying what to do
+            raise AzureLookupError(
+                f"Checking whether {kind.description} name {name!r} is free failed, so nothing was created or "
+                f"changed. {fix}Azure said: {error}"
+            ) from None
+        pulumi.log.warn(f"Could not check whether {kind.description} name {name!r} is free ({error}); continuing.")
         return
     if isinstance(answer, dict) and answer.get("nameAvailable") is False:
         how = "the name you configured" if explicit else "the default name"

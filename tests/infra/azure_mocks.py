@@ -281,6 +281,15 @@ def import_replacements(typ: str, import_id: str, inputs: dict[str, Any], body: 
     return changes
 
 
+def _missing_registration(namespace: str) -> tuple[str, str]:
+    """ARM's error code and message for a resource provider the subscription has not registered."""
+    return (
+        "MissingSubscriptionRegistration",
+        f"The subscription is not registered to use namespace '{namespace}'. See https://aka.ms/rps-not-found for "
+        "how to register subscriptions.",
+    )
+
+
 @dataclass
 class Declared:
     typ: str
@@ -320,6 +329,8 @@ class FakeAzure(pulumi.runtime.Mocks):
     preview_warnings: list[str] = field(default_factory=list)  # replacing imports, which `up` would refuse
     # Ids the stack's state already holds (e.g. after a failed run): the engine does not import them again.
     in_state: set[str] = field(default_factory=set)
+    # Resource provider namespaces the subscription has not registered: ARM answers 409 for anything of theirs.
+    unregistered: set[str] = field(default_factory=set)
 
     def add(self, resource_id: str, properties: dict[str, Any]) -> None:
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
@@ -387,6 +398,9 @@ class FakeAzure(pulumi.runtime.Mocks):
         self.lookups.append(resource_id)
         if resource_id.lower() in self.errors:
             return {}, [("", self.errors[resource_id.lower()])]
+        namespace = self.unregistered_namespace(resource_id)
+        if namespace is not None:
+            return {}, [("", azure_error("GET", resource_id, 409, *_missing_registration(namespace)))]
         found = self.existing.get(resource_id.lower())
         if found is None:
             missing_parent = next((p for p in parents if p.lower() not in self.existing), None)
@@ -514,6 +528,11 @@ class FakeAzure(pulumi.runtime.Mocks):
             return io.BytesIO(json.dumps({"value": self.role_assignments(request.full_url)}).encode())
         if "/checkNameAvailability" in request.full_url:
             assert request.headers["Authorization"] == f"Bearer {AAD_TOKEN}"
+            namespace = self.unregistered_namespace(request.full_url)
+            if namespace is not None:
+                code, message = _missing_registration(namespace)
+                body = json.dumps({"error": {"code": code, "message": message}}).encode()
+                raise HTTPError(request.full_url, 409, "Conflict", Message(), io.BytesIO(body))
             asked = json.loads(request.data)  # type: ignore[arg-type]
             return io.BytesIO(json.dumps(self.name_availability(asked["type"], asked["name"])).encode())
         raise AssertionError(f"the fake Azure has no answer for POST {request.full_url}")
@@ -553,6 +572,10 @@ class FakeAzure(pulumi.runtime.Mocks):
                     body = {"properties": body}
                 later.add(declared.state["id"], body)
         return later
+
+    def unregistered_namespace(self, url: str) -> str | None:
+        """The resource provider of `url` when the subscription has not registered it."""
+        return next((ns for ns in self.unregistered if f"/providers/{ns}/".lower() in url.lower()), None)
 
     def by_type(self, typ: str) -> list[Declared]:
         return [d for d in self.declared if d.typ == typ]

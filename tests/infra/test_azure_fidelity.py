@@ -14,7 +14,6 @@ from tests.infra.azure_mocks import (
     IMPORT_REFUSED,
     FakeAzure,
     ProgramRun,
-    azure_error,
     container_app_id,
     environment_id,
     group_id,
@@ -216,19 +215,18 @@ def test_an_adopted_profile_without_a_spare_node_warns_too(
 
 # -- 7. unregistered resource providers ------------------------------------------------------------------------------
 def test_an_unregistered_provider_is_named_with_the_command_that_registers_it(in_scratch_dir: Path) -> None:
-    azure = FakeAzure()
+    azure = FakeAzure(unregistered={"Microsoft.App"})
     add_fine_tuning_layout(azure)
-    env_id = environment_id(GROUP, ENVIRONMENT)
-    azure.errors[env_id.lower()] = azure_error(
-        "GET",
-        env_id,
-        409,
-        "MissingSubscriptionRegistration",
-        "The subscription is not registered to use namespace 'Microsoft.App'. See https://aka.ms/rps-not-found "
-        "for how to register subscriptions.",
-    )
     with pytest.raises(
         Exception, match=r"resource provider Microsoft\.App: .*az provider register --namespace Microsoft\.App"
     ):
         run_program(azure, CONFIG)
+    assert azure.declared == []
+
+
+def test_an_unregistered_provider_stops_the_global_name_check_too(in_scratch_dir: Path) -> None:
+    """In a new group nothing is looked up; the storage account's name check is the first call to Microsoft.Storage."""
+    azure = FakeAzure(unregistered={"Microsoft.Storage"})
+    with pytest.raises(Exception, match=r"az provider register --namespace Microsoft\.Storage"):
+        run_program(azure, CONFIG | {"location": LOCATION})
     assert azure.declared == []
