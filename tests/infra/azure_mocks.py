@@ -181,9 +181,9 @@ CREATE_ONLY: dict[str, CreateOnly] = {
     "azure-native:storage:StorageAccount": CreateOnly(
         "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.Storage/"
         "storageAccounts/{accountName}",
-        ("location", "extendedLocation"),
-        "storage/resource-manager/Microsoft.Storage/stable/2024-01-01/storage.json, StorageAccountCreateParameters "
-        f"(location and extendedLocation are fixed at creation); {_TRACKED}",
+        ("location",),
+        "storage/resource-manager/Microsoft.Storage/stable/2024-01-01/storage.json, StorageAccountCreateParameters"
+        ".location (x-ms-mutability [read, create]: the region is fixed at creation)",
     ),
     "azure-native:storage:FileServiceProperties": CreateOnly(
         "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.Storage/"
@@ -208,9 +208,9 @@ CREATE_ONLY: dict[str, CreateOnly] = {
     "azure-native:app:ManagedEnvironment": CreateOnly(
         "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
         "managedEnvironments/{environmentName}",
-        ("location", "zoneRedundant", "vnetConfiguration", "infrastructureResourceGroup"),
+        ("location", "zoneRedundant", "infrastructureResourceGroup"),
         "app/resource-manager/Microsoft.App/stable/2025-01-01/ManagedEnvironments.json, ManagedEnvironment.properties "
-        f"(zoneRedundant, vnetConfiguration, infrastructureResourceGroup: x-ms-mutability [create, read]); {_TRACKED}",
+        f"(zoneRedundant, infrastructureResourceGroup: x-ms-mutability [create, read]); {_TRACKED}",
     ),
     "azure-native:app:ManagedEnvironmentsStorage": CreateOnly(
         "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
@@ -221,7 +221,7 @@ CREATE_ONLY: dict[str, CreateOnly] = {
     "azure-native:app:ContainerApp": CreateOnly(
         "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App/"
         "containerApps/{containerAppName}",
-        ("location", "environmentId", "managedEnvironmentId", "extendedLocation"),
+        ("location", "environmentId", "managedEnvironmentId"),
         "app/resource-manager/Microsoft.App/stable/2025-01-01/ContainerApps.json, ContainerApp.properties "
         f"(environmentId, managedEnvironmentId: x-ms-mutability [create, read]); {_TRACKED}",
     ),
@@ -242,7 +242,8 @@ CREATE_ONLY: dict[str, CreateOnly] = {
         "{scope}/providers/Microsoft.Authorization/roleAssignments/{roleAssignmentName}",
         ("principalId", "roleDefinitionId"),
         "authorization/resource-manager/Microsoft.Authorization/stable/2022-04-01/authorization-RoleAssignmentsCalls"
-        ".json (an assignment cannot be updated: RoleAssignmentUpdateNotPermitted)",
+        ".json (no x-ms-mutability there, but ARM refuses to change an assignment's principal or role: "
+        "RoleAssignmentUpdateNotPermitted)",
     ),
 }
 
