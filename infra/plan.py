@@ -23,6 +23,7 @@ from infra.adoption import Adoption, PreviousRun, decide, lookup, made_by_this_s
 from infra.arm import REGISTRY_NAME, STORAGE_ACCOUNT_NAME, find_acr_pull, require_free_name
 from infra.config import ProgramConfig
 from infra.errors import ConfigError
+from infra.gpu import normalize_region
 from infra.naming import ResourceNames, resource_group_id, resource_names, resource_suffix
 from infra.workload_profiles import WorkloadProfiles, plan_workload_profiles
 
@@ -53,7 +54,8 @@ class AdoptionPlan:
     def environment_location(self) -> str:
         """Where the app runs: apps live in their environment's region (an existing one's, else `location`)."""
         existing = self.environment.existing
-        return str(existing.location) if existing is not None else self.location
+        # Container Apps answers with the display name ("West US 3"); ARM takes either, the program writes one form.
+        return normalize_region(str(existing.location)) if existing is not None else self.location
 
     def all(self) -> list[Adoption]:
         return [

@@ -21,6 +21,7 @@ from tests.infra.azure_mocks import (
 
 GROUP = "rg-phi3-finetune"
 LOCATION = "westus3"
+DISPLAY_NAMES = {"westus3": "West US 3", "northeurope": "North Europe", "westeurope": "West Europe"}
 
 
 def default_suffix(group: str = GROUP) -> str:
@@ -131,7 +132,8 @@ def add_fine_tuning_layout(
     azure.add(
         environment_id(group, environment),
         {
-            "location": location,
+            # Container Apps answers with the region's display name (ManagedEnvironments_Get.json: "East US").
+            "location": DISPLAY_NAMES.get(location, location),
             "appLogsConfiguration": {
                 "destination": "log-analytics",
                 "logAnalyticsConfiguration": {"customerId": WORKSPACE_CUSTOMER_ID},
