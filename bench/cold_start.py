@@ -77,8 +77,8 @@ def phases_child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from inference_app.generation import ModelService
     from inference_app.server import build_app
+    from inference_app.service import ModelService
     from inference_app.settings import parse_settings
 
     imported_at = time.time()

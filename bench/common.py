@@ -93,7 +93,7 @@ def prepare_model(args: argparse.Namespace) -> BenchModel:
         return BenchModel(args.model, args.adapter, f"{args.model} + {args.adapter}")
     import torch
 
-    from inference_app.random_model import cached_model_folders
+    from inference_app.demo.random_model import cached_model_folders
 
     started = time.perf_counter()
     # The real Phi-3-mini shape is built in bfloat16 (7.6 GB) as it ships; the small ones in float32.

@@ -31,7 +31,7 @@ class Settings:
     max_new_tokens_cap: int = 1024
     prompt_template: str | None = None
     load_with_mmap: bool = False
-    max_batch_size: int | None = None  # None: 64 (fewer on a small GPU: inference_app.kv_cache.plan_cache)
+    max_batch_size: int | None = None  # None: 64 (fewer on a small GPU: inference_app.engine.kv_cache.plan_cache)
     max_batch_tokens: int | None = None  # None: no cap beyond the KV cache
     max_sequence_tokens: int | None = None  # None: the model's context
     kv_cache_tokens: int | None = None  # None: as many as the free memory holds
@@ -42,7 +42,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # besides the app's own origin, which is always allowed
     forwarded_allow_ips: str = "127.0.0.1"  # uvicorn's default
     demo: bool = False
-    demo_dir: Path | None = None  # None: ~/.cache/inference_app (inference_app.demo.default_demo_dir)
+    demo_dir: Path | None = None  # None: ~/.cache/inference_app (inference_app.demo.demo_mode.default_demo_dir)
 
     @property
     def should_merge_adapter(self) -> bool:

@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from inference_app.generation import ModelService
 from inference_app.server import uvicorn_config
+from inference_app.service import ModelService
 from inference_app.settings import Settings
 
 STARTUP_TIMEOUT_S = 30

@@ -21,11 +21,11 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from inference_app.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
-from inference_app.generation import ModelService
 from inference_app.server import build_app
+from inference_app.service import ModelService
 from inference_app.settings import Settings
-from inference_app.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
+from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
+from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server, wait_for
 from tests.model_factory import ModelFolders

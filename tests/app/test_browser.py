@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from inference_app.settings import Settings
-from inference_app.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
+from inference_app.web.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send, stop_button
 from tests.app.server_harness import RunningServer, engine_is_idle, running_server, wait_for
 

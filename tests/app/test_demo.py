@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-import inference_app.random_model
-from inference_app.demo import DEMO_HOST, default_demo_dir, demo_model_folders
-from inference_app.random_model import BUILT_MARK
+import inference_app.demo.random_model
+from inference_app.demo.demo_mode import DEMO_HOST, default_demo_dir, demo_model_folders
+from inference_app.demo.random_model import BUILT_MARK
 from tests.app.server_harness import app_process
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_an_interrupted_build_is_built_again(tmp_path: Path, monkeypatch: pytest
         builds.append(root)
         (root / "weights").mkdir(parents=True)
 
-    monkeypatch.setattr(inference_app.random_model, "build_model_folders", build)
+    monkeypatch.setattr(inference_app.demo.random_model, "build_model_folders", build)
     folders, built_now = demo_model_folders(tmp_path)
     assert built_now and (folders.root / "weights").is_dir()
     assert demo_model_folders(tmp_path) == (folders, False)

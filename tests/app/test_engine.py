@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from inference_app import batching
-from inference_app.batching import BatchingEngine, DecodeBatch, EngineOptions
-from inference_app.decode_graphs import (
+from inference_app.engine import engine_loop
+from inference_app.engine.cuda_graphs import (
     BATCH_BUCKETS,
     EagerDecoder,
     GraphDecoder,
@@ -25,11 +24,12 @@ from inference_app.decode_graphs import (
     bucket_for,
     length_buckets,
 )
-from inference_app.engine_types import GenerationChunk, SamplingParams
-from inference_app.generation import ModelService
-from inference_app.kv_cache import BLOCK_TOKENS, CachePlan, CacheShape, KVCache, SlotAllocator, plan_cache
-from inference_app.model_loading import LoadedModel, load_model
-from inference_app.sampling import BatchSampler, uniform_noise
+from inference_app.engine.engine_loop import BatchingEngine, DecodeBatch, EngineOptions
+from inference_app.engine.kv_cache import BLOCK_TOKENS, CachePlan, CacheShape, KVCache, SlotAllocator, plan_cache
+from inference_app.engine.model_loading import LoadedModel, load_model
+from inference_app.engine.sampler import BatchSampler, uniform_noise
+from inference_app.engine.types import GenerationChunk, SamplingParams
+from inference_app.service import ModelService
 from inference_app.settings import Settings, parse_settings
 from tests.app.server_harness import wait_for
 from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
@@ -261,8 +261,8 @@ def test_leaked_blocks_fail_the_next_request_instead_of_hanging_the_engine(
 def test_a_set_kv_cache_too_big_for_the_paged_reads_is_warned_about(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, start_engine: Callable[..., BatchingEngine]
 ) -> None:
-    monkeypatch.setattr(batching, "cache_budget", lambda device: 2**20)
-    with caplog.at_level(logging.WARNING, logger="inference_app.batching"):
+    monkeypatch.setattr(engine_loop, "cache_budget", lambda device: 2**20)
+    with caplog.at_level(logging.WARNING, logger="inference_app.engine.engine_loop"):
         start_engine(max_batch_size=8, **LAYOUTS["paged"])
     assert "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS 1024: with the paged read's copy" in caplog.text
     assert "large batches may run out of memory; lower it or unset it" in caplog.text
@@ -459,7 +459,7 @@ def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(
 @pytest.fixture
 def graphs_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine believes it runs on CUDA (so it tries to capture), on this CPU-only machine."""
-    monkeypatch.setattr(batching, "cuda_graphs_supported", lambda device: True)
+    monkeypatch.setattr(engine_loop, "cuda_graphs_supported", lambda device: True)
 
 
 def _failing_capture(*args: Any) -> GraphDecoder:
@@ -475,9 +475,9 @@ def test_capture_failure_logs_one_line_and_the_service_runs_eager(
     loaded: LoadedModel,
 ) -> None:
     monkeypatch.setattr(GraphDecoder, "capture", staticmethod(_failing_capture))
-    with caplog.at_level(logging.WARNING, logger="inference_app.decode_graphs"):
+    with caplog.at_level(logging.WARNING, logger="inference_app.engine.cuda_graphs"):
         service = start_service()
-    warnings = [record.getMessage() for record in caplog.records if record.name == "inference_app.decode_graphs"]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "inference_app.engine.cuda_graphs"]
     assert warnings == ["CUDA graph capture failed, decoding runs eager (slower): RuntimeError: forced capture failure"]
     chunks = reply(service, PROMPTS[1], max_new_tokens=NEW_TOKENS)
     text = "".join(chunk.text for chunk in chunks)
@@ -496,7 +496,7 @@ def test_graphs_that_disagree_with_the_eager_step_are_not_used(
         return GraphDecoder(step, graphs, batches, lengths, 0.1)  # type: ignore[arg-type]
 
     monkeypatch.setattr(GraphDecoder, "capture", staticmethod(wrong_graphs))
-    with caplog.at_level(logging.WARNING, logger="inference_app.decode_graphs"):
+    with caplog.at_level(logging.WARNING, logger="inference_app.engine.cuda_graphs"):
         engine = start_engine(max_batch_size=4)
     assert engine.describe()["decode"] == "eager"
     assert "CUDA graph replay disagreed with the eager decode step" in caplog.text
@@ -579,7 +579,7 @@ def test_a_kv_cache_that_cannot_be_made_fails_loading_with_the_fix(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
 
     if out_of_memory:
-        monkeypatch.setattr(batching, "KVCache", no_memory)
+        monkeypatch.setattr(engine_loop, "KVCache", no_memory)
     service = ModelService(dataclasses.replace(tiny_settings, **settings))
     service.start_loading()
     assert service.wait_until_loaded(TIMEOUT_S) == "failed"
@@ -589,7 +589,7 @@ def test_a_kv_cache_that_cannot_be_made_fails_loading_with_the_fix(
 def test_too_little_memory_for_one_sequence_fails_loading_with_the_fix(
     monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings
 ) -> None:
-    monkeypatch.setattr(batching, "cache_budget", lambda device: 50_000)
+    monkeypatch.setattr(engine_loop, "cache_budget", lambda device: 50_000)
     service = ModelService(tiny_settings)
     service.start_loading()
     assert service.wait_until_loaded(TIMEOUT_S) == "failed"

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from inference_app.generation import (
+from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from inference_app.engine.model_loading import load_model
+from inference_app.service import (
     CapacityExceededError,
     GenerationChunk,
     ModelNotReadyError,
@@ -22,9 +24,7 @@ from inference_app.generation import (
     SamplingParams,
     plain_template_prompt,
 )
-from inference_app.model_loading import load_model
 from inference_app.settings import Settings
-from inference_app.text_stream import IncrementalDetokenizer, StopMatcher
 from tests.model_factory import SIZES, ModelFolders
 
 Reply = Callable[..., list[GenerationChunk]]

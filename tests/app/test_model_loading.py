@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference_app.generation import GenerationChunk, ModelNotReadyError, ModelService
-from inference_app.model_loading import ModelLoadError, load_model
+from inference_app.engine.model_loading import ModelLoadError, load_model
+from inference_app.service import GenerationChunk, ModelNotReadyError, ModelService
 from inference_app.settings import Settings
 from tests.model_factory import (
     LORA_TARGET_MODULES,

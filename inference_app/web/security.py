@@ -16,7 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference_app.api_errors import ApiError
+from inference_app.api.errors import ApiError
 from inference_app.settings import Settings
 
 SECURITY_HEADERS = {

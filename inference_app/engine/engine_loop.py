@@ -1,12 +1,12 @@
 """The batching engine: one thread runs every generation, sharing each decode step among the requests in flight.
 
 Requests wait in a queue; at each step boundary the ones that fit join: their prompts are prefilled together
-(right-padded) into free slots of the KV cache (inference_app.kv_cache; a paged cache also gives each its blocks, and a
-request waits while too few are free), and their first tokens sampled. One decode step then produces the next token
+(right-padded) into free slots of the KV cache (kv_cache; a paged cache also gives each its blocks, and a request
+waits while too few are free), and their first tokens sampled. One decode step then produces the next token
 of every request at once: each row at its own position, the whole batch sampled on the device
-(inference_app.sampling), one device-to-host copy of the new tokens. On a GPU the step replays a CUDA graph
-(inference_app.decode_graphs). Each request keeps its own sampling settings, seed, stop strings and token budget;
-its tokens become text on the text thread (inference_app.text_stream), off the step's critical path.
+(sampler), one device-to-host copy of the new tokens. On a GPU the step replays a CUDA graph
+(cuda_graphs). Each request keeps its own sampling settings, seed, stop strings and token budget;
+its tokens become text on the text thread (detokenizer), off the step's critical path.
 
 The transformers continuous-batching API (`generate_batch` / `init_continuous_batching`) was not used: it samples
 with one do_sample and seed setting for the whole batch and has no stop strings.
@@ -25,12 +25,18 @@ from typing import Any
 
 import torch
 
-from inference_app.decode_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
-from inference_app.engine_types import GenerationChunk, SamplingParams
-from inference_app.kv_cache import CacheShape, KVCache, SlotAllocator, cache_budget, plan_cache
-from inference_app.model_loading import LoadedModel, ModelLoadError
-from inference_app.sampling import BatchSampler
-from inference_app.text_stream import IncrementalDetokenizer, Request, StopMatcher, TextStreamer, TokenEvent
+from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
+from inference_app.engine.detokenizer import (
+    EngineRequest,
+    IncrementalDetokenizer,
+    StopMatcher,
+    TextStreamer,
+    TokenEvent,
+)
+from inference_app.engine.kv_cache import CacheShape, KVCache, SlotAllocator, cache_budget, plan_cache
+from inference_app.engine.model_loading import LoadedModel, ModelLoadError
+from inference_app.engine.sampler import BatchSampler
+from inference_app.engine.types import GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ class DecodeBatch:
     position and whether a request holds the slot. Rows are slots: a decode step runs over slots 0..width-1."""
 
     def __init__(self, slots: int, device: torch.device) -> None:
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, EngineRequest] = {}
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -80,7 +86,7 @@ class DecodeBatch:
     def any_sampled(self) -> bool:
         return any(not request.params.greedy for request in self.requests.values())
 
-    def add(self, slots: list[int], requests: list[Request], tokens: torch.Tensor, positions: list[int]) -> None:
+    def add(self, slots: list[int], requests: list[EngineRequest], tokens: torch.Tensor, positions: list[int]) -> None:
         index = torch.tensor(slots, device=self._device)
         self.tokens[index] = tokens
         self.positions[index] = torch.tensor(positions, device=self._device)
@@ -122,7 +128,7 @@ class BatchingEngine:
         self._options = options
         # A KV-cache row holds a whole sequence (prompt + reply): by default the model's context.
         self.sequence_tokens = min(loaded.context_length, options.max_sequence_tokens or loaded.context_length)
-        self._waiting: deque[Request] = deque()
+        self._waiting: deque[EngineRequest] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
@@ -265,7 +271,7 @@ class BatchingEngine:
         params: SamplingParams,
         max_new_tokens: int,
         deliver: Callable[[GenerationChunk | BaseException], None],
-    ) -> Request:
+    ) -> EngineRequest:
         """Queues a generation; `deliver` gets its chunks (and an error, if any) on the text thread. The caller
         keeps prompt + max_new_tokens within `sequence_tokens` (ModelService refuses longer prompts with the fix)."""
         if len(prompt_ids) + max_new_tokens > self.sequence_tokens:
@@ -274,7 +280,7 @@ class BatchingEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                 f"{self.sequence_tokens} tokens of a sequence"
             )
-        request = Request(
+        request = EngineRequest(
             prompt_ids=prompt_ids,
             params=params,
             max_new_tokens=max_new_tokens,
@@ -301,7 +307,7 @@ class BatchingEngine:
                 if self._batch.requests:  # rows just prefilled take part too: they already have their first token
                     self._run_safely(self._decode_step, list(self._batch.requests.values()))
 
-    def _run_safely(self, work: Callable[..., None], requests: list[Request], *args: Any) -> None:
+    def _run_safely(self, work: Callable[..., None], requests: list[EngineRequest], *args: Any) -> None:
         """Runs one prefill or decode step; if it fails (e.g. out of memory) its requests get the error and leave
         the batch, and the engine keeps serving."""
         try:
@@ -312,7 +318,7 @@ class BatchingEngine:
             failed = set(requests)
             self._release([slot for slot, request in self._batch.requests.items() if request in failed])
 
-    def _take_new_requests(self) -> list[Request] | None:
+    def _take_new_requests(self) -> list[EngineRequest] | None:
         """Requests that join the batch at this step boundary (waits while there is nothing to do); None: stop."""
         with self._wakeup:
             while not self._stopping and not self._batch.requests and not self._waiting:
@@ -322,7 +328,7 @@ class BatchingEngine:
             in_flight = sum(request.tokens_in_flight for request in self._batch.requests.values())
             token_cap = self._options.max_batch_tokens
             free_blocks = self._cache.free_blocks
-            joining: list[Request] = []
+            joining: list[EngineRequest] = []
             while self._waiting and len(joining) < self._slots.free:
                 request = self._waiting[0]
                 if request.done.is_set():
@@ -349,7 +355,7 @@ class BatchingEngine:
                 self._text.put([(request, error)])
             return joining
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[EngineRequest]) -> None:
         """Runs the prompts together (right-padded) into free slots, samples each first token, and adds the
         requests that go on to the batch."""
         slots = [self._slots.take() for _ in requests]
@@ -380,7 +386,7 @@ class BatchingEngine:
         self._text.put(events)
         self._largest_batch = max(self._largest_batch, len(self._batch))
 
-    def _prefill_forward(self, slots: list[int], requests: list[Request]) -> torch.Tensor:
+    def _prefill_forward(self, slots: list[int], requests: list[EngineRequest]) -> torch.Tensor:
         lengths = [len(request.prompt_ids) for request in requests]
         longest = max(lengths)
         input_ids = torch.tensor(
@@ -443,7 +449,7 @@ class BatchingEngine:
         self._text.put(events)
         self._release(finished)
 
-    def _accept(self, request: Request, token: int, events: list[TokenEvent]) -> bool:
+    def _accept(self, request: EngineRequest, token: int, events: list[TokenEvent]) -> bool:
         """Adds the token's event for the text thread; True when the request is finished (end-of-reply token or
         token budget)."""
         if token in self._eos_ids:
@@ -468,9 +474,9 @@ def cuda_graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _prefill_groups(requests: list[Request]) -> list[list[Request]]:
+def _prefill_groups(requests: list[EngineRequest]) -> list[list[EngineRequest]]:
     """The joining requests in arrival order, grouped so a group's padded prompts hold at most PREFILL_TOKENS."""
-    groups: list[list[Request]] = []
+    groups: list[list[EngineRequest]] = []
     longest = 0
     for request in requests:
         length = len(request.prompt_ids)

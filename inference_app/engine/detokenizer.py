@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from inference_app.engine_types import GenerationChunk, SamplingParams
+from inference_app.engine.types import GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class StopMatcher:
 
 
 @dataclass(eq=False)
-class Request:
+class EngineRequest:
     """One generation: what the engine needs to schedule it and what the text thread needs to stream it."""
 
     prompt_ids: list[int]
@@ -126,8 +126,8 @@ class Request:
 
 # One step's news for one request: a new token (None: none, the reply ended on an end-of-reply token) and the
 # finish reason when the engine ended the reply; or an error.
-TokenEvent = tuple[Request, int | None, FinishReason | None]
-ErrorEvent = tuple[Request, BaseException]
+TokenEvent = tuple[EngineRequest, int | None, FinishReason | None]
+ErrorEvent = tuple[EngineRequest, BaseException]
 
 
 class TextStreamer:
@@ -161,12 +161,12 @@ class TextStreamer:
                     logger.exception("delivering generated text failed")
                     event[0].cancel()
 
-    def _fail(self, request: Request, error: BaseException) -> None:
+    def _fail(self, request: EngineRequest, error: BaseException) -> None:
         if not request.done.is_set():
             request.done.set()
             request.deliver(error)
 
-    def _advance(self, request: Request, token: int | None, finish_reason: FinishReason | None) -> None:
+    def _advance(self, request: EngineRequest, token: int | None, finish_reason: FinishReason | None) -> None:
         if request.done.is_set():  # cancelled, or stopped on a stop string: later tokens are dropped
             return
         text = ""
@@ -184,6 +184,6 @@ class TextStreamer:
         elif text:
             request.deliver(request.chunk(text, None))
 
-    def _finish(self, request: Request, text: str, finish_reason: FinishReason) -> None:
+    def _finish(self, request: EngineRequest, text: str, finish_reason: FinishReason) -> None:
         request.done.set()
         request.deliver(request.chunk(text, finish_reason))

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
-from inference_app.api_errors import ApiError
+from inference_app.api.errors import ApiError
 from inference_app.settings import Settings
 
 # The brake on guessing (GuessingBrake): this many failed sign-ins from one address within the window pause it.

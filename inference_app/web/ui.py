@@ -14,9 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from inference_app.api_schema import flatten_text_content
-from inference_app.generation import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
+from inference_app.api.protocol import flatten_text_content
 from inference_app.prompt_limits import refuse_overlong_prompt
+from inference_app.service import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
 from inference_app.settings import Settings
 
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
@@ -31,7 +31,7 @@ NOT_ANSWERED = "⚠️ Not answered: "
 STATUS_REFRESH_S = 2.0  # how often the page asks for the model's status until it is ready or failed
 TRIM_BUTTON = "Drop the oldest exchange"
 SIGN_OUT_BUTTON = "Sign out"
-# POST, from this page only: a link on another site cannot sign anyone out (see inference_app.ui_session).
+# POST, from this page only: a link on another site cannot sign anyone out (see inference_app.web.sign_in).
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
 
 

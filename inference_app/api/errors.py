@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from inference_app.api_schema import ErrorBody, ErrorDetail
+from inference_app.api.protocol import ErrorBody, ErrorDetail
 
 
 class ApiError(Exception):

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from inference_app.random_model import ModelFolders, cached_model_folders
+from inference_app.demo.random_model import ModelFolders, cached_model_folders
 from inference_app.settings import Settings
 
 DEMO_MODEL_SIZE = "small"  # Phi-3's vocabulary and proportions, scaled down to build in seconds and run on a CPU

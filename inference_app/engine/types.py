@@ -1,4 +1,4 @@
-"""Types shared by the web-facing ModelService (generation.py) and the batching engine (batching.py)."""
+"""Types shared by the web-facing ModelService (inference_app.service) and the engine loop (engine_loop.py)."""
 
 from __future__ import annotations
 

@@ -277,7 +277,7 @@ def cached_model_folders(root: Path, size: str, dtype: torch.dtype = torch.float
     building = root.with_name(f"{root.name}.building")
     shutil.rmtree(building, ignore_errors=True)
     build_model_folders(building, size=size, dtype=dtype)
-    (building / BUILT_MARK).write_text(f"random-weight {size} model built by inference_app.random_model\n")
+    (building / BUILT_MARK).write_text(f"random-weight {size} model built by inference_app.demo.random_model\n")
     shutil.rmtree(root, ignore_errors=True)
     building.rename(root)
     return folders, True

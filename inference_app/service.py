@@ -1,6 +1,6 @@
-"""Generation: the ModelService the web layers talk to (loading, prompts, concurrency limit, streaming).
+"""The ModelService the web layers talk to (loading, prompts, concurrency limit, streaming).
 
-The generations themselves run on the batching engine (inference_app.batching), where concurrent requests share
+The generations themselves run on the engine (inference_app.engine.engine_loop), where concurrent requests share
 forward passes.
 """
 
@@ -14,12 +14,12 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Literal
 
-from inference_app.engine_types import GenerationChunk, SamplingParams
+from inference_app.engine.types import GenerationChunk, SamplingParams
 from inference_app.settings import Settings
 
 if TYPE_CHECKING:
-    from inference_app.batching import BatchingEngine
-    from inference_app.model_loading import LoadedModel
+    from inference_app.engine.engine_loop import BatchingEngine
+    from inference_app.engine.model_loading import LoadedModel
 
 # torch, transformers and peft are imported by the loading thread, not here: the web layers import this module
 # and start serving /health while those heavy imports run.
@@ -64,7 +64,7 @@ class ModelService:
         self.load_timings: dict[str, float] = {}  # seconds per loading phase, for logs and the cold-start bench
         self._loaded: LoadedModel | None = None
         self._engine: BatchingEngine | None = None
-        self._slots: _Slots | None = None  # sized once the engine knows its KV cache
+        self._concurrency: _ConcurrencyLimit | None = None  # sized once the engine knows its KV cache
         self._loading_done = threading.Event()
 
     # ---- loading ----
@@ -79,8 +79,8 @@ class ModelService:
         return self.status
 
     def _load(self) -> None:
-        from inference_app.batching import BatchingEngine, EngineOptions
-        from inference_app.model_loading import ModelLoadError, load_model
+        from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
+        from inference_app.engine.model_loading import ModelLoadError, load_model
 
         try:
             loaded = load_model(self.settings)
@@ -107,9 +107,9 @@ class ModelService:
                 "kv_cache_and_graphs": engine_started - started,
                 "warmup": time.perf_counter() - engine_started,
             }
-            self._slots = _Slots(self.settings.max_concurrent_generations or engine.slots)
+            self._concurrency = _ConcurrencyLimit(self.settings.max_concurrent_generations or engine.slots)
             self._loaded, self._engine = loaded, engine
-            logger.info("generations at once: %d", self._slots.limit)
+            logger.info("generations at once: %d", self._concurrency.limit)
             self.status = "ready"
             logger.info("model ready: %s (%s)", self.info(), _format_timings(self.load_timings))
         except ModelLoadError as error:
@@ -165,15 +165,15 @@ class ModelService:
         iterator (client gone, task cancelled) stops the generation and frees its slot.
         """
         engine = self._require_engine()
-        slots = self._slots
-        assert slots is not None  # set with the engine
+        concurrency = self._concurrency
+        assert concurrency is not None  # set with the engine
         # On a worker thread: a long prompt takes a while to template and tokenize, and the event loop serves /health.
         prompt_ids = await asyncio.to_thread(self._prompt_ids, messages)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_new_tokens)
         if wait:
-            await slots.acquire()
-        elif not slots.try_acquire():
-            raise CapacityExceededError(f"all {slots.limit} generation slots are busy; retry shortly")
+            await concurrency.acquire()
+        elif not concurrency.try_acquire():
+            raise CapacityExceededError(f"all {concurrency.limit} generation slots are busy; retry shortly")
         try:
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
@@ -196,7 +196,7 @@ class ModelService:
             finally:
                 request.cancel()
         finally:
-            slots.release()
+            concurrency.release()
 
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
@@ -258,8 +258,9 @@ def _format_timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.2f}s" for name, seconds in timings.items())
 
 
-class _Slots:
-    """A counting semaphore usable from any thread and any event loop (waiters are served first come first)."""
+class _ConcurrencyLimit:
+    """The limit on generations at once (--max-concurrent-generations): a counting semaphore usable from any thread
+    and any event loop (waiters are served first come first)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

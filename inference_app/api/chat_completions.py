@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from inference_app.api_errors import ApiError, validation_error
-from inference_app.api_schema import (
+from inference_app.api.errors import ApiError, validation_error
+from inference_app.api.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -37,7 +37,8 @@ from inference_app.api_schema import (
     new_completion_id,
     now,
 )
-from inference_app.generation import (
+from inference_app.prompt_limits import refuse_overlong_prompt
+from inference_app.service import (
     CapacityExceededError,
     GenerationChunk,
     ModelNotReadyError,
@@ -45,7 +46,6 @@ from inference_app.generation import (
     PromptTooLongError,
     SamplingParams,
 )
-from inference_app.prompt_limits import refuse_overlong_prompt
 from inference_app.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The UI's sign-in and sign-out around Gradio's session cookie.
 
-Gradio's POST /login (its login form) gets the brake on guessing that the API has (inference_app.auth.GuessingBrake,
+Gradio's POST /login (its login form) gets the brake on guessing that the API has (inference_app.web.auth.GuessingBrake,
 shared with it: one budget per client address). Gradio's own GET /logout ends every session of the user (there is
 one user) and can be triggered by a link on any site; it is replaced by POST /logout, which ends only the caller's
 session and refuses requests from other origins.
@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference_app.auth import GuessingBrake, client_address, too_many_failures
+from inference_app.web.auth import GuessingBrake, client_address, too_many_failures
 
 LOGIN_PATHS = ("/login", "/login/")
 

@@ -1,6 +1,6 @@
 """HTTP routes: liveness, readiness, the OpenAI-compatible /v1 API and its docs (the latter behind the password in
-password mode). The routes only route: chat completions are served by inference_app.chat_serving, errors are
-inference_app.api_errors' ApiError, credentials are checked by inference_app.auth."""
+password mode). The routes only route: chat completions are served by inference_app.api.chat_completions, errors are
+inference_app.api.errors' ApiError, credentials are checked by inference_app.web.auth."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from inference_app.api_errors import ApiError, add_api_error_handlers
-from inference_app.api_schema import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
-from inference_app.auth import Authenticator
-from inference_app.chat_serving import ChatCompletionServing
-from inference_app.generation import ModelService
+from inference_app.api.chat_completions import ChatCompletionServing
+from inference_app.api.errors import ApiError, add_api_error_handlers
+from inference_app.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from inference_app.service import ModelService
 from inference_app.settings import Settings
+from inference_app.web.auth import Authenticator
 
 
 def add_api_routes(
