@@ -28,12 +28,13 @@ import torch
 
 from inference_app.engine.cache_plan import BLOCK_TOKENS, CachePlan, CacheShape, cache_budget, plan_cache
 from inference_app.engine.model_loading import ModelLoadError
+from inference_app.settings import option_name
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_SIZE_OPTION = "--max-batch-size / INFERENCE_MAX_BATCH_SIZE"
-MAX_SEQUENCE_TOKENS_OPTION = "--max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS"
-KV_CACHE_TOKENS_OPTION = "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS"
+MAX_BATCH_SIZE_OPTION = option_name("max_batch_size")
+MAX_SEQUENCE_TOKENS_OPTION = option_name("max_sequence_tokens")
+KV_CACHE_TOKENS_OPTION = option_name("kv_cache_tokens")
 
 
 class KVCache:
