@@ -34,8 +34,8 @@ from inference_app.engine.sampler import BatchSampler, uniform_noise
 from inference_app.engine.types import GenerationChunk, SamplingParams
 from inference_app.service import ModelService
 from inference_app.settings import Settings, parse_settings
-from tests.app.server_harness import wait_for
 from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
+from tests.server_process import wait_for
 
 # Different lengths, so rows sit at different positions.
 PROMPTS = (
