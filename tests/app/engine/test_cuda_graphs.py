@@ -133,6 +133,19 @@ def _capture_on_cpu(step: Callable[[int, int], torch.Tensor], max_batch: int, sl
     return GraphDecoder(step, graphs, batches, lengths, 0.0)  # type: ignore[arg-type]
 
 
+def _assert_replies_through_graphs_match_generate(loaded: LoadedModel, engine: BatchingEngine) -> None:
+    """Five requests whose rows leave at different steps (holes below the batch's width), decoded through graphs."""
+    prompts = [prompt_ids(loaded, text) for text in PROMPTS[:5]]
+    budgets = [NEW_TOKENS, 6, NEW_TOKENS, 3, 12]
+    replies = [Reply() for _ in prompts]
+    for ids, budget, reply in zip(prompts, budgets, replies, strict=True):
+        engine.submit(ids, greedy(budget), budget, reply.deliver)
+    engine.start()
+    assert engine.describe()["decode"].startswith("CUDA graphs")
+    expected = [generate_text(loaded, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
+    assert [reply.result() for reply in replies] == expected
+
+
 @pytest.mark.usefixtures("graphs_wanted")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_steps_padded_to_the_graph_buckets_match_generate(
@@ -141,15 +154,7 @@ def test_steps_padded_to_the_graph_buckets_match_generate(
     """Padding rows (free slots) and attention length up to the buckets changes no request's tokens."""
     monkeypatch.setattr(GraphDecoder, "capture", staticmethod(_capture_on_cpu))
     engine = start_engine(started=False, max_batch_size=8, **LAYOUTS[layout])
-    prompts = [prompt_ids(loaded, text) for text in PROMPTS[:5]]
-    budgets = [NEW_TOKENS, 6, NEW_TOKENS, 3, 12]  # rows leave at different steps: holes below the batch's width
-    replies = [Reply() for _ in prompts]
-    for ids, budget, reply in zip(prompts, budgets, replies, strict=True):
-        engine.submit(ids, greedy(budget), budget, reply.deliver)
-    engine.start()
-    assert engine.describe()["decode"].startswith("CUDA graphs")
-    expected = [generate_text(loaded, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
-    assert [reply.result() for reply in replies] == expected
+    _assert_replies_through_graphs_match_generate(loaded, engine)
 
 
 def test_cuda_graphs_switch() -> None:
@@ -176,12 +181,4 @@ def test_on_cuda_the_decode_step_replays_captured_graphs_and_matches_generate(
     """Real capture and replay (the CPU tests stand in for the graphs): rows leave at different steps."""
     assert loaded.device.startswith("cuda")
     engine = start_engine(started=False, max_batch_size=8, **LAYOUTS[layout])
-    prompts = [prompt_ids(loaded, text) for text in PROMPTS[:5]]
-    budgets = [NEW_TOKENS, 6, NEW_TOKENS, 3, 12]
-    replies = [Reply() for _ in prompts]
-    for ids, budget, reply in zip(prompts, budgets, replies, strict=True):
-        engine.submit(ids, greedy(budget), budget, reply.deliver)
-    engine.start()
-    assert engine.describe()["decode"].startswith("CUDA graphs")
-    expected = [generate_text(loaded, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
-    assert [reply.result() for reply in replies] == expected
+    _assert_replies_through_graphs_match_generate(loaded, engine)
