@@ -1,7 +1,7 @@
 """The batching engine in process (no HTTP): tokens/s and time to first token at several concurrency levels.
 
 At each level (default 1, 8, 32, 64 concurrent requests, all sent at once, greedy, the same prompt) it measures
-- the app's engine (`inference_app.batching.BatchingEngine` on the merged model, as the app serves it),
+- the app's engine (`inference_app.engine.engine_loop.BatchingEngine` on the merged model, as the app serves it),
 - a plain batched `model.generate` of the same merged model (one call with the batch, no padding), and
 - the AI Toolkit's way (unmerged `PeftModel`, a `generate` thread per request with `TextIteratorStreamer`,
   bench/toolkit_model.py),
@@ -90,7 +90,7 @@ def build_models(size: str) -> BenchModels:
     from peft import get_peft_model
     from transformers import Phi3ForCausalLM
 
-    from inference_app.random_model import SIZES, build_tokenizer, generation_config, lora_config, phi3_config
+    from inference_app.demo.random_model import SIZES, build_tokenizer, generation_config, lora_config, phi3_config
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,9 +118,9 @@ class EngineWay:
     graphs, warm-up): levels beyond its slots wait in its queue, as they would in the app."""
 
     def __init__(self, models: BenchModels, args: argparse.Namespace) -> None:
-        from inference_app.batching import BatchingEngine, EngineOptions
-        from inference_app.generation import encode_prompt
-        from inference_app.model_loading import LoadedModel
+        from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
+        from inference_app.engine.model_loading import LoadedModel
+        from inference_app.service import encode_prompt
 
         loaded = LoadedModel(
             model=models.merged,
@@ -142,7 +142,7 @@ class EngineWay:
         self.new_tokens = args.new_tokens
 
     def run(self, clients: int) -> Run:
-        from inference_app.engine_types import GenerationChunk, SamplingParams
+        from inference_app.engine.types import GenerationChunk, SamplingParams
 
         params = SamplingParams(max_new_tokens=self.new_tokens, temperature=0)
         lock = threading.Lock()

@@ -69,7 +69,7 @@ class BareGenerate:
     """`model.generate` as a script would call it, timing the first token with a streamer."""
 
     def __init__(self, settings: Any, args: argparse.Namespace) -> None:
-        from inference_app.model_loading import load_model
+        from inference_app.engine.model_loading import load_model
 
         self.loaded = load_model(settings)
         encoded: Any = self.loaded.tokenizer.apply_chat_template(
@@ -114,7 +114,7 @@ class ServiceGenerate:
     """The app's generation path: ModelService.stream_chat, greedy, one request at a time."""
 
     def __init__(self, settings: Any, args: argparse.Namespace) -> None:
-        from inference_app.generation import ModelService, SamplingParams
+        from inference_app.service import ModelService, SamplingParams
 
         self.service = ModelService(settings)
         self.service.start_loading()

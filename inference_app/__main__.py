@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from inference_app.generation import ModelService
+from inference_app.service import ModelService
 from inference_app.settings import Settings, parse_settings
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _with_demo_model(settings: Settings) -> Settings:
     """The settings serving the demo model (built now unless cached), loaded like any other model."""
-    from inference_app.demo import default_demo_dir, demo_banner, demo_model_folders, demo_settings
+    from inference_app.demo.demo_mode import default_demo_dir, demo_banner, demo_model_folders, demo_settings
 
     demo_dir = settings.demo_dir or default_demo_dir()
     logging.getLogger(__name__).info("preparing the demo model in %s", demo_dir)

@@ -6,7 +6,7 @@ ModelService.stream_chat on a worker thread, so the event loop (which also answe
 
 from __future__ import annotations
 
-from inference_app.generation import Message, ModelService, PromptTooLongError
+from inference_app.service import Message, ModelService, PromptTooLongError
 
 # More characters than any one token of Phi-3's vocabulary (the longest are runs of 16 spaces) or of the tests'
 # tokenizer covers: a prompt with more characters than this many per token of context cannot fit.

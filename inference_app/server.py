@@ -9,13 +9,13 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from inference_app.api_routes import add_api_routes
-from inference_app.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
-from inference_app.generation import ModelService
+from inference_app.api.routes import add_api_routes
+from inference_app.service import ModelService
 from inference_app.settings import Settings
-from inference_app.ui import build_ui
-from inference_app.ui_session import LoginBrake, add_sign_out_routes
-from inference_app.web_security import add_web_security
+from inference_app.web.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
+from inference_app.web.security import add_web_security
+from inference_app.web.sign_in import LoginBrake, add_sign_out_routes
+from inference_app.web.ui import build_ui
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The tests' and benchmarks' random-weight models: the app's own builder (inference_app.random_model), which
+"""The tests' and benchmarks' random-weight models: the app's own builder (inference_app.demo.random_model), which
 `python -m inference_app --demo` uses too."""
 
-from inference_app.random_model import (
+from inference_app.demo.random_model import (
     LORA_TARGET_MODULES,
     SIZES,
     ModelFolders,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from inference_app.generation import GenerationChunk, ModelService, SamplingParams
+from inference_app.service import GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
 from tests.app.browser_harness import browser, page  # noqa: F401 (fixtures for every test module)
 from tests.app.service_harness import collect_chunks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from inference_app.generation import GenerationChunk, ModelService, SamplingParams
+from inference_app.service import GenerationChunk, ModelService, SamplingParams
 
 
 def collect_chunks(

@@ -9,9 +9,9 @@ import openai
 import pytest
 from gradio_client import Client
 
-from inference_app.generation import SamplingParams
+from inference_app.service import SamplingParams
 from inference_app.settings import Settings
-from inference_app.ui import CHAT_API_NAME
+from inference_app.web.ui import CHAT_API_NAME
 from tests.app.server_harness import RunningServer, running_server
 from tests.app.service_harness import collect_chunks
 

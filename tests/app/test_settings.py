@@ -174,6 +174,6 @@ def test_command_help_runs_without_loading_anything() -> None:
 
 def test_web_facing_modules_do_not_import_torch() -> None:
     # The web layers import settings and generation; /health must answer while torch is still importing.
-    code = "import sys, inference_app.generation, inference_app.settings; print('torch' in sys.modules)"
+    code = "import sys, inference_app.service, inference_app.settings; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"

@@ -1,0 +1,65 @@
+"""The API's error type: every refusal is an OpenAI-style body ({"error": {"message", "type", "param", "code"}})."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from inference_app.api.protocol import ErrorBody, ErrorDetail
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = ErrorBody(error=self.detail).model_dump()
+        return JSONResponse(body, status_code=self.status_code, headers=self.headers)
+
+
+def add_api_error_handlers(app: FastAPI) -> None:
+    """An ApiError raised anywhere in a route or a dependency becomes its response; any other exception a 500 with
+    an OpenAI-style body (instead of Starlette's plain text), its details in the log only."""
+
+    async def api_error_response(request: Request, error: Exception) -> Response:
+        assert isinstance(error, ApiError)  # registered for ApiError only
+        return error.response()
+
+    async def unexpected_error_response(request: Request, error: Exception) -> Response:
+        # Starlette logs the exception with its traceback after this answer is sent.
+        return ApiError(500, "internal server error (the server's log has the details)", type="server_error").response()
+
+    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(Exception, unexpected_error_response)
+
+
+# Pydantic names the member of a union that an error is about in its location (stop: str | list[str] fails as
+# ("stop", "str")); those names are types, not parameters.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool)$|[^A-Za-z0-9_]")
+
+
+def validation_error(error: ValidationError) -> ApiError:
+    """The first problem, named by its parameter path as OpenAI does (e.g. messages[0].role)."""
+    first = error.errors()[0]
+    parts = [part for part in first["loc"] if isinstance(part, int) or not _UNION_MEMBER.search(part)]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    reason = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    if first["type"] == "missing":
+        return ApiError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
+    return ApiError(400, f"invalid '{param}': {reason}", param=param, code="invalid_value")

@@ -1,0 +1,104 @@
+"""HTTP routes: liveness, readiness, the OpenAI-compatible /v1 API and its docs (the latter behind the password in
+password mode). The routes only route: chat completions are served by inference_app.api.chat_completions, errors are
+inference_app.api.errors' ApiError, credentials are checked by inference_app.web.auth."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from inference_app.api.chat_completions import ChatCompletionServing
+from inference_app.api.errors import ApiError, add_api_error_handlers
+from inference_app.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from inference_app.service import ModelService
+from inference_app.settings import Settings
+from inference_app.web.auth import Authenticator
+
+
+def add_api_routes(
+    app: FastAPI, settings: Settings, service: ModelService, authenticator: Authenticator | None
+) -> None:
+    """The health probes, open to all (the platform's probes carry no credentials); the OpenAI API and its docs,
+    behind the password in password mode (authenticator set). The app must be built without FastAPI's own docs
+    routes, which take no dependencies (docs_url, redoc_url and openapi_url None)."""
+    credentials = [] if authenticator is None else [Depends(authenticator.require_credentials)]
+    add_api_error_handlers(app)
+    app.include_router(_health_router(service, authenticator))
+    app.include_router(_openai_router(ChatCompletionServing(settings, service), service), dependencies=credentials)
+    app.include_router(_docs_router(app), dependencies=credentials)
+
+
+def _health_router(service: ModelService, authenticator: Authenticator | None) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", tags=["health"])
+    async def health() -> dict[str, str]:
+        """Liveness: answers as soon as the process serves HTTP, whatever the model's state."""
+        # async: answered on the event loop itself, never queued behind busy worker threads.
+        return {"status": "ok"}
+
+    @router.get("/ready", tags=["health"])
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: 503 until the model and adapter are loaded, then 200. With the password (or without password
+        mode), also the reason it is not ready, or what is served; anonymous callers get the status only (the
+        reason is in the log)."""
+        status_code = 200 if service.status == "ready" else 503
+        if authenticator is not None and not authenticator.is_authenticated(request):
+            return JSONResponse({"status": service.status}, status_code=status_code)
+        if service.status != "ready":
+            reason = service.failure_reason if service.status == "failed" else "the model is still loading"
+            return JSONResponse({"status": service.status, "reason": reason}, status_code=status_code)
+        return JSONResponse({"status": "ready", **service.info()})
+
+    return router
+
+
+def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRouter:
+    router = APIRouter()
+    started_at = now()
+
+    @router.get("/v1/models", tags=["openai"])
+    def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=service.served_model_id(), created=started_at)])
+
+    @router.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        response_model=ChatCompletion,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions; with "stream": true, server-sent chat.completion.chunk events ending with
+        `data: [DONE]`."""
+        return await chat.create(request)
+
+    @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def unknown_api_url(request: Request) -> JSONResponse:
+        # Without this, the Gradio app mounted at / would answer with its own 404 body.
+        message = (
+            f"Invalid URL ({request.method} {request.url.path}): this server has /v1/models and /v1/chat/completions"
+        )
+        return ApiError(404, message, code="unknown_url").response()
+
+    return router
+
+
+def _docs_router(app: FastAPI) -> APIRouter:
+    """The OpenAPI schema and its Swagger UI page, as FastAPI serves them by default."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/openapi.json")
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    return router

@@ -1,0 +1,213 @@
+"""The KV cache: preallocated once, with one slot per request in flight, in blocks of BLOCK_TOKENS tokens.
+
+Keys and values of layer i live in one tensor [blocks x BLOCK_TOKENS (+ one scratch block), kv heads, head dim] that
+never moves, so a decode step can be captured in a CUDA graph. A slot's block table says which blocks hold its
+positions; each row writes its new key at its own position (per-row positions, no left padding), and attention
+reads the first `length` positions of the first `batch` slots, with a mask that hides each row's positions beyond
+its own (and, for sliding-window models, those out of the window).
+
+The cache has one of two layouts, chosen from the memory it gets:
+- **rows**, when every slot can hold a whole sequence: slot s owns blocks s*k..s*k+k-1 for good, so its keys are
+  a plain view of the tensor and attention reads them in place (the fastest step);
+- **paged**, when memory holds fewer whole sequences than slots (Phi-3-mini has no grouped-query attention: a 4k
+  sequence is 1.5 GiB, so an 80 GB A100 holds about 40): a request gets the blocks for its prompt and token budget
+  when it joins, and waits while too few are free; attention reads its blocks through one gather per layer, as
+  transformers' own paged cache does for SDPA. Most requests are far shorter than the context, so the slots fill.
+
+The object is handed to the transformers model as `past_key_values`: the model calls `update` once per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from inference_app.engine.cache_plan import BLOCK_TOKENS, CachePlan, CacheShape, cache_budget, plan_cache
+from inference_app.engine.model_loading import ModelLoadError
+from inference_app.settings import option_name
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE_OPTION = option_name("max_batch_size")
+MAX_SEQUENCE_TOKENS_OPTION = option_name("max_sequence_tokens")
+KV_CACHE_TOKENS_OPTION = option_name("kv_cache_tokens")
+
+
+class KVCache:
+    """Keys and values written by prefill (positions 0..T-1 of some slots) and decode (one position per row, the
+    first `batch` slots)."""
+
+    def __init__(self, shape: CacheShape, plan: CachePlan, device: torch.device) -> None:
+        self.shape = shape
+        self.plan = plan
+        row_tokens = plan.blocks_per_slot * BLOCK_TOKENS
+        blocks = self.blocks = plan.blocks
+        self._scratch_block = blocks  # where free slots and padding beyond a request's blocks write
+        size = ((blocks + 1) * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
+        # Zeros, not empty: masked positions still enter attention's product with the values (0 * NaN is NaN).
+        self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        slot_blocks = torch.arange(plan.slots * plan.blocks_per_slot, device=device).view(plan.slots, -1)
+        # Block table [slots, blocks per slot]: rows own their blocks; paged slots point at scratch until given some.
+        self.block_table = torch.full_like(slot_blocks, blocks) if plan.paged else slot_blocks
+        self._row_tokens = row_tokens
+        self._slot_index = torch.arange(plan.slots, device=device)
+        positions = torch.arange(row_tokens, device=device)
+        self._key_positions = positions
+        self._block_of_position = positions // BLOCK_TOKENS
+        self._offset_in_block = positions % BLOCK_TOKENS
+        # What the next forward pass does, set by prepare_prefill / prepare_decode.
+        self._prefill = False
+        self._write_index = self._key_positions[:0]
+        self._read_index: torch.Tensor | None = None
+        self._batch = 0
+        self._length = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * BLOCK_TOKENS
+
+    @property
+    def bytes(self) -> int:
+        return self.tokens * self.shape.bytes_per_token()
+
+    def describe(self) -> str:
+        plan = self.plan
+        size = f"{self.bytes / 2**30:.2f} GiB"
+        if not plan.paged:
+            return f"KV cache {plan.slots} sequences x {plan.slot_tokens} tokens ({size})"
+        return (
+            f"KV cache paged: {self.tokens} tokens in blocks of {BLOCK_TOKENS} ({size}, "
+            f"{self.tokens / plan.slot_tokens:.1f} whole sequences) for up to {plan.slots} "
+            f"sequences of up to {plan.slot_tokens} tokens"
+        )
+
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """Points `slot`'s table at the blocks the block manager gave it (paged; rows own theirs for good)."""
+        if blocks:
+            self.block_table[slot, : len(blocks)] = torch.tensor(blocks, device=self.block_table.device)
+
+    def clear_blocks(self, slot: int) -> None:
+        """A freed paged slot points at scratch again: its row, still computed below the batch's width, then writes
+        nowhere that matters."""
+        if self.plan.paged:
+            self.block_table[slot] = self._scratch_block
+
+    @contextlib.contextmanager
+    def spread_for_capture(self) -> Iterator[None]:
+        """Paged, before any request: while the decode step is captured and checked, the free slots' tables point at
+        distinct blocks (as far as the pool has them). Otherwise the pattern rows would all write one scratch block,
+        and which duplicate write wins may differ between the eager check and the replay."""
+        if not self.plan.paged:
+            yield
+            return
+        table = self.block_table
+        table.copy_(torch.arange(table.numel(), device=table.device).view_as(table) % self.blocks)
+        try:
+            yield
+        finally:
+            table.fill_(self._scratch_block)
+
+    def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
+        """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0;
+        returns its attention mask [rows, 1, length, length] (causal, padding hidden)."""
+        self._prefill = True
+        self._write_index = self._token_index(self.block_table[slots], length).flatten()
+        queries = self._key_positions[:length, None]
+        keys = self._key_positions[None, :length]
+        mask = self._visible(queries, keys)[None] & (keys < prompt_lengths[:, None, None])
+        return mask[:, None]
+
+    def prepare_decode(self, positions: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """For a decode step over slots 0..batch-1, each row writing at positions[row] (< length) and attending to
+        its positions up to that one; returns the attention mask [batch, 1, 1, length]."""
+        self._prefill = False
+        self._batch, self._length = batch, length
+        table = self.block_table[:batch]
+        row_positions = positions[:batch]
+        blocks = table[self._slot_index[:batch], self._block_of_position[row_positions]]
+        self._write_index = blocks * BLOCK_TOKENS + self._offset_in_block[row_positions]
+        self._read_index = self._token_index(table, length).flatten() if self.plan.paged else None
+        mask = self._visible(row_positions[:, None], self._key_positions[None, :length])
+        return mask[:, None, None]
+
+    def _token_index(self, table: torch.Tensor, length: int) -> torch.Tensor:
+        """[rows, length]: where positions 0..length-1 of each table row live in the token dimension."""
+        return table[:, self._block_of_position[:length]] * BLOCK_TOKENS + self._offset_in_block[:length]
+
+    def _visible(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Which key positions a query position attends to: causal, within the sliding window if the model has one
+        (as transformers' masks do)."""
+        visible = keys <= queries
+        if self.shape.sliding_window is not None:
+            visible = visible & (keys > queries - self.shape.sliding_window)
+        return visible
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by each attention layer with its new keys and values [rows, heads, new tokens, head dim];
+        returns the keys and values attention reads [rows, heads, positions, head dim]."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # Token-major, as the cache holds them: [rows x new tokens, heads, head dim].
+        keys.index_copy_(0, self._write_index, key_states.transpose(1, 2).flatten(0, 1))
+        values.index_copy_(0, self._write_index, value_states.transpose(1, 2).flatten(0, 1))
+        if self._prefill:
+            return key_states, value_states  # a prompt attends only to itself
+        return self._read(keys), self._read(values)
+
+    def _read(self, cache: torch.Tensor) -> torch.Tensor:
+        batch, length = self._batch, self._length
+        if self._read_index is None:  # rows: a view, read in place
+            rows = cache[: self.blocks * BLOCK_TOKENS].view(self.plan.slots, self._row_tokens, *cache.shape[1:])
+            return rows[:batch, :length].transpose(1, 2)
+        return cache.index_select(0, self._read_index).view(batch, length, *cache.shape[1:]).transpose(1, 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are per row and always passed explicitly (position_ids)
+
+
+def allocate_kv_cache(
+    model: Any, device: torch.device, sequence_tokens: int, max_batch_size: int | None, kv_cache_tokens: int | None
+) -> KVCache:
+    """The KV cache as plan_cache sizes it; a ModelLoadError naming the option to change when it can't be made."""
+    shape = CacheShape.of(model)
+    budget = cache_budget(device)
+    plan = plan_cache(shape, sequence_tokens, budget, max_batch_size, kv_cache_tokens)
+    memory = device.type.upper()
+    if not plan.holds_a_sequence:
+        sequence = f"one sequence of {sequence_tokens} tokens"
+        if kv_cache_tokens is not None:
+            raise ModelLoadError(
+                f"{KV_CACHE_TOKENS_OPTION} {kv_cache_tokens} holds less than {sequence}: set it "
+                f"to at least {sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+            )
+        raise ModelLoadError(
+            f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
+            f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
+        )
+    with_gather = plan.tokens * shape.bytes_per_token() + shape.gather_bytes(plan.slots, plan.slot_tokens)
+    if plan.paged and kv_cache_tokens is not None and with_gather > budget:
+        logger.warning(
+            "%s %d: with the paged read's copy for a full batch the KV cache needs %.1f GiB, "
+            "more than the %.1f GiB the %s's free memory leaves it: large batches may run out of memory; "
+            "lower it or unset it",
+            KV_CACHE_TOKENS_OPTION,
+            kv_cache_tokens,
+            with_gather / 2**30,
+            max(0, budget) / 2**30,
+            memory,
+        )
+    try:
+        return KVCache(shape, plan, device)
+    except torch.OutOfMemoryError:
+        size = plan.tokens * shape.bytes_per_token() / 2**30
+        raise ModelLoadError(
+            f"the KV cache of {plan.tokens} tokens ({size:.1f} GiB) does not fit in the {memory}'s free memory: "
+            f"lower {KV_CACHE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}, or unset them (the defaults size the "
+            f"cache from the free memory)"
+        ) from None

@@ -1,0 +1,197 @@
+"""Loads the base model, its tokenizer and the LoRA adapter from disk (the Azure Files share in Azure).
+
+Every mistake a user can make (wrong or placeholder path, empty folder, an adapter for another base model)
+becomes a ModelLoadError with one line naming the path and the option or environment variable to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from inference_app.settings import Settings, option_name
+
+logger = logging.getLogger(__name__)
+
+MODEL_OPTION = option_name("model_path")
+ADAPTER_OPTION = option_name("adapter_path")
+QUANTIZE_OPTION = option_name("quantize_4bit")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+_PLACEHOLDER_MARKS = ("<", ">", "{{", "}}", "$")
+
+
+class ModelLoadError(Exception):
+    """The model or adapter cannot be loaded; the message is one line naming the path and the option to fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers causal LM, possibly wrapped in a peft PeftModel (when not merged)
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    adapter_id: str | None
+    device: str
+    dtype: str
+    context_length: int
+    timings: dict[str, float]  # seconds spent in each loading phase (weights, adapter, merge)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    _check_model_folder(settings.model_path)
+    if not settings.base_only:
+        _check_adapter_folder(settings.adapter_path, settings.model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _resolve_dtype(settings.dtype, device)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    tokenizer = _load_tokenizer(settings.model_path)
+    model = _load_base_model(settings, device, dtype)
+    timings["weights"] = time.perf_counter() - started
+
+    if not settings.base_only:
+        started = time.perf_counter()
+        model = _load_adapter(model, settings.adapter_path, settings.model_path)
+        timings["adapter"] = time.perf_counter() - started
+        if settings.should_merge_adapter:
+            started = time.perf_counter()
+            model = model.merge_and_unload()
+            timings["merge"] = time.perf_counter() - started
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=settings.model_id,
+        adapter_id=settings.adapter_id,
+        device=device,
+        dtype="4-bit (nf4)" if settings.quantize_4bit else str(dtype).removeprefix("torch."),
+        context_length=int(model.config.max_position_embeddings),
+        timings=timings,
+    )
+
+
+def _check_folder(path: Path, option: str, what: str) -> None:
+    text = str(path)
+    if not text.strip() or any(mark in text for mark in _PLACEHOLDER_MARKS):
+        raise ModelLoadError(f"{what} path {text!r} looks like a placeholder: set {option} to the real folder")
+    if not path.exists():
+        raise ModelLoadError(f"{what} folder {path} does not exist: set {option} to the folder (is the share mounted?)")
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} path {path} is not a folder: set {option} to the folder that holds it")
+    if not any(path.iterdir()):
+        raise ModelLoadError(f"{what} folder {path} is empty: copy the files there or set {option} to another folder")
+
+
+def _has_weights(path: Path) -> bool:
+    return any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
+
+
+def _check_model_folder(path: Path) -> None:
+    _check_folder(path, MODEL_OPTION, "base model")
+    if not (path / "config.json").is_file() or not _has_weights(path):
+        raise ModelLoadError(
+            f"base model folder {path} has no config.json and weights (*.safetensors): "
+            f"set {MODEL_OPTION} to a Hugging Face model folder"
+        )
+
+
+def _check_adapter_folder(adapter_path: Path, model_path: Path) -> None:
+    _check_folder(adapter_path, ADAPTER_OPTION, "adapter")
+    config_file = adapter_path / "adapter_config.json"
+    if not config_file.is_file() or not _has_weights(adapter_path):
+        raise ModelLoadError(
+            f"adapter folder {adapter_path} has no adapter_config.json and adapter weights: "
+            f"set {ADAPTER_OPTION} to the folder peft saved (or use --base-only)"
+        )
+    try:
+        base_name = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"adapter config {config_file} is unreadable ({error}): fix or replace the adapter"
+        ) from None
+    # The toolkit writes the hub name (microsoft/Phi-3-mini-4k-instruct); the share holds it under that name.
+    if base_name and Path(base_name).name.lower() != model_path.name.lower():
+        raise ModelLoadError(
+            f"adapter {adapter_path} was trained on base model {base_name!r}, not {model_path.name!r}: "
+            f"set {MODEL_OPTION} to that base model's folder or {ADAPTER_OPTION} to a matching adapter "
+            f"(or correct base_model_name_or_path in {config_file.name} if the folder was only renamed)"
+        )
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_tokenizer(model_path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"no usable tokenizer in {model_path} ({_first_line(error)}): set {MODEL_OPTION} to a folder with one"
+        ) from None
+
+
+def _load_base_model(settings: Settings, device: str, dtype: torch.dtype) -> Any:
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": "sdpa",
+        # Over SMB (Azure Files) memory-mapping turns into many small page reads; one sequential read is much faster.
+        "disable_mmap": not settings.load_with_mmap,
+    }
+    if device == "cuda":
+        options["device_map"] = "cuda"
+    if settings.quantize_4bit:
+        options["quantization_config"] = _four_bit_config(device, dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(settings.model_path, **options)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load base model from {settings.model_path} ({_first_line(error)}): "
+            f"set {MODEL_OPTION} to a Hugging Face causal LM folder"
+        ) from None
+
+
+def _four_bit_config(device: str, dtype: torch.dtype) -> Any:
+    if device != "cuda":
+        raise ModelLoadError(f"{QUANTIZE_OPTION} needs a CUDA GPU and none was found: turn it off")
+    try:
+        import bitsandbytes  # noqa: F401  (only its presence matters here)
+    except ImportError:
+        raise ModelLoadError(
+            f"{QUANTIZE_OPTION} needs the bitsandbytes package: install it or turn the option off"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def _load_adapter(model: Any, adapter_path: Path, model_path: Path) -> Any:
+    try:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ModelLoadError(
+            f"adapter {adapter_path} does not fit base model {model_path} ({_first_line(error)}): "
+            f"set {ADAPTER_OPTION} to an adapter trained on this base, or {MODEL_OPTION} to its base"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The informative line of a library error: a size mismatch when there is one, else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    mismatches = [line for line in lines if "size mismatch" in line]
+    return (mismatches or lines)[0][:300]

@@ -1,0 +1,183 @@
+"""Password mode: one username and password guard both the OpenAI API and the Gradio UI.
+
+The API takes the password as a bearer token (what OpenAI clients send as their API key) or by HTTP basic auth; the
+UI's login form (Gradio's own) calls the same check. The same rules hold on every path: the password is compared as
+UTF-8 bytes (so non-ASCII passwords work in headers too), the username with surrounding spaces trimmed, every
+comparison in constant time. Repeated failures from one client address are braked (see GuessingBrake).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+
+from fastapi import Request
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
+
+from inference_app.api.errors import ApiError
+from inference_app.settings import Settings, env_var
+
+# The brake on guessing (GuessingBrake): this many failed sign-ins from one address within the window pause it.
+MAX_FAILED_SIGN_INS = 10
+FAILED_SIGN_IN_WINDOW_S = 60.0
+# Bearer, not Basic: a browser meeting a refused API path shows no password dialog of its own.
+WWW_AUTHENTICATE = 'Bearer realm="inference"'
+INVALID_CREDENTIALS_MESSAGE = (
+    "Missing or invalid credentials: send 'Authorization: Bearer <password>'"
+    " (pulumi stack output --show-secrets accessPassword) or HTTP basic auth."
+)
+# Shown as HTML above Gradio's login form.
+LOGIN_MESSAGE = (
+    "Sign in with this deployment's username and password: <code>pulumi stack output accessUsername</code> and"
+    " <code>pulumi stack output --show-secrets accessPassword</code>. After"
+    f" {MAX_FAILED_SIGN_INS} failed attempts, sign-in pauses for up to {FAILED_SIGN_IN_WINDOW_S:.0f} seconds."
+)
+
+
+class PasswordCheck:
+    """Checks credentials against the one configured username and password."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._username = username.strip().encode()
+        self._password = password.encode()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> PasswordCheck | None:
+        """The check for the configured password, or None when authentication is off."""
+        if settings.auth_password is None:
+            return None
+        return cls(settings.auth_username, settings.auth_password)
+
+    def accepts_login(self, username: str, password: str) -> bool:
+        """The login form's check (Gradio calls it with the form's fields)."""
+        return self._accepts(username.strip().encode(), password.encode())
+
+    def accepts_authorization(self, header: str | None) -> bool:
+        """Whether an Authorization header is `Bearer <password>` or `Basic base64(<username>:<password>)`
+        (scheme names in any case, as RFC 7235 has it)."""
+        scheme, value = get_authorization_scheme_param(header)
+        try:
+            # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent (UTF-8).
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        if scheme.lower() == "bearer":
+            return secrets.compare_digest(raw, self._password)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(raw, validate=True)
+                username, separator, password = decoded.partition(b":")  # the password may contain ":"
+                username = username.decode().strip().encode()
+            except (binascii.Error, UnicodeDecodeError):  # not base64, or a username that is not UTF-8
+                return False
+            return bool(separator) and self._accepts(username, password)
+        return False
+
+    def _accepts(self, username: bytes, password: bytes) -> bool:
+        # Both are compared whatever the first gives: the time taken tells nothing about which one was wrong.
+        username_matches = secrets.compare_digest(username, self._username)
+        password_matches = secrets.compare_digest(password, self._password)
+        return username_matches and password_matches
+
+
+class GuessingBrake:
+    """Refuses a client address for a while after too many failed sign-ins from it.
+
+    After MAX_FAILURES failures within WINDOW_S seconds, the address is refused (429 with Retry-After) until the
+    oldest of them is WINDOW_S old: a guesser gets at most MAX_FAILURES tries a minute, and a user who mistyped
+    waits at most a minute. A success forgets the address's failures.
+    """
+
+    MAX_FAILURES = MAX_FAILED_SIGN_INS
+    WINDOW_S = FAILED_SIGN_IN_WINDOW_S
+    MAX_ADDRESSES = 10_000  # beyond this many tracked addresses, those without recent failures are forgotten
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds the address must wait before trying again, or None if it may try now."""
+        failures = self._recent_failures(address)
+        if len(failures) < self.MAX_FAILURES:
+            return None
+        return max(1, math.ceil(failures[0] + self.WINDOW_S - self._clock()))
+
+    def record_failure(self, address: str) -> None:
+        if len(self._failures) >= self.MAX_ADDRESSES:
+            for known in list(self._failures):
+                if not self._recent_failures(known):
+                    del self._failures[known]
+        self._failures.setdefault(address, deque(maxlen=self.MAX_FAILURES)).append(self._clock())
+
+    def record_success(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+    def _recent_failures(self, address: str) -> deque[float]:
+        failures = self._failures.get(address, deque())
+        while failures and failures[0] <= self._clock() - self.WINDOW_S:
+            failures.popleft()
+        return failures
+
+
+def client_address(connection: HTTPConnection) -> str:
+    """The caller's address; behind a proxy, the one uvicorn takes from X-Forwarded-For (--forwarded-allow-ips)."""
+    return connection.client.host if connection.client else "unknown"
+
+
+def too_many_failures(retry_after: int) -> ApiError:
+    return ApiError(
+        429,
+        f"too many failed sign-ins from your address: retry in {retry_after} s",
+        type="rate_limit_error",
+        code="too_many_failed_sign_ins",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+class Authenticator:
+    """The API's credentials check, with the brake on guessing: the checks the routes depend on."""
+
+    def __init__(self, check: PasswordCheck, brake: GuessingBrake) -> None:
+        self.check = check
+        self.brake = brake
+
+    def is_authenticated(self, request: Request) -> bool:
+        """Whether the request carries the password; raises the 429 ApiError for a braked address that tries.
+        A request without an Authorization header is anonymous, not a failure."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return False
+        address = client_address(request)
+        retry_after = self.brake.retry_after(address)
+        if retry_after is not None:
+            raise too_many_failures(retry_after)
+        if self.check.accepts_authorization(header):
+            self.brake.record_success(address)
+            return True
+        self.brake.record_failure(address)
+        return False
+
+    async def require_credentials(self, request: Request) -> None:
+        """A FastAPI dependency refusing a request without the password with the API's one 401."""
+        # The same answer whatever was wrong, and never an echo of what the client sent.
+        if not self.is_authenticated(request):
+            raise ApiError(
+                401,
+                INVALID_CREDENTIALS_MESSAGE,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+            )
+
+
+def authentication_mode(settings: Settings) -> str:
+    """The startup log line saying which mode is on (never the password)."""
+    if settings.auth_password is None:
+        return f"authentication: off ({env_var('auth_password')} not set)"
+    return f"authentication: password (user {settings.auth_username})"

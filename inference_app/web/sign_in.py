@@ -1,0 +1,89 @@
+"""The UI's sign-in and sign-out around Gradio's session cookie.
+
+Gradio's POST /login (its login form) gets the brake on guessing that the API has (inference_app.web.auth.GuessingBrake,
+shared with it: one budget per client address). Gradio's own GET /logout ends every session of the user (there is
+one user) and can be triggered by a link on any site; it is replaced by POST /logout, which ends only the caller's
+session and refuses requests from other origins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import HTTPConnection
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inference_app.web.auth import GuessingBrake, client_address, too_many_failures
+
+LOGIN_PATHS = ("/login", "/login/")
+
+
+class LoginBrake:
+    """Refuses POST /login from a braked address with 429 and Retry-After; counts Gradio's answers: 400 (wrong
+    credentials) is a failure, 200 a success."""
+
+    def __init__(self, app: ASGIApp, brake: GuessingBrake) -> None:
+        self.app = app
+        self.brake = brake
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in LOGIN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        address = client_address(HTTPConnection(scope))
+        retry_after = self.brake.retry_after(address)
+        if retry_after is not None:
+            await too_many_failures(retry_after).response()(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] == 400:
+                    self.brake.record_failure(address)
+                elif message["status"] == 200:
+                    self.brake.record_success(address)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def add_sign_out_routes(app: FastAPI) -> None:
+    """POST /logout (the UI's Sign out button) and a 405 for GET /logout; added before Gradio is mounted at /."""
+
+    @app.get("/logout", include_in_schema=False)
+    def refuse_logout_by_link() -> JSONResponse:
+        return JSONResponse(
+            {"detail": "sign out with POST /logout (the UI's Sign out button)"},
+            status_code=405,
+            headers={"Allow": "POST"},
+        )
+
+    @app.post("/logout", include_in_schema=False)
+    def sign_out(request: Request) -> Response:
+        if not _same_origin(request):
+            return JSONResponse({"detail": "sign out from this app's own page"}, status_code=403)
+        gradio_app = _mounted_gradio_app(request.app)
+        response = JSONResponse({"signed_out": True})
+        # Gradio's session cookies: a Secure one (HTTPS) and a plain one (HTTP); the token is the same.
+        for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
+            token = request.cookies.get(name)
+            if token is not None:
+                gradio_app.tokens.pop(token, None)  # this session only
+            response.delete_cookie(name, path="/")
+        return response
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether the request comes from one of this app's pages: browsers send Origin with every POST; a request
+    without it (curl) is not a cross-site one."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def _mounted_gradio_app(app: FastAPI) -> Any:
+    """Gradio's app (which holds the session tokens), mounted at / by server.build_app."""
+    return next(route.app for route in app.routes if isinstance(route, Mount))

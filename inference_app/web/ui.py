@@ -1,0 +1,152 @@
+"""The Gradio chat UI: a multi-turn chat with streamed replies, through the same ModelService.stream_chat as the API.
+
+An error never locks the chat: a prompt the model cannot take, or a model that is not ready, is answered in the chat
+(a reply starting with NOT_ANSWERED, left out of the next prompts), the input stays usable, and "Drop the oldest
+exchange" (or the chat's trash icon) shortens a conversation grown too long. A notice above the chat says while
+the model is loading, or that it failed, before anyone types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
+
+import gradio as gr
+
+from inference_app.api.protocol import flatten_text_content
+from inference_app.prompt_limits import refuse_overlong_prompt
+from inference_app.service import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
+from inference_app.settings import Settings
+
+CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
+EXAMPLES = [
+    ["Write a haiku about the sea."],
+    ["Explain in one sentence what a LoRA adapter is."],
+]
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.95
+NOT_ANSWERED = "⚠️ Not answered: "
+STATUS_REFRESH_S = 2.0  # how often the page asks for the model's status until it is ready or failed
+TRIM_BUTTON = "Drop the oldest exchange"
+SIGN_OUT_BUTTON = "Sign out"
+# POST, from this page only: a link on another site cannot sign anyone out (see inference_app.web.sign_in).
+_SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
+
+
+def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = False) -> gr.Blocks:
+    """The chat page; with `sign_out` (password mode), a Sign out button."""
+
+    async def respond(
+        message: str,
+        history: list[dict[str, Any]],
+        system_prompt: str | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+    ) -> AsyncGenerator[str, None]:
+        params = SamplingParams(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k) or None,  # 0 on the slider: no top-k filtering
+        )
+        messages = conversation(message, history, system_prompt)
+        reply = ""
+        try:
+            refuse_overlong_prompt(service, messages)
+            # wait=True: beyond the generation slots, a chat waits here for one (the API answers 429 instead).
+            chunks = service.stream_chat(messages, params, wait=True)
+            async with contextlib.aclosing(chunks):  # the stop button or a closed tab cancels us: stop generating
+                async for chunk in chunks:
+                    reply += chunk.text
+                    yield reply
+        except PromptTooLongError as error:
+            yield f"{NOT_ANSWERED}{error}. Use “{TRIM_BUTTON}” below, or the trash icon to start over."
+        except ModelNotReadyError as error:
+            yield f"{NOT_ANSWERED}the model is not ready: {error}."
+
+    title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
+    with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
+        status = gr.Markdown(_status_notice(service))
+        chat = gr.ChatInterface(
+            respond,
+            title=title,
+            description=_header(settings),
+            # render=False: the chat places them (in its accordion), not the page they are created in.
+            additional_inputs=[
+                gr.Textbox(
+                    label="System prompt", lines=2, placeholder="Optional instructions for the model", render=False
+                ),
+                gr.Slider(
+                    1,
+                    settings.max_new_tokens_cap,
+                    value=min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_cap),
+                    step=1,
+                    label="Max new tokens",
+                    render=False,
+                ),
+                gr.Slider(
+                    0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0: greedy)", render=False
+                ),
+                gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", render=False),
+                gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", render=False),
+            ],
+            additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
+            examples=EXAMPLES,
+            api_name=CHAT_API_NAME,
+            analytics_enabled=False,
+        )
+        with gr.Row():
+            trim = gr.Button(TRIM_BUTTON, size="sm", variant="secondary")
+            if sign_out:
+                gr.Button(SIGN_OUT_BUTTON, size="sm", variant="secondary").click(None, js=_SIGN_OUT_JS)
+        # Through the chat's own value: the chat then hands the shortened history to the next reply.
+        trim.click(drop_oldest_exchange, chat.chatbot, chat.chatbot_value, api_visibility="undocumented")
+
+        timer = gr.Timer(STATUS_REFRESH_S, active=service.status == "loading")
+
+        def refresh_status() -> tuple[str, gr.Timer]:
+            return _status_notice(service), gr.Timer(active=service.status == "loading")
+
+        timer.tick(refresh_status, None, [status, timer], api_visibility="undocumented", queue=False)
+        page.load(refresh_status, None, [status, timer], api_visibility="undocumented", queue=False)
+    return page.queue(default_concurrency_limit=settings.max_concurrent_generations)
+
+
+def conversation(message: str, history: Sequence[Mapping[str, Any]], system_prompt: str | None) -> list[dict[str, str]]:
+    """The messages to template: system prompt, earlier turns, the new message.
+
+    Gradio 6 sends each earlier turn's content as a list of {"type": "text", "text": ...} blocks; the chat
+    template needs a string. Errors shown in the chat (NOT_ANSWERED) are not the model's words: left out.
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    for turn in history:
+        content = flatten_text_content(turn["content"])
+        if turn["role"] in ("user", "assistant") and not content.startswith(NOT_ANSWERED):
+            messages.append({"role": turn["role"], "content": content})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def drop_oldest_exchange(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat without its first user message and the replies to it."""
+    later_users = [index for index, turn in enumerate(history) if turn["role"] == "user" and index > 0]
+    return history[later_users[0] :] if later_users else []
+
+
+def _status_notice(service: ModelService) -> str:
+    if service.status == "loading":
+        return "⏳ **The model is loading.** Replies start once it is ready; this notice goes away then."
+    if service.status == "failed":
+        return f"❌ **The model failed to load**, so the chat cannot answer: {service.failure_reason}"
+    return ""
+
+
+def _header(settings: Settings) -> str:
+    served = f"API model id `{settings.served_model_id}` at `/v1/chat/completions`."
+    if settings.adapter_id is None:
+        return f"Base model `{settings.model_path}` without an adapter (`--base-only`). {served}"
+    return f"Base model `{settings.model_path}` with the LoRA adapter `{settings.adapter_path}`. {served}"

@@ -1,0 +1,216 @@
+"""Loading the base model and adapter from the AI Toolkit's folder layout, and every way it can go wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference_app.engine.model_loading import ModelLoadError, load_model
+from inference_app.service import GenerationChunk, ModelNotReadyError, ModelService
+from inference_app.settings import Settings
+from tests.model_factory import (
+    LORA_TARGET_MODULES,
+    SIZES,
+    ModelFolders,
+    build_base_model,
+    build_model_folders,
+    model_folder,
+)
+
+Reply = Callable[..., list[GenerationChunk]]
+PROMPT = "Tell me a story about a cat."
+
+
+def text_of(chunks: list[GenerationChunk]) -> str:
+    return "".join(chunk.text for chunk in chunks)
+
+
+def test_fixture_uses_the_toolkit_layout(model_folders: ModelFolders) -> None:
+    root = model_folders.root
+    assert model_folders.model_path == root / "model-cache" / "microsoft" / "Phi-3-mini-4k-instruct"
+    assert model_folders.adapter_path == root / "models" / "qlora" / "qlora" / "gpu_model" / "adapter"
+    adapter_config = json.loads((model_folders.adapter_path / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == sorted(LORA_TARGET_MODULES)
+    assert adapter_config["base_model_name_or_path"] == "microsoft/Phi-3-mini-4k-instruct"
+    assert json.loads((model_folders.model_path / "config.json").read_text())["model_type"] == "phi3"
+
+
+def test_fixture_build_is_deterministic(model_folders: ModelFolders, tmp_path: Path) -> None:
+    again = build_model_folders(tmp_path, size="tiny")
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again.model_path / name).read_bytes() == (model_folders.model_path / name).read_bytes()
+    weights = "adapter_model.safetensors"
+    assert (again.adapter_path / weights).read_bytes() == (model_folders.adapter_path / weights).read_bytes()
+
+
+def test_loads_model_and_adapter_with_info(start_service: Callable[..., ModelService]) -> None:
+    service = start_service()
+    assert service.status == "ready" and service.failure_reason is None
+    assert service.info() == {
+        "model_id": "Phi-3-mini-4k-instruct",
+        "adapter_id": "adapter",
+        "device": "cpu",
+        "dtype": "float32",
+        "context_length": SIZES["tiny"].context_length,
+    }
+    assert service.served_model_id() == "adapter"
+    assert set(service.load_timings) == {"weights", "adapter", "merge", "kv_cache_and_graphs", "warmup"}
+
+
+def test_merged_and_unmerged_adapter_give_the_same_greedy_reply(
+    start_service: Callable[..., ModelService], reply: Reply
+) -> None:
+    merged = text_of(reply(start_service(merge_adapter=True), PROMPT, max_new_tokens=30))
+    unmerged = text_of(reply(start_service(merge_adapter=False), PROMPT, max_new_tokens=30))
+    assert merged == unmerged
+    assert len(merged) > 10
+
+
+def test_base_only_differs_from_adapted(start_service: Callable[..., ModelService], reply: Reply) -> None:
+    base = start_service(base_only=True)
+    assert base.served_model_id() == "Phi-3-mini-4k-instruct"
+    assert base.info()["adapter_id"] is None
+    assert text_of(reply(base, PROMPT, max_new_tokens=30)) != text_of(reply(start_service(), PROMPT, max_new_tokens=30))
+
+
+def test_bfloat16_loads_on_cpu(start_service: Callable[..., ModelService], reply: Reply) -> None:
+    service = start_service(dtype="bfloat16")
+    assert service.info()["dtype"] == "bfloat16"
+    assert reply(service, PROMPT, max_new_tokens=5)[-1].completion_tokens >= 1
+
+
+def test_memory_mapped_load_gives_the_same_reply(start_service: Callable[..., ModelService], reply: Reply) -> None:
+    mapped = text_of(reply(start_service(load_with_mmap=True), PROMPT))
+    assert mapped == text_of(reply(start_service(load_with_mmap=False), PROMPT))
+
+
+# ---- every bad case fails with one line naming the path and the option to fix ----
+
+
+def _copy_adapter(model_folders: ModelFolders, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_folders.adapter_path, tmp_path / "adapter-copy"))
+
+
+def _bad_model_folder(case: str, model_folders: ModelFolders, tmp_path: Path) -> Path:
+    if case == "missing":
+        return tmp_path / "no-such-model"
+    if case == "placeholder":
+        return Path("<path-to-base-model>")
+    if case == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    if case == "file":
+        (tmp_path / "model.txt").write_text("not a folder")
+        return tmp_path / "model.txt"
+    assert case == "not-a-model"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("no weights here")
+    return tmp_path / "notes"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("placeholder", "looks like a placeholder"),
+        ("empty", "is empty"),
+        ("file", "is not a folder"),
+        ("not-a-model", "has no config.json and weights"),
+    ],
+)
+def test_bad_model_path_names_path_and_option(
+    case: str, message: str, model_folders: ModelFolders, tmp_path: Path
+) -> None:
+    path = _bad_model_folder(case, model_folders, tmp_path)
+    settings = Settings(model_path=path, adapter_path=model_folders.adapter_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(settings)
+    _assert_one_clear_line(str(error.value), str(path), message, "--model / INFERENCE_MODEL")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("placeholder", "looks like a placeholder"),
+        ("empty", "is empty"),
+        ("not-an-adapter", "has no adapter_config.json and adapter weights"),
+    ],
+)
+def test_bad_adapter_path_names_path_and_option(
+    case: str, message: str, model_folders: ModelFolders, tmp_path: Path
+) -> None:
+    if case == "not-an-adapter":
+        path = _copy_adapter(model_folders, tmp_path)
+        (path / "adapter_config.json").unlink()
+    else:
+        path = _bad_model_folder(case, model_folders, tmp_path)
+    settings = Settings(model_path=model_folders.model_path, adapter_path=path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(settings)
+    _assert_one_clear_line(str(error.value), str(path), message, "--adapter / INFERENCE_ADAPTER")
+
+
+def test_adapter_for_another_base_model_is_refused(model_folders: ModelFolders, tmp_path: Path) -> None:
+    adapter = _copy_adapter(model_folders, tmp_path)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "microsoft/Phi-3-medium-4k-instruct"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as error:
+        load_model(Settings(model_path=model_folders.model_path, adapter_path=adapter))
+    _assert_one_clear_line(str(error.value), str(adapter), "'microsoft/Phi-3-medium-4k-instruct'", "--model")
+
+
+def test_adapter_whose_shapes_do_not_fit_is_refused(model_folders: ModelFolders, tmp_path: Path) -> None:
+    # Same name as the adapter's base, different hidden size: only the weights' shapes tell them apart.
+    wider_base = model_folder(tmp_path)
+    build_base_model(wider_base, size=dataclasses.replace(SIZES["tiny"], hidden_size=96))
+    with pytest.raises(ModelLoadError) as error:
+        load_model(Settings(model_path=wider_base, adapter_path=model_folders.adapter_path))
+    _assert_one_clear_line(
+        str(error.value), str(model_folders.adapter_path), "size mismatch", "--adapter / INFERENCE_ADAPTER"
+    )
+
+
+def test_base_only_does_not_need_an_adapter(model_folders: ModelFolders, tmp_path: Path) -> None:
+    loaded = load_model(Settings(model_path=model_folders.model_path, adapter_path=tmp_path / "none", base_only=True))
+    assert loaded.adapter_id is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_four_bit_without_cuda_is_refused(model_folders: ModelFolders) -> None:
+    settings = Settings(
+        model_path=model_folders.model_path, adapter_path=model_folders.adapter_path, quantize_4bit=True
+    )
+    with pytest.raises(ModelLoadError) as error:
+        load_model(settings)
+    _assert_one_clear_line(str(error.value), "", "needs a CUDA GPU", "--quantize-4bit / INFERENCE_QUANTIZE_4BIT")
+
+
+def test_service_reports_the_failure_and_never_becomes_ready(tmp_path: Path, model_folders: ModelFolders) -> None:
+    missing = tmp_path / "not-mounted"
+    service = ModelService(Settings(model_path=missing, adapter_path=model_folders.adapter_path))
+    assert service.status == "loading"
+    with pytest.raises(ModelNotReadyError, match="still loading"):
+        service.info()
+    service.start_loading()
+    assert service.wait_until_loaded(30) == "failed"
+    assert service.failure_reason is not None
+    _assert_one_clear_line(service.failure_reason, str(missing), "does not exist", "INFERENCE_MODEL")
+    with pytest.raises(ModelNotReadyError, match="does not exist"):
+        service.info()
+    assert service.served_model_id() == "adapter"
+
+
+def _assert_one_clear_line(message: str, path: str, problem: str, option: str) -> None:
+    assert "\n" not in message
+    assert path in message
+    assert problem in message
+    assert option in message
