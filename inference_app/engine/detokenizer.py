@@ -12,13 +12,11 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from inference_app.engine.types import GenerationChunk, SamplingParams
+from inference_app.engine.types import FinishReason, GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
 
 
 class IncrementalDetokenizer:

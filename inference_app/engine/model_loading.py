@@ -43,6 +43,10 @@ class LoadedModel:
     context_length: int
     timings: dict[str, float]  # seconds spent in each loading phase (weights, adapter, merge)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
 
 def load_model(settings: Settings) -> LoadedModel:
     _check_model_folder(settings.model_path)

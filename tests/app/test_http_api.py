@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
-from inference_app.service import ModelService, SamplingParams
+from inference_app.service import MAX_CHARS_PER_TOKEN, ModelService, SamplingParams
 from inference_app.settings import Settings
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
