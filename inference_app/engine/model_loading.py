@@ -19,13 +19,13 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from inference_app.settings import Settings
+from inference_app.settings import Settings, option_name
 
 logger = logging.getLogger(__name__)
 
-MODEL_OPTION = "--model / INFERENCE_MODEL"
-ADAPTER_OPTION = "--adapter / INFERENCE_ADAPTER"
-QUANTIZE_OPTION = "--quantize-4bit / INFERENCE_QUANTIZE_4BIT"
+MODEL_OPTION = option_name("model_path")
+ADAPTER_OPTION = option_name("adapter_path")
+QUANTIZE_OPTION = option_name("quantize_4bit")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # safetensors' own limit on a file's JSON header; a larger length field means the file is something else.
 _MAX_SAFETENSORS_HEADER_BYTES = 100_000_000

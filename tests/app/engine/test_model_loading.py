@@ -183,7 +183,7 @@ def _cut_in_half(file: Path) -> None:
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
 
-DAMAGED_FILES: dict[str, tuple[str, Callable[[Path], None], str, str]] = {
+DAMAGED_FILES: dict[str, tuple[str, Callable[[Path], object], str, str]] = {
     # id: (file in the model or adapter folder, what is done to it, the problem named, the option named)
     "weights-cut-short": ("model/model.safetensors", _cut_in_half, "is cut short", "--model / INFERENCE_MODEL"),
     "weights-header-cut": (
@@ -218,7 +218,7 @@ def test_a_damaged_file_is_named_with_the_fix(
     model_folders: ModelFolders,
     tmp_path: Path,
     file: str,
-    damage: Callable[[Path], None],
+    damage: Callable[[Path], object],
     problem: str,
     option: str,
 ) -> None:
