@@ -44,6 +44,9 @@ __all__ = [
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 ROLES = ("system", "user", "assistant")
+# At most this many messages in a conversation: more than fit Phi-3-mini-4k's context, where each message takes at
+# least four tokens of the chat template. The API refuses more while parsing, before it validates each message.
+MAX_MESSAGES = 2048
 # More characters than any one token of Phi-3's vocabulary (the longest are runs of 16 spaces) or of the tests'
 # tokenizer covers: a prompt with more characters than this many per token of context cannot fit.
 MAX_CHARS_PER_TOKEN = 16
@@ -277,7 +280,13 @@ def encode_prompt(tokenizer: Any, messages: list[Message], prompt_template: str 
 
 
 def check_messages(messages: list[Message]) -> None:
-    """Refuses a message without a known role or text content, naming it."""
+    """Refuses more than MAX_MESSAGES messages, and a message without a known role or text content, naming it."""
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"invalid 'messages': at most {MAX_MESSAGES} messages are accepted, got {len(messages)}: shorten the "
+            "conversation",
+            "messages",
+        )
     for index, message in enumerate(messages):
         if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise InvalidRequestError(

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from inference_app.engine.types import FinishReason
+from inference_app.service import MAX_MESSAGES
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
@@ -93,7 +94,7 @@ class ChatCompletionRequest(BaseModel):
 
     # A single model is served: any name is accepted and the reply names the served model (like llama.cpp's server).
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name; wins over max_tokens
     temperature: float = 1.0

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from inference_app import service as service_module
 from inference_app.engine.model_loading import load_model
 from inference_app.service import (
+    MAX_MESSAGES,
     CapacityExceededError,
     GenerationChunk,
     InvalidRequestError,
@@ -167,9 +168,10 @@ def test_many_tiny_messages_are_refused_before_they_are_tokenized(
 
     monkeypatch.setattr(service_module, "encode_prompt", never)
     # Each message takes at least one token: more messages than the context has tokens cannot fit, however short.
-    for messages in ([{"role": "user", "content": ""}] * (context + 1), [{"role": "user", "content": ""}] * 31_500):
-        with pytest.raises(PromptTooLongError, match=f"{len(messages)} messages"):
-            reply(service, messages)
+    with pytest.raises(PromptTooLongError, match=f"{context + 1} messages"):
+        reply(service, [{"role": "user", "content": ""}] * (context + 1))
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_MESSAGES} messages are accepted, got 31500"):
+        reply(service, [{"role": "user", "content": ""}] * 31_500)
 
 
 def test_not_ready_service_refuses_to_generate(tiny_settings: Settings) -> None:

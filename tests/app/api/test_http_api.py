@@ -400,6 +400,7 @@ INVALID_REQUESTS = {
         "context_length_exceeded",
     ),
     # more characters, or more messages, than the context could hold whatever the tokens: refused before tokenizing
+    "more-than-2048-messages": ({"messages": [{"role": "user", "content": ""}] * 2049}, "messages", "invalid_value"),
     "more-messages-than-the-context-has-tokens": (
         {"messages": [{"role": "user", "content": ""}] * 513},
         "messages",
