@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Literal
 
-from inference_app.engine.types import GenerationChunk, SamplingParams
+from inference_app.engine.types import FinishReason, GenerationChunk, InvalidRequestError, SamplingParams
 from inference_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 # The web layers import these from here.
 __all__ = [
     "CapacityExceededError",
+    "FinishReason",
     "GenerationChunk",
+    "InvalidRequestError",
+    "ModelFailedError",
+    "ModelLoadingError",
     "ModelNotReadyError",
     "ModelService",
     "PromptTooLongError",
@@ -40,10 +44,19 @@ __all__ = [
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 ROLES = ("system", "user", "assistant")
+# At most this many messages in a conversation: more than fit Phi-3-mini-4k's context, where each message takes at
+# least four tokens of the chat template. The API refuses more while parsing, before it validates each message.
+MAX_MESSAGES = 2048
+# More characters than any one token of Phi-3's vocabulary (the longest are runs of 16 spaces) or of the tests'
+# tokenizer covers: a prompt with more characters than this many per token of context cannot fit.
+MAX_CHARS_PER_TOKEN = 16
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(InvalidRequestError):
     """The prompt leaves no room in the model's context for a reply."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "messages")
 
 
 class CapacityExceededError(RuntimeError):
@@ -51,7 +64,15 @@ class CapacityExceededError(RuntimeError):
 
 
 class ModelNotReadyError(RuntimeError):
-    """The model is still loading, or loading failed (the reason is in the message)."""
+    """The model is not loaded; the message says why."""
+
+
+class ModelLoadingError(ModelNotReadyError):
+    """The model is still loading."""
+
+
+class ModelFailedError(ModelNotReadyError):
+    """Loading failed; the message is the reason (it names the path and the option to fix)."""
 
 
 class ModelService:
@@ -160,13 +181,19 @@ class ModelService:
     ) -> AsyncGenerator[GenerationChunk, None]:
         """Streams the reply to `messages`; the last chunk has a finish_reason.
 
-        Raises (at the first iteration, before generating) ModelNotReadyError, ValueError for a bad message,
-        PromptTooLongError, and CapacityExceededError when all slots are busy and wait is False. Closing the
-        iterator (client gone, task cancelled) stops the generation and frees its slot.
+        Every check of a request is made here, for the API and the UI alike. Raises (at the first iteration, before
+        generating) ModelNotReadyError, InvalidRequestError naming the field at fault (a bad message, top_k beyond
+        the vocabulary), PromptTooLongError, and CapacityExceededError when all slots are busy and wait is False.
+        Closing the iterator (client gone, task cancelled) stops the generation and frees its slot.
         """
         engine = self._require_engine()
         concurrency = self._concurrency
         assert concurrency is not None  # set with the engine
+        vocabulary = self._require_loaded().vocab_size
+        if params.top_k is not None and params.top_k > vocabulary:
+            raise InvalidRequestError(f"invalid 'top_k': must be at most {vocabulary}, the model's vocabulary", "top_k")
+        check_messages(messages)
+        self._refuse_overlong(messages)
         # On a worker thread: a long prompt takes a while to template and tokenize, and the event loop serves /health.
         prompt_ids = await asyncio.to_thread(self._prompt_ids, messages)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_new_tokens)
@@ -200,13 +227,28 @@ class ModelService:
 
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
-            raise ModelNotReadyError(self.failure_reason or "the model is still loading")
+            if self.failure_reason is not None:
+                raise ModelFailedError(self.failure_reason)
+            raise ModelLoadingError("the model is still loading")
         return self._loaded
 
     def _require_engine(self) -> BatchingEngine:
         self._require_loaded()
         assert self._engine is not None
         return self._engine
+
+    def _refuse_overlong(self, messages: list[Message]) -> None:
+        """Refuses, before templating and tokenizing (which take seconds for megabytes of text or tens of thousands
+        of messages), a conversation that cannot fit whatever its tokens: each message takes at least one token (its
+        role marker or separator), and each token covers at most MAX_CHARS_PER_TOKEN characters."""
+        context_length = self._require_loaded().context_length
+        characters = sum(len(message["content"]) for message in messages)
+        if characters + len(messages) * MAX_CHARS_PER_TOKEN > context_length * MAX_CHARS_PER_TOKEN:
+            raise PromptTooLongError(
+                f"the conversation has {len(messages)} messages and {characters} characters, more than the model's "
+                f"context of {context_length} tokens can hold (each message takes at least one token, and a token "
+                f"holds at most {MAX_CHARS_PER_TOKEN} characters): shorten the conversation"
+            )
 
     def _prompt_ids(self, messages: list[Message]) -> list[int]:
         return encode_prompt(self._require_loaded().tokenizer, messages, self.settings.prompt_template)
@@ -230,13 +272,27 @@ _WARM_UP_MESSAGES = [{"role": "user", "content": "Hello"}]
 
 def encode_prompt(tokenizer: Any, messages: list[Message], prompt_template: str | None) -> list[int]:
     """The prompt's token ids: the tokenizer's chat template, or the plain prompt template when one is set."""
-    for message in messages:
-        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(f"each message needs a role in {ROLES} and text content, got {message!r}")
+    check_messages(messages)
     if prompt_template is None:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(encoded["input_ids"])
     return list(tokenizer(plain_template_prompt(messages, prompt_template))["input_ids"])
+
+
+def check_messages(messages: list[Message]) -> None:
+    """Refuses more than MAX_MESSAGES messages, and a message without a known role or text content, naming it."""
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"invalid 'messages': at most {MAX_MESSAGES} messages are accepted, got {len(messages)}: shorten the "
+            "conversation",
+            "messages",
+        )
+    for index, message in enumerate(messages):
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise InvalidRequestError(
+                f"invalid 'messages[{index}]': each message needs a role in {ROLES} and text content",
+                f"messages[{index}]",
+            )
 
 
 def plain_template_prompt(messages: list[Message], template: str) -> str:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request, Response
@@ -32,27 +32,14 @@ from inference_app.api.protocol import (
     Delta,
     ErrorBody,
     ErrorDetail,
-    FinishReason,
     Usage,
     new_completion_id,
     now,
 )
-from inference_app.prompt_limits import refuse_overlong_prompt
-from inference_app.service import (
-    CapacityExceededError,
-    GenerationChunk,
-    ModelNotReadyError,
-    ModelService,
-    PromptTooLongError,
-    SamplingParams,
-)
+from inference_app.service import FinishReason, GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-# Seconds a client should wait before retrying: a slot frees when any running reply ends; loading takes longer.
-RETRY_AFTER_BUSY_S = 1
-RETRY_AFTER_LOADING_S = 10
 
 
 class ChatCompletionServing:
@@ -63,19 +50,14 @@ class ChatCompletionServing:
         self._service = service
 
     async def create(self, request: Request) -> Response:
-        """The answer to one POST /v1/chat/completions: a chat.completion, an event stream, or an error."""
+        """The answer to one POST /v1/chat/completions: a chat.completion, an event stream, or an error (an ApiError,
+        or a refusal of the service that inference_app.api.errors answers)."""
         service = self._service
-        try:
-            # Parsed on a worker thread: a large body does not hold up the event loop.
-            completion_request = await asyncio.to_thread(_parse_request, await request.body())
-            _require_ready(service)
-            messages = [message.as_prompt_message() for message in completion_request.messages]
-            with _engine_errors_as_api_errors():
-                refuse_overlong_prompt(service, messages)
-                chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
-                first = await anext(chunks)  # ModelService raises its request errors here, before generating
-        except ApiError as error:
-            return error.response()
+        # Parsed on a worker thread: a large body does not hold up the event loop.
+        completion_request = await asyncio.to_thread(_parse_request, await request.body())
+        messages = [message.as_prompt_message() for message in completion_request.messages]
+        chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
+        first = await anext(chunks)  # ModelService refuses a request here, before generating
         if completion_request.stream:
             events = _stream_events(completion_request, service.served_model_id(), first, chunks)
             return _ClosingStreamingResponse(events, chunks)
@@ -99,53 +81,15 @@ def _parse_request(body: bytes) -> ChatCompletionRequest:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_value") from error
 
 
-def _require_ready(service: ModelService) -> None:
-    if service.status == "loading":
-        raise ApiError(
-            503,
-            "the model is still loading; retry shortly (GET /ready turns 200 when it is served)",
-            type="service_unavailable",
-            code="model_loading",
-            headers={"Retry-After": str(RETRY_AFTER_LOADING_S)},
-        )
-    if service.status == "failed":
-        raise ApiError(
-            503, f"the model failed to load: {service.failure_reason}", type="service_unavailable", code="model_failed"
-        )
-
-
 def _sampling_params(request: ChatCompletionRequest, settings: Settings) -> SamplingParams:
-    # top_p 0 keeps only the likeliest token: greedy, like temperature 0.
-    greedy = request.temperature == 0 or request.top_p == 0
     return SamplingParams(
         max_new_tokens=request.requested_max_tokens or settings.max_new_tokens_cap,
-        temperature=0.0 if greedy else request.temperature,
-        top_p=1.0 if greedy else request.top_p,
+        temperature=request.temperature,
+        top_p=request.top_p,
         top_k=request.top_k,
         stop=request.stop_sequences,
         seed=request.seed,
     )
-
-
-@contextlib.contextmanager
-def _engine_errors_as_api_errors() -> Iterator[None]:
-    """ModelService's request errors as the API answers them."""
-    try:
-        yield
-    except PromptTooLongError as error:
-        raise ApiError(400, str(error), param="messages", code="context_length_exceeded") from error
-    except CapacityExceededError as error:
-        raise ApiError(
-            429,
-            str(error),
-            type="rate_limit_error",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
-        ) from error
-    except ModelNotReadyError as error:
-        raise ApiError(503, str(error), type="service_unavailable", code="model_loading") from error
-    except ValueError as error:
-        raise ApiError(400, str(error), param="messages", code="invalid_value") from error
 
 
 async def _complete(

@@ -1,9 +1,11 @@
 """The OpenAI chat completions wire format: request, response, stream chunk, model list and error body.
 
 Only what this server honours is modelled. Types are strict, as OpenAI's are ("10" is not a number, true is not
-1). Unknown fields are ignored, as OpenAI ignores fields a model does not use; fields that would change the answer
-in a way we cannot honour (several choices, tools, JSON mode, log probabilities, logit bias, penalties) are
-accepted only with values that change nothing, and otherwise rejected with a 400 naming the field.
+1); the sampling settings' ranges are checked by the service (inference_app.engine.types.SamplingParams, and
+ModelService for top_k), for the UI too. Unknown fields are ignored, as OpenAI ignores fields a model does not use;
+fields that would change the answer in a way we cannot honour (several choices, tools, JSON mode, log probabilities,
+logit bias, penalties) are accepted only with values that change nothing, and otherwise rejected with a 400 naming
+the field.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from inference_app.engine.types import FinishReason
+from inference_app.service import MAX_MESSAGES
+
 MAX_STOP_SEQUENCES = 4  # as OpenAI
-# The range torch's generator seeds take (as OpenAI's API, any 64-bit integer).
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 def _valid_text(text: str) -> str:
@@ -91,17 +94,17 @@ class ChatCompletionRequest(BaseModel):
 
     # A single model is served: any name is accepted and the reply names the served model (like llama.cpp's server).
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)  # not in OpenAI's API; vLLM and others accept it
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None  # not in OpenAI's API; vLLM and others accept it
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
+    seed: int | None = None
     # Accepted only with values that change nothing, so that clients sending their defaults still work.
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -184,9 +187,6 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
-
-
-FinishReason = Literal["stop", "length"]
 
 
 class Usage(BaseModel):

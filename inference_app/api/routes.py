@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from inference_app.api.chat_completions import ChatCompletionServing
 from inference_app.api.errors import ApiError, add_api_error_handlers
 from inference_app.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
-from inference_app.service import ModelService
+from inference_app.service import ModelNotReadyError, ModelService
 from inference_app.settings import Settings
 from inference_app.web.auth import Authenticator
 
@@ -46,10 +46,11 @@ def _health_router(service: ModelService, authenticator: Authenticator | None) -
         status_code = 200 if service.status == "ready" else 503
         if authenticator is not None and not authenticator.is_authenticated(request):
             return JSONResponse({"status": service.status}, status_code=status_code)
-        if service.status != "ready":
-            reason = service.failure_reason if service.status == "failed" else "the model is still loading"
-            return JSONResponse({"status": service.status, "reason": reason}, status_code=status_code)
-        return JSONResponse({"status": "ready", **service.info()})
+        try:
+            info = service.info()
+        except ModelNotReadyError as error:
+            return JSONResponse({"status": service.status, "reason": str(error)}, status_code=503)
+        return JSONResponse({"status": "ready", **info})
 
     return router
 

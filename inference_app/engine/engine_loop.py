@@ -182,7 +182,18 @@ class BatchingEngine:
             self._release(requests)
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
-        self._accept(requests, self._runner.prefill(requests))
+        try:
+            first_tokens = self._runner.prefill(requests)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # One request's fault (a setting the device cannot take, a prompt that breaks the model) must not fail
+            # the others: each is prefilled again alone, and only one that fails alone gets the error.
+            logger.exception("a prefill of %d requests failed; prefilling each alone", len(requests))
+            for request in requests:
+                self._run_safely(self._prefill, [request])
+            return
+        self._accept(requests, first_tokens)
 
     def _decode(self, requests: list[EngineRequest]) -> None:
         tokens = self._runner.decode()

@@ -1,7 +1,8 @@
 """Loads the base model, its tokenizer and the LoRA adapter from disk (the Azure Files share in Azure).
 
-Every mistake a user can make (wrong or placeholder path, empty folder, an adapter for another base model)
-becomes a ModelLoadError with one line naming the path and the option or environment variable to fix.
+Every mistake a user can make (wrong or placeholder path, empty folder, an adapter for another base model, a file
+cut short by an interrupted copy or not what its name says) becomes a ModelLoadError with one line naming the path
+and what to do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from inference_app.settings import Settings, option_name
@@ -25,6 +27,8 @@ MODEL_OPTION = option_name("model_path")
 ADAPTER_OPTION = option_name("adapter_path")
 QUANTIZE_OPTION = option_name("quantize_4bit")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# safetensors' own limit on a file's JSON header; a larger length field means the file is something else.
+_MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 _PLACEHOLDER_MARKS = ("<", ">", "{{", "}}", "$")
 
 
@@ -42,6 +46,10 @@ class LoadedModel:
     dtype: str
     context_length: int
     timings: dict[str, float]  # seconds spent in each loading phase (weights, adapter, merge)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -96,11 +104,46 @@ def _has_weights(path: Path) -> bool:
 
 def _check_model_folder(path: Path) -> None:
     _check_folder(path, MODEL_OPTION, "base model")
-    if not (path / "config.json").is_file() or not _has_weights(path):
+    config_file = path / "config.json"
+    if not config_file.is_file() or not _has_weights(path):
         raise ModelLoadError(
             f"base model folder {path} has no config.json and weights (*.safetensors): "
             f"set {MODEL_OPTION} to a Hugging Face model folder"
         )
+    try:
+        json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:  # read by the tokenizer first, which would blame itself
+        raise ModelLoadError(
+            f"model config {config_file} is unreadable ({error}): copy it again from the base model's download, "
+            f"or set {MODEL_OPTION} to a complete model folder"
+        ) from None
+    _check_safetensors_files(
+        path, f"copy it again from the base model's download (or set {MODEL_OPTION} to a complete copy)"
+    )
+
+
+def _check_safetensors_files(folder: Path, fix: str) -> None:
+    """Refuses a *.safetensors file cut short (an interrupted copy) or not in the format, naming it; reads only the
+    headers. safetensors' own errors name neither the file nor the problem a user can act on."""
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as stream:
+            length_field = stream.read(8)
+            header_length = int.from_bytes(length_field, "little")
+            if len(length_field) < 8 or not 2 <= header_length <= min(size - 8, _MAX_SAFETENSORS_HEADER_BYTES):
+                raise ModelLoadError(f"weights file {file} is cut short or not a safetensors file: {fix}")
+            try:
+                header = json.loads(stream.read(header_length))
+                data_end = max(
+                    (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+                )
+            except (ValueError, TypeError, KeyError, IndexError):
+                raise ModelLoadError(f"weights file {file} has a damaged header: {fix}") from None
+        if 8 + header_length + data_end > size:
+            raise ModelLoadError(
+                f"weights file {file} is cut short ({size} bytes of the {8 + header_length + data_end} its header "
+                f"describes): {fix}"
+            )
 
 
 def _check_adapter_folder(adapter_path: Path, model_path: Path) -> None:
@@ -117,6 +160,7 @@ def _check_adapter_folder(adapter_path: Path, model_path: Path) -> None:
         raise ModelLoadError(
             f"adapter config {config_file} is unreadable ({error}): fix or replace the adapter"
         ) from None
+    _check_safetensors_files(adapter_path, f"copy the adapter again (or set {ADAPTER_OPTION} to a complete copy)")
     # The toolkit writes the hub name (microsoft/Phi-3-mini-4k-instruct); the share holds it under that name.
     if base_name and Path(base_name).name.lower() != model_path.name.lower():
         raise ModelLoadError(
@@ -154,7 +198,7 @@ def _load_base_model(settings: Settings, device: str, dtype: torch.dtype) -> Any
         options["quantization_config"] = _four_bit_config(device, dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(settings.model_path, **options)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
             f"cannot load base model from {settings.model_path} ({_first_line(error)}): "
             f"set {MODEL_OPTION} to a Hugging Face causal LM folder"
@@ -183,7 +227,7 @@ def _four_bit_config(device: str, dtype: torch.dtype) -> Any:
 def _load_adapter(model: Any, adapter_path: Path, model_path: Path) -> Any:
     try:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise ModelLoadError(
             f"adapter {adapter_path} does not fit base model {model_path} ({_first_line(error)}): "
             f"set {ADAPTER_OPTION} to an adapter trained on this base, or {MODEL_OPTION} to its base"

@@ -12,7 +12,8 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from inference_app.engine.request import EngineRequest, ErrorEvent, FinishReason, TokenEvent
+from inference_app.engine.request import EngineRequest, ErrorEvent, TokenEvent
+from inference_app.engine.types import FinishReason
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from inference_app.engine.types import GenerationChunk, SamplingParams
-
-FinishReason = Literal["stop", "length"]
+from inference_app.engine.types import FinishReason, GenerationChunk, SamplingParams
 
 
 @dataclass(eq=False)

@@ -1,13 +1,36 @@
-"""Types shared by the web-facing ModelService (inference_app.service) and the engine loop (engine_loop.py)."""
+"""Types shared by the web-facing ModelService (inference_app.service) and the engine loop (engine_loop.py), and the
+bounds of every sampling setting: checked here, when the settings are made, so the API, the UI and any other caller
+refuse the same values (ModelService adds the bound only the loaded model knows: top_k at most its vocabulary)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+FinishReason = Literal["stop", "length"]
+
+MAX_TEMPERATURE = 2.0  # as OpenAI
+# Below this a temperature is served as greedy. The device divides float32 logits by it: below ~1e-38 the value is
+# subnormal or 0 there and the draw turns into noise; well before that the softmax is one-hot but for exact ties.
+# vLLM treats temperatures below the same threshold as greedy.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# The range torch's generator seeds take (as OpenAI's API, any 64-bit integer).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request the service refuses; `param` names the field at fault (messages, temperature, top_k, ...)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's sampling settings. Greedy ones (temperature 0 or below GREEDY_BELOW_TEMPERATURE, or top_p 0,
+    which keeps only the likeliest token) are stored as temperature 0 and top_p 1, the one form the engine knows."""
+
     max_new_tokens: int
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
@@ -16,23 +39,31 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be at least 1")
+        # Written so that NaN, which fails every comparison, is refused too.
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        _require(
+            0 <= self.temperature <= MAX_TEMPERATURE, "temperature", f"must be from 0 (greedy) to {MAX_TEMPERATURE}"
+        )
+        _require(0 <= self.top_p <= 1, "top_p", "must be from 0 (greedy) to 1")
+        _require(self.top_k is None or self.top_k >= 1, "top_k", "must be at least 1")
+        _require(self.seed is None or MIN_SEED <= self.seed <= MAX_SEED, "seed", "must be a 64-bit integer")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_p == 0:
+            object.__setattr__(self, "temperature", 0.0)
+            object.__setattr__(self, "top_p", 1.0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
+def _require(condition: bool, param: str, requirement: str) -> None:
+    if not condition:
+        raise InvalidRequestError(f"invalid '{param}': {requirement}", param)
+
+
 @dataclass(frozen=True)
 class GenerationChunk:
     text: str  # new text since the previous chunk (stop sequences never included)
-    finish_reason: Literal["stop", "length"] | None  # None while running
+    finish_reason: FinishReason | None  # None while running
     prompt_tokens: int
     completion_tokens: int

@@ -9,14 +9,20 @@ the model is loading, or that it failed, before anyone types.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import gradio as gr
 
 from inference_app.api.protocol import flatten_text_content
-from inference_app.prompt_limits import refuse_overlong_prompt
-from inference_app.service import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
+from inference_app.service import (
+    InvalidRequestError,
+    ModelNotReadyError,
+    ModelService,
+    PromptTooLongError,
+    SamplingParams,
+)
 from inference_app.settings import Settings
 
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
@@ -47,17 +53,17 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         top_p: float,
         top_k: int,
     ) -> AsyncGenerator[str, None]:
-        params = SamplingParams(
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k) or None,  # 0 on the slider: no top-k filtering
-        )
         messages = conversation(message, history, system_prompt)
         reply = ""
         try:
-            refuse_overlong_prompt(service, messages)
-            # wait=True: beyond the generation slots, a chat waits here for one (the API answers 429 instead).
+            params = SamplingParams(
+                max_new_tokens=_whole_number(max_new_tokens, "max_new_tokens"),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=_whole_number(top_k, "top_k") or None,  # 0 on the slider: no top-k filtering
+            )
+            # The service checks the request (as for the API). wait=True: beyond the generation slots, a chat waits
+            # here for one (the API answers 429 instead).
             chunks = service.stream_chat(messages, params, wait=True)
             async with contextlib.aclosing(chunks):  # the stop button or a closed tab cancels us: stop generating
                 async for chunk in chunks:
@@ -65,6 +71,8 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
                     yield reply
         except PromptTooLongError as error:
             yield f"{NOT_ANSWERED}{error}. Use “{TRIM_BUTTON}” below, or the trash icon to start over."
+        except InvalidRequestError as error:  # only through the UI's API: the sliders hold valid settings
+            yield f"{NOT_ANSWERED}{error}."
         except ModelNotReadyError as error:
             yield f"{NOT_ANSWERED}the model is not ready: {error}."
 
@@ -135,6 +143,13 @@ def drop_oldest_exchange(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat without its first user message and the replies to it."""
     later_users = [index for index, turn in enumerate(history) if turn["role"] == "user" and index > 0]
     return history[later_users[0] :] if later_users else []
+
+
+def _whole_number(value: float, param: str) -> int:
+    """A slider's value as an int; NaN and infinity (which a client of the UI's API can send) are refused."""
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"invalid '{param}': must be a number", param)
+    return int(value)
 
 
 def _status_notice(service: ModelService) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from gradio_client import Client
 
 from inference_app.service import SamplingParams
 from inference_app.settings import Settings
-from inference_app.web.ui import CHAT_API_NAME
+from inference_app.web.ui import CHAT_API_NAME, NOT_ANSWERED
 from tests.app.server_harness import RunningServer, running_server
 from tests.app.service_harness import collect_chunks
 
@@ -114,3 +116,25 @@ def test_gradio_client_chats_through_the_ui_endpoint(server: RunningServer) -> N
         {"role": "user", "content": "And one about a dog?"},
     ]
     assert second == greedy_reply(server, conversation, 16)
+
+
+@pytest.mark.parametrize(
+    ("settings", "param"),
+    [
+        ("16, NaN, 0.95, 0", "temperature"),
+        ("16, 0.7, NaN, 0", "top_p"),
+        ("NaN, 0.7, 0.95, 0", "max_new_tokens"),
+        ("16, 0.7, 0.95, NaN", "top_k"),
+    ],
+)
+def test_the_ui_endpoint_refuses_a_nan_setting_naming_it(server: RunningServer, settings: str, param: str) -> None:
+    """The sliders never hold NaN, but the UI's API takes any JSON number (gradio_client cannot send NaN; a script
+    can): the service refuses what the API refuses, and the chat says so."""
+    call = f"{server.url}/gradio_api/call/{CHAT_API_NAME}"
+    body = '{"data": ["Tell me a story about a cat.", "", ' + settings + "]}"
+    started = httpx.post(call, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert started.status_code == 200, started.text
+    events = httpx.get(f"{call}/{started.json()['event_id']}", timeout=30).text
+    answer = json.loads(events.split("event: complete\ndata: ")[1].splitlines()[0])[0]
+    assert answer.startswith(NOT_ANSWERED), answer[:200]
+    assert f"'{param}'" in answer

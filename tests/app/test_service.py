@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +13,13 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from inference_app import service as service_module
 from inference_app.engine.model_loading import load_model
 from inference_app.service import (
+    MAX_MESSAGES,
     CapacityExceededError,
     GenerationChunk,
+    InvalidRequestError,
     ModelNotReadyError,
     ModelService,
     PromptTooLongError,
@@ -104,23 +108,70 @@ def test_plain_prompt_template(start_service: StartService, reply: Reply) -> Non
     assert reply(service, conversation, max_new_tokens=3)[-1].prompt_tokens == len(tokenizer(prompt)["input_ids"])
 
 
-def test_bad_messages_are_refused(start_service: StartService) -> None:
+def test_bad_messages_are_refused_naming_the_message(start_service: StartService) -> None:
     service = start_service()
-    with pytest.raises(ValueError, match="role"):
-        service.count_prompt_tokens([{"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidRequestError, match="role") as refused:
+        service.count_prompt_tokens([{"role": "user", "content": "x"}, {"role": "tool", "content": "x"}])
+    assert refused.value.param == "messages[1]"
 
 
-def test_sampling_parameters_are_validated() -> None:
-    bad_settings: list[dict[str, Any]] = [
-        {"max_new_tokens": 0},
-        {"temperature": -0.1},
-        {"top_p": 0.0},
-        {"top_p": 1.5},
-        {"top_k": 0},
-    ]
-    for bad in bad_settings:
-        with pytest.raises(ValueError):
-            SamplingParams(**{"max_new_tokens": 5, **bad})
+BAD_SAMPLING: dict[str, list[Any]] = {
+    "max_new_tokens": [0, -1],
+    "temperature": [-0.1, 2.5, math.nan, math.inf, -math.inf],
+    "top_p": [-0.1, 1.5, math.nan, math.inf],
+    "top_k": [0, -1],
+    "seed": [2**64, -(2**63) - 1],
+}
+
+
+@pytest.mark.parametrize(
+    ("param", "value"), [(param, value) for param, values in BAD_SAMPLING.items() for value in values]
+)
+def test_sampling_parameters_are_validated_naming_the_field(param: str, value: Any) -> None:
+    settings: dict[str, Any] = {"max_new_tokens": 5, param: value}
+    with pytest.raises(InvalidRequestError) as refused:
+        SamplingParams(**settings)
+    assert refused.value.param == param
+    assert f"'{param}'" in str(refused.value)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-50}, {"temperature": 1e-40}, {"top_p": 0.0}])
+def test_temperatures_too_small_for_the_device_and_top_p_zero_are_greedy(
+    start_service: StartService, reply: Reply, sampling: dict[str, Any]
+) -> None:
+    # Below ~1e-38 a float32 temperature is subnormal or 0: dividing the logits by it gave noise, not the greedy reply.
+    service = start_service()
+    greedy_text = text_of(reply(service, PROMPT, max_new_tokens=20))
+    assert text_of(reply(service, PROMPT, max_new_tokens=20, seed=1, **{"temperature": 1.0, **sampling})) == greedy_text
+    assert SamplingParams(max_new_tokens=5, **sampling).greedy
+
+
+def test_top_k_beyond_the_vocabulary_is_refused_naming_top_k(start_service: StartService, reply: Reply) -> None:
+    service = start_service()
+    vocabulary = json.loads((service.settings.model_path / "config.json").read_text())["vocab_size"]
+    assert text_of(reply(service, PROMPT, max_new_tokens=5, temperature=1.0, top_k=vocabulary, seed=1))
+    for top_k in (vocabulary + 1, 2**63):  # 2**63 overflowed the device tensor and failed the whole prefill group
+        with pytest.raises(InvalidRequestError, match=f"at most {vocabulary}") as refused:
+            reply(service, PROMPT, max_new_tokens=5, temperature=1.0, top_k=top_k)
+        assert refused.value.param == "top_k"
+    assert service.generation_stats()["running"] == 0
+
+
+def test_many_tiny_messages_are_refused_before_they_are_tokenized(
+    start_service: StartService, reply: Reply, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = start_service()
+    context = SIZES["tiny"].context_length
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the conversation was templated and tokenized")
+
+    monkeypatch.setattr(service_module, "encode_prompt", never)
+    # Each message takes at least one token: more messages than the context has tokens cannot fit, however short.
+    with pytest.raises(PromptTooLongError, match=f"{context + 1} messages"):
+        reply(service, [{"role": "user", "content": ""}] * (context + 1))
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_MESSAGES} messages are accepted, got 31500"):
+        reply(service, [{"role": "user", "content": ""}] * 31_500)
 
 
 def test_not_ready_service_refuses_to_generate(tiny_settings: Settings) -> None:

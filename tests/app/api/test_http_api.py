@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
-from inference_app.service import ModelService, SamplingParams
+from inference_app.service import MAX_CHARS_PER_TOKEN, ModelService, SamplingParams
 from inference_app.settings import Settings
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
@@ -303,6 +302,21 @@ INVALID_REQUESTS = {
     "temperature-negative": ({"messages": USER, "temperature": -0.1}, "temperature", "invalid_value"),
     "top-p-too-high": ({"messages": USER, "top_p": 1.5}, "top_p", "invalid_value"),
     "top-k-zero": ({"messages": USER, "top_k": 0}, "top_k", "invalid_value"),
+    # top_k is bounded by the model's vocabulary: 2**63 overflowed on the device and failed every request prefilled
+    # with it (400 blamed on messages)
+    "top-k-beyond-the-vocabulary": ({"messages": USER, "top_k": 10**6}, "top_k", "invalid_value"),
+    "top-k-beyond-64-bits": ({"messages": USER, "top_k": 2**63}, "top_k", "invalid_value"),
+    # Python's JSON parser takes NaN and Infinity
+    "temperature-nan": (
+        '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "temperature",
+        "invalid_value",
+    ),
+    "top-p-infinite": (
+        '{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+        "top_p",
+        "invalid_value",
+    ),
     "several-choices": ({"messages": USER, "n": 2}, "n", "invalid_value"),
     "five-stops": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
     "tools": ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
@@ -385,7 +399,13 @@ INVALID_REQUESTS = {
         "messages",
         "context_length_exceeded",
     ),
-    # more characters than the context could hold whatever the tokens: refused before tokenizing
+    # more characters, or more messages, than the context could hold whatever the tokens: refused before tokenizing
+    "more-than-2048-messages": ({"messages": [{"role": "user", "content": ""}] * 2049}, "messages", "invalid_value"),
+    "more-messages-than-the-context-has-tokens": (
+        {"messages": [{"role": "user", "content": ""}] * 513},
+        "messages",
+        "context_length_exceeded",
+    ),
     "prompt-far-too-long": (
         {"messages": [{"role": "user", "content": "x" * (512 * MAX_CHARS_PER_TOKEN + 1)}]},
         "messages",

@@ -15,7 +15,7 @@ from inference_app.engine.cuda_graphs import (
 )
 from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
 from inference_app.engine.model_loading import LoadedModel
-from inference_app.engine.types import GenerationChunk
+from inference_app.engine.types import GenerationChunk, SamplingParams
 from tests.app.engine.engine_harness import (
     LAYOUTS,
     NEW_TOKENS,
@@ -133,6 +133,26 @@ def test_a_failure_after_the_prefill_frees_the_slots_and_blocks(
     for reply in served:
         engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
     assert [reply.result() for reply in served] == [generate_text(loaded, ids)] * 4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_request_that_fails_the_prefill_fails_alone_and_the_others_go_on(
+    loaded: LoadedModel, start_engine: Callable[..., BatchingEngine], layout: str
+) -> None:
+    """A top_k of 2**63 (which ModelService refuses; here it reaches the engine) overflows the sampler's tensor: it
+    failed the whole prefill group, all seven requests."""
+    engine = start_engine(started=False, max_batch_size=8, **LAYOUTS[layout])
+    all_blocks = engine.stats()["free_kv_blocks"]
+    prompts = [prompt_ids(loaded, text) for text in PROMPTS]
+    replies = [Reply() for _ in prompts]
+    for ids, reply in zip(prompts, replies, strict=True):
+        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+    at_fault = Reply()
+    engine.submit(prompts[0], SamplingParams(max_new_tokens=NEW_TOKENS, top_k=2**63), NEW_TOKENS, at_fault.deliver)
+    engine.start()  # all requests are waiting: they are prefilled together
+    assert [reply.result() for reply in replies] == [generate_text(loaded, ids) for ids in prompts]
+    assert at_fault.finished.wait(TIMEOUT_S) and "Overflow" in str(at_fault.error)
+    wait_for(lambda: engine.stats()["free_kv_blocks"] == all_blocks, TIMEOUT_S, "the blocks to come back")
 
 
 def test_the_cpu_runs_eager_and_sizes_the_cache_from_its_budget(start_engine: Callable[..., BatchingEngine]) -> None:

@@ -179,6 +179,65 @@ def test_adapter_whose_shapes_do_not_fit_is_refused(model_folders: ModelFolders,
     )
 
 
+def _cut_in_half(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+DAMAGED_FILES: dict[str, tuple[str, Callable[[Path], object], str, str]] = {
+    # id: (file in the model or adapter folder, what is done to it, the problem named, the option named)
+    "weights-cut-short": ("model/model.safetensors", _cut_in_half, "is cut short", "--model / INFERENCE_MODEL"),
+    "weights-header-cut": (
+        "model/model.safetensors",
+        lambda file: file.write_bytes(file.read_bytes()[:100]),
+        "is cut short or not a safetensors file",
+        "--model / INFERENCE_MODEL",
+    ),
+    "config-not-json": (
+        "model/config.json",
+        lambda file: file.write_text('{"model_type": "phi3", '),
+        "config.json is unreadable",
+        "--model / INFERENCE_MODEL",
+    ),
+    "adapter-weights-junk": (
+        "adapter/adapter_model.safetensors",
+        lambda file: file.write_bytes(b"junk" * 1000),
+        "is cut short or not a safetensors file",
+        "--adapter / INFERENCE_ADAPTER",
+    ),
+    "adapter-weights-cut-short": (
+        "adapter/adapter_model.safetensors",
+        _cut_in_half,
+        "is cut short",
+        "--adapter / INFERENCE_ADAPTER",
+    ),
+}
+
+
+@pytest.mark.parametrize(("file", "damage", "problem", "option"), DAMAGED_FILES.values(), ids=DAMAGED_FILES.keys())
+def test_a_damaged_file_is_named_with_the_fix(
+    model_folders: ModelFolders,
+    tmp_path: Path,
+    file: str,
+    damage: Callable[[Path], object],
+    problem: str,
+    option: str,
+) -> None:
+    """An interrupted copy or a junk file gave "unexpected error … SafetensorError: …" without the file, and a
+    broken config.json was blamed on the tokenizer."""
+    folders = {
+        "model": Path(shutil.copytree(model_folders.model_path, tmp_path / "Phi-3-mini-4k-instruct")),
+        "adapter": _copy_adapter(model_folders, tmp_path),
+    }
+    folder, name = file.split("/")
+    damage(folders[folder] / name)
+    service = ModelService(Settings(model_path=folders["model"], adapter_path=folders["adapter"]))
+    service.start_loading()
+    assert service.wait_until_loaded(30) == "failed"
+    assert service.failure_reason is not None
+    _assert_one_clear_line(service.failure_reason, str(folders[folder] / name), problem, option)
+    assert "copy" in service.failure_reason
+
+
 def test_base_only_does_not_need_an_adapter(model_folders: ModelFolders, tmp_path: Path) -> None:
     loaded = load_model(Settings(model_path=model_folders.model_path, adapter_path=tmp_path / "none", base_only=True))
     assert loaded.adapter_id is None

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
+from inference_app.service import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
 from inference_app.web.security import HSTS
 from tests.app.server_harness import RunningServer, app_process, running_server
