@@ -147,7 +147,13 @@ _OPTIONS = (
     _Option("base_only", ("--base-only",), "serve the base model without the adapter"),
     _Option("host", ("--host",), "address to listen on", str),
     _Option("port", ("--port",), "port for the UI and the API", _port),
-    _Option("dtype", ("--dtype",), "weights dtype; auto: bfloat16 on CUDA, float32 on CPU", str, DTYPES),
+    _Option(
+        "dtype",
+        ("--dtype",),
+        "weights dtype; auto: bfloat16 on CUDA (float16 below compute capability 8.0, e.g. a T4), float32 on CPU",
+        str,
+        DTYPES,
+    ),
     _Option("quantize_4bit", ("--quantize-4bit",), "load the base model in 4-bit (bitsandbytes; needs CUDA)"),
     _Option(
         "merge_adapter",

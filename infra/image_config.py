@@ -10,7 +10,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import app
 
-from inference_app.settings import parse_origins
+from inference_app.settings import DTYPES, parse_origins
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
@@ -25,6 +25,7 @@ class InferenceSettings:
     adapter_path: str | None = None
     base_only: bool | None = None
     quantize_4bit: bool | None = None
+    dtype: str | None = None
     max_concurrent_generations: int | None = None
     max_request_bytes: int | None = None
     allowed_origins: tuple[str, ...] | None = None
@@ -37,6 +38,7 @@ SETTINGS_ENV = {
     "adapter_path": "INFERENCE_ADAPTER",
     "base_only": "INFERENCE_BASE_ONLY",
     "quantize_4bit": "INFERENCE_QUANTIZE_4BIT",
+    "dtype": "INFERENCE_DTYPE",
     "max_concurrent_generations": "INFERENCE_MAX_CONCURRENT_GENERATIONS",
     "max_request_bytes": "INFERENCE_MAX_REQUEST_BYTES",
     "allowed_origins": "INFERENCE_ALLOWED_ORIGINS",
@@ -66,6 +68,13 @@ def _container_path(source: ConfigSource, key: str) -> str | None:
             f"{key}: must be an absolute path inside the container, e.g. /mount/<folder on the file share> "
             f"(the share is mounted at /mount), got {value!r}"
         )
+    return value
+
+
+def _dtype(source: ConfigSource) -> str | None:
+    value = source.string("dtype")
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {value!r}")
     return value
 
 
@@ -104,6 +113,7 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
             adapter_path=_container_path(source, "adapterPath"),
             base_only=source.boolean("baseOnly", None),
             quantize_4bit=source.boolean("quantize4bit", None),
+            dtype=_dtype(source),
             max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
             max_request_bytes=source.integer("maxRequestBytes", None, minimum=1),
             allowed_origins=_allowed_origins(source),
