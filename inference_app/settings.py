@@ -2,6 +2,10 @@
 
 A command-line option wins over its environment variable, which wins over the default. The defaults follow the
 AI Toolkit's layout on the Azure Files share mounted at /mount.
+
+This module is the one definition of each option (field, flag, variable, rule): the engine's messages name options
+through option_name, and the Pulumi program (infra/image_config.py, infra/access.py) reads the variables and rules
+from here. It imports nothing heavy, since `pulumi up` imports it.
 """
 
 from __future__ import annotations
@@ -86,14 +90,16 @@ def _prompt_template(text: str) -> str:
     return template
 
 
-def _auth_username(text: str) -> str:
+def parse_auth_username(text: str) -> str:
+    """The username as given; raises argparse.ArgumentTypeError if basic auth could not carry it (the Pulumi
+    program checks its config with it too)."""
     if not text or ":" in text or any(character.isspace() for character in text):
         # HTTP basic auth separates the username from the password with the first ":".
         raise argparse.ArgumentTypeError("must be non-empty, without ':' or whitespace (basic auth cannot carry them)")
     return text
 
 
-MIN_PASSWORD_LENGTH = 12  # as the Pulumi program requires
+MIN_PASSWORD_LENGTH = 12  # the Pulumi program requires it of accessPassword too
 
 
 def _auth_password(text: str) -> str:
@@ -218,7 +224,7 @@ _OPTIONS = (
         "auth_username",
         ("--auth-username",),
         "username for the UI and the API (with --auth-password)",
-        _auth_username,
+        parse_auth_username,
         metavar="NAME",
     ),
     _Option(
@@ -338,6 +344,20 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     parser = _build_parser(environ)
     namespace = parser.parse_args(argv)
     return Settings(**{field.name: getattr(namespace, field.name) for field in fields(Settings)})
+
+
+_OPTION_BY_FIELD = {option.field: option for option in _OPTIONS}
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a Settings field, e.g. max_batch_size -> INFERENCE_MAX_BATCH_SIZE."""
+    return _OPTION_BY_FIELD[field_name].env_var
+
+
+def option_name(field_name: str) -> str:
+    """How a message names the option of a Settings field, e.g. '--max-batch-size / INFERENCE_MAX_BATCH_SIZE'."""
+    option = _OPTION_BY_FIELD[field_name]
+    return f"{option.flags[0]} / {option.env_var}"
 
 
 def environment_variables() -> dict[str, str]:

@@ -11,6 +11,7 @@ Everything the container app needs (secrets, env vars, IP rules) is computed bef
 config is a child resource of the app, so it is declared afterwards with `EndpointAccess.protect_app`.
 """
 
+import argparse
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -20,18 +21,18 @@ import pulumi
 import pulumi_random
 from pulumi_azure_native import app
 
+from inference_app.settings import MIN_PASSWORD_LENGTH, Settings, env_var, parse_auth_username
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
 AccessMode = Literal["public", "password", "entra"]
 DEFAULT_ACCESS: AccessMode = "password"
-DEFAULT_USERNAME = "admin"
-MIN_PASSWORD_LENGTH = 12
+DEFAULT_USERNAME = Settings().auth_username
 GENERATED_PASSWORD_LENGTH = 32
 
 # The contract with the inference app (see the README's "Access" section).
-USERNAME_ENV = "INFERENCE_AUTH_USERNAME"
-PASSWORD_ENV = "INFERENCE_AUTH_PASSWORD"
+USERNAME_ENV = env_var("auth_username")
+PASSWORD_ENV = env_var("auth_password")
 PASSWORD_SECRET_NAME = "inference-auth-password"
 PASSWORD_VERSION_ENV = "ACCESS_PASSWORD_VERSION"  # not read by the app; see EndpointAccess
 # The container app secret holding the Entra client secret; the Azure portal uses the same name.
@@ -41,7 +42,6 @@ ENTRA_LOGIN_ENDPOINT = "https://login.microsoftonline.com"
 PASSWORD_KEYS = ("accessUsername", "accessPassword")
 ENTRA_KEYS = ("entraClientId", "entraTenantId", "entraClientSecret", "entraAllowedAudiences")
 
-_USERNAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # no ':' (basic auth's separator), no spaces
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TENANT_DOMAIN = re.compile(r"(?=.{4,253}$)([a-zA-Z0-9-]{1,63}\.)+[a-zA-Z]{2,63}")
 
@@ -142,10 +142,10 @@ def read_access_config(source: ConfigSource) -> AccessConfig:
     allowed_ip_ranges = _read_allowed_ip_ranges(source)
     if access_mode == "password":
         username = (source.raw("accessUsername") or DEFAULT_USERNAME).strip()
-        if not _USERNAME.fullmatch(username):
-            raise ConfigError(
-                f"accessUsername: 1-64 letters, digits, '.', '_', '@' or '-' (no ':' or spaces), got {username!r}"
-            )
+        try:
+            parse_auth_username(username)  # the app's own rule: a username it would refuse at start is refused here
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"accessUsername: {error}, got {username!r}") from None
         return AccessConfig(
             access_mode, username=username, password=_read_password(source), allowed_ip_ranges=allowed_ip_ranges
         )

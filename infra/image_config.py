@@ -4,13 +4,13 @@ settings it runs with (INFERENCE_* environment variables)."""
 import argparse
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import app
 
-from inference_app.settings import DTYPES, parse_origins
+from inference_app.settings import DTYPES, env_var, parse_origins
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
@@ -32,17 +32,11 @@ class InferenceSettings:
     model_revision: str | None = None  # any change rolls a new revision, which loads the adapter afresh
 
 
-# InferenceSettings field -> the environment variable inference_app/settings.py reads for it.
+# InferenceSettings field -> the environment variable inference_app/settings.py reads for it (the fields are the app's
+# Settings fields); INFERENCE_MODEL_REVISION is read by nobody: a new value only changes the revision template.
 SETTINGS_ENV = {
-    "model_path": "INFERENCE_MODEL",
-    "adapter_path": "INFERENCE_ADAPTER",
-    "base_only": "INFERENCE_BASE_ONLY",
-    "quantize_4bit": "INFERENCE_QUANTIZE_4BIT",
-    "dtype": "INFERENCE_DTYPE",
-    "max_concurrent_generations": "INFERENCE_MAX_CONCURRENT_GENERATIONS",
-    "max_request_bytes": "INFERENCE_MAX_REQUEST_BYTES",
-    "allowed_origins": "INFERENCE_ALLOWED_ORIGINS",
-    "model_revision": "INFERENCE_MODEL_REVISION",  # read by nobody: a new value only changes the revision template
+    setting.name: "INFERENCE_MODEL_REVISION" if setting.name == "model_revision" else env_var(setting.name)
+    for setting in fields(InferenceSettings)
 }
 
 

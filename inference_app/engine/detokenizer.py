@@ -1,24 +1,10 @@
-"""Turning a request's tokens into streamed text, on a thread of its own so the decode step never waits for it.
-
-The engine thread hands each step's new tokens over in one queue item; this thread detokenizes them, holds back
-text that may be the start of a stop string, and delivers chunks. A stop string found here marks the request
-stopped; the engine drops its row at the next step boundary (a token or two it generated meanwhile are dropped).
-"""
+"""Turning a request's tokens into text one at a time (IncrementalDetokenizer), and holding back text that may be the
+start of a stop string (StopMatcher). Both run on the output thread (inference_app.engine.output_processor)."""
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from inference_app.engine.types import GenerationChunk, SamplingParams
-
-logger = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
+from collections.abc import Callable
+from typing import Any
 
 
 class IncrementalDetokenizer:
@@ -95,95 +81,3 @@ class StopMatcher:
             if any(stop.startswith(buffer[-length:]) for stop in self._stops):
                 return length
         return 0
-
-
-@dataclass(eq=False)
-class EngineRequest:
-    """One generation: what the engine needs to schedule it and what the text thread needs to stream it."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    deliver: Callable[[GenerationChunk | BaseException], None]
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopMatcher
-    seed: int  # the sampling noise's seed (random when the caller gave none)
-    generated: int = 0  # tokens the engine sampled, end-of-reply token excluded (engine thread)
-    completion_tokens: int = 0  # tokens turned into text (text thread)
-    # Set by the caller (cancel) or by the text thread (stop string, delivered error): the engine drops the row.
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        self.done.set()
-
-    @property
-    def tokens_in_flight(self) -> int:
-        return len(self.prompt_ids) + self.max_new_tokens
-
-    def chunk(self, text: str, finish_reason: FinishReason | None) -> GenerationChunk:
-        return GenerationChunk(text, finish_reason, len(self.prompt_ids), self.completion_tokens)
-
-
-# One step's news for one request: a new token (None: none, the reply ended on an end-of-reply token) and the
-# finish reason when the engine ended the reply; or an error.
-TokenEvent = tuple[EngineRequest, int | None, FinishReason | None]
-ErrorEvent = tuple[EngineRequest, BaseException]
-
-
-class TextStreamer:
-    """The thread that turns the engine's tokens into chunks and delivers them, in order, per request."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Sequence[TokenEvent | ErrorEvent] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="generation-text", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def put(self, events: Sequence[TokenEvent | ErrorEvent]) -> None:
-        """Hands over one step's events (one queue operation per step, whatever the batch size)."""
-        if events:
-            self._queue.put(events)
-
-    def _run(self) -> None:
-        while (events := self._queue.get()) is not None:
-            for event in events:
-                try:
-                    if isinstance(event[1], BaseException):
-                        self._fail(event[0], event[1])
-                    else:
-                        self._advance(*event)
-                except Exception:  # a failing callback must not stop the streaming of the others
-                    logger.exception("delivering generated text failed")
-                    event[0].cancel()
-
-    def _fail(self, request: EngineRequest, error: BaseException) -> None:
-        if not request.done.is_set():
-            request.done.set()
-            request.deliver(error)
-
-    def _advance(self, request: EngineRequest, token: int | None, finish_reason: FinishReason | None) -> None:
-        if request.done.is_set():  # cancelled, or stopped on a stop string: later tokens are dropped
-            return
-        text = ""
-        if token is not None:
-            request.completion_tokens += 1
-            text, stopped = request.stop_matcher.push(request.detokenizer.push(token))
-            if stopped:
-                self._finish(request, text, "stop")
-                return
-        if finish_reason == "stop":  # an end-of-reply token
-            self._finish(request, text + request.stop_matcher.flush() + request.detokenizer.flush(), "stop")
-        elif finish_reason == "length":
-            tail, _ = request.stop_matcher.push(request.detokenizer.flush())
-            self._finish(request, text + tail + request.stop_matcher.flush(), "length")
-        elif text:
-            request.deliver(request.chunk(text, None))
-
-    def _finish(self, request: EngineRequest, text: str, finish_reason: FinishReason) -> None:
-        request.done.set()
-        request.deliver(request.chunk(text, finish_reason))

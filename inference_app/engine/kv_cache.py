@@ -20,129 +20,21 @@ The object is handed to the transformers model as `past_key_values`: the model c
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from inference_app.engine.cache_plan import BLOCK_TOKENS, CachePlan, CacheShape, cache_budget, plan_cache
+from inference_app.engine.model_loading import ModelLoadError
+from inference_app.settings import option_name
+
 logger = logging.getLogger(__name__)
 
-# GPU memory left free after the KV cache: activations of a prefill, logits, CUDA graphs, the allocator's slack.
-GPU_HEADROOM_FRACTION = 0.10
-GPU_HEADROOM_MIN_BYTES = 2 * 2**30
-# On the CPU the cache takes at most this much memory by default (the machine's RAM is shared with everything).
-CPU_CACHE_BYTES = 2 * 2**30
-# Slots made by default at most: the largest batch a CUDA graph is captured for.
-DEFAULT_MAX_SLOTS = 64
-# Tokens per block: the unit a paged cache hands out (small: little waste per request; the table stays small too).
-BLOCK_TOKENS = 16
-# A paged cache's gather makes one layer's keys and values for the whole batch; by default the slots are as many as
-# keep that copy within this share of the cache's memory (small GPUs then get fewer slots, not a tiny pool).
-GATHER_SHARE = 1 / 8
-
-
-@dataclass(frozen=True)
-class CacheShape:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    sliding_window: int | None
-
-    @classmethod
-    def of(cls, model: Any) -> CacheShape:
-        config = model.config
-        heads = int(config.num_attention_heads)
-        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-        return cls(
-            layers=int(config.num_hidden_layers),
-            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
-            dtype=next(model.parameters()).dtype,
-            sliding_window=getattr(config, "sliding_window", None),
-        )
-
-    def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
-
-    def gather_bytes(self, slots: int, slot_tokens: int) -> int:
-        """One layer's keys and values for `slots` sequences of `slot_tokens`: what a paged cache's read copies."""
-        return slots * slot_tokens * self.bytes_per_token() // self.layers
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """How big the cache is: `slots` requests at once, each up to `slot_tokens` long, `tokens` in all."""
-
-    slots: int
-    slot_tokens: int
-    tokens: int  # a whole number of blocks when paged
-
-    @property
-    def paged(self) -> bool:
-        return self.tokens < self.slots * self.slot_tokens
-
-    @property
-    def holds_a_sequence(self) -> bool:
-        return not self.paged or self.tokens >= _blocks_holding(self.slot_tokens) * BLOCK_TOKENS
-
-
-def cache_budget(device: torch.device) -> int:
-    """Bytes the cache may take: the GPU's free memory less headroom, or CPU_CACHE_BYTES."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return free - max(GPU_HEADROOM_MIN_BYTES, int(GPU_HEADROOM_FRACTION * total))
-    return CPU_CACHE_BYTES
-
-
-def plan_cache(
-    shape: CacheShape, slot_tokens: int, budget: int, slots: int | None = None, tokens: int | None = None
-) -> CachePlan:
-    """The cache for sequences of `slot_tokens` in `budget` bytes; `slots` and `tokens` as set by the user, if set.
-
-    Rows when the slots' whole sequences fit; else paged, with the memory left after the gather's copy. Without a
-    set slot count: DEFAULT_MAX_SLOTS, fewer on a GPU too small for that many gathers (never fewer than fit as rows).
-    """
-    per_token = shape.bytes_per_token()
-    if slots is None:
-        whole_sequences = budget // (slot_tokens * per_token)
-        by_gather = int(GATHER_SHARE * budget) // shape.gather_bytes(1, slot_tokens)
-        slots = max(1, min(DEFAULT_MAX_SLOTS, max(whole_sequences, by_gather)))
-    if tokens is not None:  # as set, in whole blocks
-        tokens = _blocks_holding(tokens) * BLOCK_TOKENS
-    elif slots * slot_tokens * per_token <= budget:
-        tokens = slots * slot_tokens
-    else:  # what the memory holds, in whole blocks
-        tokens = max(0, budget - shape.gather_bytes(slots, slot_tokens)) // per_token // BLOCK_TOKENS * BLOCK_TOKENS
-    return CachePlan(slots, slot_tokens, min(tokens, slots * slot_tokens))
-
-
-def _blocks_holding(tokens: int) -> int:
-    return math.ceil(tokens / BLOCK_TOKENS)
-
-
-class SlotAllocator:
-    """Hands out the lowest free slot, so the rows in use stay packed at the front (smaller decode batches)."""
-
-    def __init__(self, slots: int) -> None:
-        self._free = list(range(slots))  # a heap
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    def take(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free KV-cache slot")
-        return heapq.heappop(self._free)
-
-    def give_back(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+MAX_BATCH_SIZE_OPTION = option_name("max_batch_size")
+MAX_SEQUENCE_TOKENS_OPTION = option_name("max_sequence_tokens")
+KV_CACHE_TOKENS_OPTION = option_name("kv_cache_tokens")
 
 
 class KVCache:
@@ -152,20 +44,16 @@ class KVCache:
     def __init__(self, shape: CacheShape, plan: CachePlan, device: torch.device) -> None:
         self.shape = shape
         self.plan = plan
-        self._blocks_per_slot = _blocks_holding(plan.slot_tokens)
-        row_tokens = self._blocks_per_slot * BLOCK_TOKENS
-        blocks = plan.slots * self._blocks_per_slot if not plan.paged else plan.tokens // BLOCK_TOKENS
-        self.blocks = blocks
+        row_tokens = plan.blocks_per_slot * BLOCK_TOKENS
+        blocks = self.blocks = plan.blocks
         self._scratch_block = blocks  # where free slots and padding beyond a request's blocks write
         size = ((blocks + 1) * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
         # Zeros, not empty: masked positions still enter attention's product with the values (0 * NaN is NaN).
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-        slot_blocks = torch.arange(plan.slots * self._blocks_per_slot, device=device).view(plan.slots, -1)
-        # Block table [slots, blocks per slot]: rows own their blocks; paged slots point at scratch until assigned.
+        slot_blocks = torch.arange(plan.slots * plan.blocks_per_slot, device=device).view(plan.slots, -1)
+        # Block table [slots, blocks per slot]: rows own their blocks; paged slots point at scratch until given some.
         self.block_table = torch.full_like(slot_blocks, blocks) if plan.paged else slot_blocks
-        self._free_blocks = list(range(blocks)) if plan.paged else []
-        self._assigned: dict[int, list[int]] = {}
         self._row_tokens = row_tokens
         self._slot_index = torch.arange(plan.slots, device=device)
         positions = torch.arange(row_tokens, device=device)
@@ -187,15 +75,6 @@ class KVCache:
     def bytes(self) -> int:
         return self.tokens * self.shape.bytes_per_token()
 
-    @property
-    def free_blocks(self) -> int:
-        """Blocks a joining request may take (paged); 0 for rows, where a slot always holds a whole sequence."""
-        return len(self._free_blocks)
-
-    def blocks_for(self, tokens: int) -> int:
-        """Blocks a request of `tokens` (prompt + token budget) takes when it joins: none for rows."""
-        return _blocks_holding(tokens) if self.plan.paged else 0
-
     def describe(self) -> str:
         plan = self.plan
         size = f"{self.bytes / 2**30:.2f} GiB"
@@ -207,15 +86,16 @@ class KVCache:
             f"sequences of up to {plan.slot_tokens} tokens"
         )
 
-    def assign(self, slot: int, tokens: int) -> None:
-        """Gives `slot` the blocks for a sequence of `tokens` (paged; rows already own theirs)."""
-        count = self.blocks_for(tokens)
-        if count > len(self._free_blocks):
-            raise RuntimeError(f"{count} KV-cache blocks wanted, {len(self._free_blocks)} free")
-        taken = [self._free_blocks.pop() for _ in range(count)]  # a stack: blocks come back in any order anyway
-        self._assigned[slot] = taken
-        if taken:
-            self.block_table[slot, :count] = torch.tensor(taken, device=self.block_table.device)
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """Points `slot`'s table at the blocks the block manager gave it (paged; rows own theirs for good)."""
+        if blocks:
+            self.block_table[slot, : len(blocks)] = torch.tensor(blocks, device=self.block_table.device)
+
+    def clear_blocks(self, slot: int) -> None:
+        """A freed paged slot points at scratch again: its row, still computed below the batch's width, then writes
+        nowhere that matters."""
+        if self.plan.paged:
+            self.block_table[slot] = self._scratch_block
 
     @contextlib.contextmanager
     def spread_for_capture(self) -> Iterator[None]:
@@ -231,12 +111,6 @@ class KVCache:
             yield
         finally:
             table.fill_(self._scratch_block)
-
-    def release(self, slot: int) -> None:
-        taken = self._assigned.pop(slot, [])
-        if taken:
-            self._free_blocks.extend(taken)
-            self.block_table[slot, : len(taken)] = self._scratch_block
 
     def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
         """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0;
@@ -295,3 +169,45 @@ class KVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are per row and always passed explicitly (position_ids)
+
+
+def allocate_kv_cache(
+    model: Any, device: torch.device, sequence_tokens: int, max_batch_size: int | None, kv_cache_tokens: int | None
+) -> KVCache:
+    """The KV cache as plan_cache sizes it; a ModelLoadError naming the option to change when it can't be made."""
+    shape = CacheShape.of(model)
+    budget = cache_budget(device)
+    plan = plan_cache(shape, sequence_tokens, budget, max_batch_size, kv_cache_tokens)
+    memory = device.type.upper()
+    if not plan.holds_a_sequence:
+        sequence = f"one sequence of {sequence_tokens} tokens"
+        if kv_cache_tokens is not None:
+            raise ModelLoadError(
+                f"{KV_CACHE_TOKENS_OPTION} {kv_cache_tokens} holds less than {sequence}: set it "
+                f"to at least {sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+            )
+        raise ModelLoadError(
+            f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "
+            f"less than {sequence}: lower {MAX_SEQUENCE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}"
+        )
+    with_gather = plan.tokens * shape.bytes_per_token() + shape.gather_bytes(plan.slots, plan.slot_tokens)
+    if plan.paged and kv_cache_tokens is not None and with_gather > budget:
+        logger.warning(
+            "%s %d: with the paged read's copy for a full batch the KV cache needs %.1f GiB, "
+            "more than the %.1f GiB the %s's free memory leaves it: large batches may run out of memory; "
+            "lower it or unset it",
+            KV_CACHE_TOKENS_OPTION,
+            kv_cache_tokens,
+            with_gather / 2**30,
+            max(0, budget) / 2**30,
+            memory,
+        )
+    try:
+        return KVCache(shape, plan, device)
+    except torch.OutOfMemoryError:
+        size = plan.tokens * shape.bytes_per_token() / 2**30
+        raise ModelLoadError(
+            f"the KV cache of {plan.tokens} tokens ({size:.1f} GiB) does not fit in the {memory}'s free memory: "
+            f"lower {KV_CACHE_TOKENS_OPTION} or {MAX_BATCH_SIZE_OPTION}, or unset them (the defaults size the "
+            f"cache from the free memory)"
+        ) from None

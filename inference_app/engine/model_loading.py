@@ -17,13 +17,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from inference_app.settings import Settings
+from inference_app.settings import Settings, option_name
 
 logger = logging.getLogger(__name__)
 
-MODEL_OPTION = "--model / INFERENCE_MODEL"
-ADAPTER_OPTION = "--adapter / INFERENCE_ADAPTER"
-QUANTIZE_OPTION = "--quantize-4bit / INFERENCE_QUANTIZE_4BIT"
+MODEL_OPTION = option_name("model_path")
+ADAPTER_OPTION = option_name("adapter_path")
+QUANTIZE_OPTION = option_name("quantize_4bit")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 _PLACEHOLDER_MARKS = ("<", ">", "{{", "}}", "$")
 

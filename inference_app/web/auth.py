@@ -21,7 +21,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
 from inference_app.api.errors import ApiError
-from inference_app.settings import Settings
+from inference_app.settings import Settings, env_var
 
 # The brake on guessing (GuessingBrake): this many failed sign-ins from one address within the window pause it.
 MAX_FAILED_SIGN_INS = 10
@@ -179,5 +179,5 @@ class Authenticator:
 def authentication_mode(settings: Settings) -> str:
     """The startup log line saying which mode is on (never the password)."""
     if settings.auth_password is None:
-        return "authentication: off (INFERENCE_AUTH_PASSWORD not set)"
+        return f"authentication: off ({env_var('auth_password')} not set)"
     return f"authentication: password (user {settings.auth_username})"

@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from inference_app.engine import engine_loop
+from inference_app.engine import kv_cache, model_runner
+from inference_app.engine.block_manager import BlockManager
+from inference_app.engine.cache_plan import BLOCK_TOKENS, CachePlan, CacheShape, plan_cache
 from inference_app.engine.cuda_graphs import (
     BATCH_BUCKETS,
     EagerDecoder,
@@ -24,9 +26,10 @@ from inference_app.engine.cuda_graphs import (
     bucket_for,
     length_buckets,
 )
-from inference_app.engine.engine_loop import BatchingEngine, DecodeBatch, EngineOptions
-from inference_app.engine.kv_cache import BLOCK_TOKENS, CachePlan, CacheShape, KVCache, SlotAllocator, plan_cache
+from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
+from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.model_loading import LoadedModel, load_model
+from inference_app.engine.model_runner import DecodeBatch
 from inference_app.engine.sampler import BatchSampler, uniform_noise
 from inference_app.engine.types import GenerationChunk, SamplingParams
 from inference_app.service import ModelService
@@ -224,7 +227,7 @@ def test_a_failure_after_the_prefill_frees_the_slots_and_blocks(
 ) -> None:
     engine = start_engine(max_batch_size=4, **LAYOUTS["paged"])
     all_blocks = engine.stats()["free_kv_blocks"]
-    accept = engine._accept
+    accept = engine._accept_token
     failures: list[bool] = []
 
     def fail_once(*args: Any) -> bool:
@@ -233,7 +236,7 @@ def test_a_failure_after_the_prefill_frees_the_slots_and_blocks(
             raise RuntimeError("forced failure after the prefill")
         return accept(*args)
 
-    monkeypatch.setattr(engine, "_accept", fail_once)
+    monkeypatch.setattr(engine, "_accept_token", fail_once)
     ids = prompt_ids(loaded, PROMPTS[1])
     failed = Reply()
     engine.submit(ids, greedy(), NEW_TOKENS, failed.deliver)
@@ -249,20 +252,20 @@ def test_leaked_blocks_fail_the_next_request_instead_of_hanging_the_engine(
     loaded: LoadedModel, start_engine: Callable[..., BatchingEngine]
 ) -> None:
     engine = start_engine(max_batch_size=4, **LAYOUTS["paged"])
-    for slot in (2, 3):  # a leak, as a bug would make it: every block held, no generation running
-        engine._cache.assign(slot, 512)
+    for _ in range(2):  # a leak, as a bug would make it: every block held, no generation running
+        engine._scheduler.block_manager.allocate(512)
     reply = Reply()
     engine.submit(prompt_ids(loaded, PROMPTS[1]), greedy(), NEW_TOKENS, reply.deliver)
     assert reply.finished.wait(TIMEOUT_S)
-    assert str(reply.error).startswith("engine error: the KV cache has 4 free slots and 0 free blocks")
+    assert str(reply.error).startswith("engine error: the KV cache has 2 free slots and 0 free blocks")
     assert engine.stats()["waiting"] == 0
 
 
 def test_a_set_kv_cache_too_big_for_the_paged_reads_is_warned_about(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, start_engine: Callable[..., BatchingEngine]
 ) -> None:
-    monkeypatch.setattr(engine_loop, "cache_budget", lambda device: 2**20)
-    with caplog.at_level(logging.WARNING, logger="inference_app.engine.engine_loop"):
+    monkeypatch.setattr(kv_cache, "cache_budget", lambda device: 2**20)
+    with caplog.at_level(logging.WARNING, logger="inference_app.engine.kv_cache"):
         start_engine(max_batch_size=8, **LAYOUTS["paged"])
     assert "--kv-cache-tokens / INFERENCE_KV_CACHE_TOKENS 1024: with the paged read's copy" in caplog.text
     assert "large batches may run out of memory; lower it or unset it" in caplog.text
@@ -271,15 +274,15 @@ def test_a_set_kv_cache_too_big_for_the_paged_reads_is_warned_about(
 # ---- slots, batch width, buckets ----
 
 
-def test_slot_allocator_hands_out_the_lowest_free_slot() -> None:
-    slots = SlotAllocator(3)
-    assert [slots.take(), slots.take(), slots.take()] == [0, 1, 2]
-    assert slots.free == 0
+def test_the_block_manager_hands_out_the_lowest_free_slot() -> None:
+    blocks = BlockManager(CachePlan(slots=3, slot_tokens=32, tokens=96))  # rows: no blocks to hand out
+    assert [blocks.allocate(32), blocks.allocate(32), blocks.allocate(32)] == [(0, []), (1, []), (2, [])]
+    assert blocks.free_slots == 0
     with pytest.raises(RuntimeError, match="no free KV-cache slot"):
-        slots.take()
-    slots.give_back(2)
-    slots.give_back(0)
-    assert (slots.free, slots.take(), slots.take()) == (2, 0, 2)
+        blocks.allocate(32)
+    blocks.free(2)
+    blocks.free(0)
+    assert (blocks.free_slots, blocks.allocate(32)[0], blocks.allocate(32)[0]) == (2, 0, 2)
 
 
 TINY_SHAPE = CacheShape(layers=2, kv_heads=4, head_dim=16, dtype=torch.float32, sliding_window=None)
@@ -287,26 +290,32 @@ SCRATCH = 6  # the scratch block of a 6-block cache: where unassigned table entr
 
 
 def test_a_paged_cache_hands_out_blocks_and_takes_them_back() -> None:
-    cache = KVCache(TINY_SHAPE, CachePlan(slots=4, slot_tokens=64, tokens=96), torch.device("cpu"))
-    assert (cache.plan.paged, cache.blocks, cache.free_blocks, cache.blocks_for(33)) == (True, 6, 6, 3)
+    plan = CachePlan(slots=4, slot_tokens=64, tokens=96)
+    blocks, cache = BlockManager(plan), KVCache(TINY_SHAPE, plan, torch.device("cpu"))
+    assert (cache.plan.paged, cache.blocks, blocks.free_blocks, blocks.blocks_for(33)) == (True, 6, 6, 3)
     assert (cache.block_table == SCRATCH).all()
-    cache.assign(2, 33)
-    taken = cache.block_table[2, :3].tolist()
-    assert len(set(taken)) == 3 and set(taken) <= set(range(6)) and cache.free_blocks == 3
-    assert (cache.block_table[2, 3:] == SCRATCH).all() and (cache.block_table[[0, 1, 3]] == SCRATCH).all()
+    slot, taken = blocks.allocate(33)
+    cache.set_blocks(slot, taken)
+    assert slot == 0 and cache.block_table[0, :3].tolist() == taken
+    assert len(set(taken)) == 3 and set(taken) <= set(range(6)) and blocks.free_blocks == 3
+    assert (cache.block_table[0, 3:] == SCRATCH).all() and (cache.block_table[1:] == SCRATCH).all()
     with pytest.raises(RuntimeError, match="4 KV-cache blocks wanted, 3 free"):
-        cache.assign(0, 64)
-    cache.release(2)
-    assert cache.free_blocks == 6 and (cache.block_table == SCRATCH).all()
+        blocks.allocate(64)
+    blocks.free(slot)
+    cache.clear_blocks(slot)
+    assert blocks.free_blocks == 6 and blocks.free_slots == 4 and (cache.block_table == SCRATCH).all()
 
 
 def test_a_rows_cache_gives_each_slot_its_own_row_for_good() -> None:
-    cache = KVCache(TINY_SHAPE, CachePlan(slots=2, slot_tokens=40, tokens=80), torch.device("cpu"))
+    plan = CachePlan(slots=2, slot_tokens=40, tokens=80)
+    blocks, cache = BlockManager(plan), KVCache(TINY_SHAPE, plan, torch.device("cpu"))
     assert not cache.plan.paged
     assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]  # 40 tokens: 3 blocks of 16
-    assert (cache.blocks_for(40), cache.free_blocks) == (0, 0)
-    cache.assign(1, 40)
-    cache.release(1)
+    assert (blocks.blocks_for(40), blocks.free_blocks) == (0, 0)
+    slot, taken = blocks.allocate(40)
+    cache.set_blocks(slot, taken)
+    blocks.free(slot)
+    cache.clear_blocks(slot)
     assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
@@ -363,11 +372,14 @@ def test_while_graphs_are_captured_a_paged_cache_spreads_free_slots_over_distinc
 
 def test_decode_batch_covers_rows_up_to_the_highest_slot_in_use() -> None:
     batch = DecodeBatch(slots=4, device=torch.device("cpu"))
-    requests: list[Any] = [object(), object(), object()]
-    batch.add([0, 1, 2], requests, torch.tensor([7, 8, 9]), [5, 30, 12])
+    batch.add([0, 1, 2], torch.tensor([7, 8, 9]), [5, 30, 12], sampled=[False, True, False])
+    assert batch.any_sampled
     assert (batch.width, batch.length) == (3, 31)
     batch.remove([2])  # the top row leaves: the batch narrows
     assert (batch.width, batch.length, len(batch)) == (2, 31, 2)
+    batch.remove([1])  # the only sampled row leaves: the step may skip the sampling kernels
+    assert not batch.any_sampled
+    batch.add([1], torch.tensor([8]), [30], sampled=[False])
     batch.remove([0])  # a hole below: the row still computes, harmlessly, at position 0 of a free slot
     assert (batch.width, len(batch)) == (2, 1)
     assert batch.tokens.tolist() == [0, 8, 0, 0] and batch.positions.tolist() == [0, 30, 0, 0]
@@ -448,7 +460,7 @@ def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(
 ) -> None:
     engine = start_engine(max_batch_size=4, **LAYOUTS[layout])
     with torch.inference_mode(), _OpRecorder() as recorder:
-        engine._forward_decode(4, 256)  # what GraphDecoder.capture records
+        engine._runner.forward_decode(4, 256)  # what GraphDecoder.capture records
     assert "aten.scaled_dot_product_attention.default" in recorder.ops  # the recorder saw the model run
     assert recorder.ops & _CAPTURE_BREAKERS == set()
 
@@ -459,7 +471,7 @@ def test_the_decode_step_has_nothing_a_cuda_graph_cannot_hold(
 @pytest.fixture
 def graphs_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine believes it runs on CUDA (so it tries to capture), on this CPU-only machine."""
-    monkeypatch.setattr(engine_loop, "cuda_graphs_supported", lambda device: True)
+    monkeypatch.setattr(model_runner, "cuda_graphs_supported", lambda device: True)
 
 
 def _failing_capture(*args: Any) -> GraphDecoder:
@@ -579,7 +591,7 @@ def test_a_kv_cache_that_cannot_be_made_fails_loading_with_the_fix(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
 
     if out_of_memory:
-        monkeypatch.setattr(engine_loop, "KVCache", no_memory)
+        monkeypatch.setattr(kv_cache, "KVCache", no_memory)
     service = ModelService(dataclasses.replace(tiny_settings, **settings))
     service.start_loading()
     assert service.wait_until_loaded(TIMEOUT_S) == "failed"
@@ -589,7 +601,7 @@ def test_a_kv_cache_that_cannot_be_made_fails_loading_with_the_fix(
 def test_too_little_memory_for_one_sequence_fails_loading_with_the_fix(
     monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings
 ) -> None:
-    monkeypatch.setattr(engine_loop, "cache_budget", lambda device: 50_000)
+    monkeypatch.setattr(kv_cache, "cache_budget", lambda device: 50_000)
     service = ModelService(tiny_settings)
     service.start_loading()
     assert service.wait_until_loaded(TIMEOUT_S) == "failed"

@@ -241,7 +241,11 @@ ENTRA = {"access": "entra", "entraClientId": CLIENT_ID, "entraTenantId": TENANT_
     [
         ((), {"accessPassword": "correct-horse-battery"}, r"accessPassword: is stored in plain text .* --secret"),
         (("accessPassword",), {"accessPassword": "short"}, "accessPassword: must be at least 12 characters"),
-        ((), {"accessUsername": "ad:min"}, "accessUsername: 1-64 letters, digits, .* got 'ad:min'"),
+        (
+            (),
+            {"accessUsername": "ad:min"},
+            "accessUsername: must be non-empty, without ':' or whitespace .* got 'ad:min'",
+        ),
         ((), {"accessUsername": "two words"}, "accessUsername: "),
         ((), {"access": "open"}, "access: must be one of public, password, entra, got 'open'"),
         ((), {"access": "entra", "entraTenantId": TENANT_ID}, "entraClientId: required when access is entra: the Ap"),

@@ -1,0 +1,186 @@
+"""The model on the device: the running batch's tensors, the prefill and decode forward passes over the KV cache, and
+sampling (inference_app.engine.sampler). On a GPU the decode step replays a CUDA graph
+(inference_app.engine.cuda_graphs).
+
+Rows are KV-cache slots: a decode step runs over slots 0..width-1, each row at its own position (no left padding);
+a free slot below the width computes harmlessly at position 0 of its scratch block. The next input token and
+position of every row stay on the device, so a step copies nothing from the host, and its new tokens come back in
+one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
+from inference_app.engine.kv_cache import KVCache
+from inference_app.engine.request import EngineRequest
+from inference_app.engine.sampler import BatchSampler
+
+
+class DecodeBatch:
+    """Per slot, on the device: the next input token, its position and whether a request holds the slot."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._next_positions: dict[int, int] = {}  # host copy of `positions` for the slots in use
+        self._sampled: set[int] = set()  # slots whose request samples (not greedy)
+        self._device = device
+
+    def __len__(self) -> int:
+        return len(self._next_positions)
+
+    @property
+    def width(self) -> int:
+        """Rows a decode step must cover: up to the highest slot in use."""
+        return max(self._next_positions) + 1
+
+    @property
+    def length(self) -> int:
+        """Key positions a decode step must attend to: up to the furthest row's new token."""
+        return max(self._next_positions.values()) + 1
+
+    @property
+    def any_sampled(self) -> bool:
+        return bool(self._sampled)
+
+    def add(self, slots: list[int], tokens: torch.Tensor, positions: list[int], sampled: list[bool]) -> None:
+        index = torch.tensor(slots, device=self._device)
+        self.tokens[index] = tokens
+        self.positions[index] = torch.tensor(positions, device=self._device)
+        self.active[index] = True
+        for slot, position, samples in zip(slots, positions, sampled, strict=True):
+            self._next_positions[slot] = position
+            if samples:
+                self._sampled.add(slot)
+
+    def advance(self, new_tokens: torch.Tensor, width: int) -> None:
+        """The rows in use take their new token as the next input, one position further (on the device)."""
+        active = self.active[:width]
+        self.tokens[:width] = torch.where(active, new_tokens, 0)
+        self.positions[:width] += active
+        for slot in self._next_positions:
+            self._next_positions[slot] += 1
+
+    def remove(self, slots: list[int]) -> None:
+        """Frees the slots: their rows go on computing (when below the width) at position 0 of a free slot."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self._device)
+        self.tokens[index] = 0
+        self.positions[index] = 0
+        self.active[index] = False
+        for slot in slots:
+            self._next_positions.pop(slot, None)  # a request that failed in its prefill never joined
+            self._sampled.discard(slot)
+
+
+class ModelRunner:
+    """Runs the model for the engine loop: prefill of joining requests, one decode step over the batch."""
+
+    def __init__(self, model: Any, cache: KVCache, device: torch.device, sequence_tokens: int, cuda_graphs: bool):
+        self._model = model
+        self.cache = cache
+        self._device = device
+        slots = cache.plan.slots
+        self.batch = DecodeBatch(slots, device)
+        self._sampler = BatchSampler(slots, int(model.config.vocab_size), device)
+        self._slot_index = torch.arange(slots, device=device)  # 0..slots-1
+        with torch.inference_mode():
+            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device), sequence_tokens)
+
+    def prefill(self, requests: list[EngineRequest]) -> list[int]:
+        """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
+        decode batch. Returns the first tokens."""
+        slots = [_slot(request) for request in requests]
+        for slot, request in zip(slots, requests, strict=True):
+            self.cache.set_blocks(slot, request.blocks)
+        self._sampler.set_rows(
+            slots,
+            [request.params.temperature for request in requests],
+            [request.params.top_k for request in requests],
+            [request.params.top_p for request in requests],
+            [request.seed for request in requests],
+        )
+        first_tokens = self._prefill_forward(slots, requests)
+        sampled = [not request.params.greedy for request in requests]
+        self.batch.add(slots, first_tokens, [len(request.prompt_ids) for request in requests], sampled)
+        return list(first_tokens.tolist())
+
+    def decode(self) -> list[int]:
+        """One decode step over the batch; returns the new tokens by slot (up to the batch's width)."""
+        width, length = self.batch.width, self.batch.length
+        logits = self.decoder.run(width, length)[:width]
+        positions = self.batch.positions[:width]
+        new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self.batch.any_sampled)
+        self.batch.advance(new_tokens, width)
+        return list(new_tokens.tolist())  # the step's one device-to-host copy
+
+    def remove(self, slots: list[int]) -> None:
+        """The rows of finished requests leave the batch; a paged slot's table points at scratch again."""
+        self.batch.remove(slots)
+        for slot in slots:
+            self.cache.clear_blocks(slot)
+
+    def forward_decode(self, batch: int, length: int) -> torch.Tensor:
+        """The model's decode step over slots 0..batch-1 (what CUDA graphs capture): logits [batch, vocab]."""
+        mask = self.cache.prepare_decode(self.batch.positions, batch, length)
+        return self._model(
+            input_ids=self.batch.tokens[:batch, None],
+            position_ids=self.batch.positions[:batch, None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
+
+    def _prefill_forward(self, slots: list[int], requests: list[EngineRequest]) -> torch.Tensor:
+        lengths = [len(request.prompt_ids) for request in requests]
+        longest = max(lengths)
+        input_ids = torch.tensor(
+            [request.prompt_ids + [0] * (longest - len(request.prompt_ids)) for request in requests],
+            device=self._device,
+        )
+        slot_index = torch.tensor(slots, device=self._device)
+        length_tensor = torch.tensor(lengths, device=self._device)
+        mask = self.cache.prepare_prefill(slot_index, length_tensor, longest)
+        # Only the logits of each prompt's last token: the distinct last positions, then each row's own.
+        last_positions = sorted(set(lengths))
+        keep = torch.tensor([length - 1 for length in last_positions], device=self._device)
+        logits = self._model(
+            input_ids=input_ids,
+            position_ids=torch.arange(longest, device=self._device).expand(len(requests), longest),
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+        column = torch.tensor([last_positions.index(length) for length in lengths], device=self._device)
+        row_logits = logits[torch.arange(len(requests), device=self._device), column]
+        any_sampled = any(not request.params.greedy for request in requests)
+        return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
+
+    def _make_decoder(self, use_graphs: bool, sequence_tokens: int) -> DecodeRunner:
+        slots = self.cache.plan.slots
+        # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
+        # the positions within the shortest attention length the check uses.
+        self.batch.tokens.copy_(torch.arange(slots) % int(self._model.config.vocab_size))
+        self.batch.positions.copy_(torch.arange(slots) % min(SHORTEST_LENGTH_BUCKET, sequence_tokens))
+        try:
+            with self.cache.spread_for_capture():
+                return make_decoder(self.forward_decode, use_graphs, slots, sequence_tokens)
+        finally:
+            self.batch.tokens.zero_()
+            self.batch.positions.zero_()
+
+
+def cuda_graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _slot(request: EngineRequest) -> int:
+    assert request.slot is not None, "the scheduler gives a joining request its slot"
+    return request.slot
