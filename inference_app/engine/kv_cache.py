@@ -64,7 +64,7 @@ class KVCache:
         self._prefill = False
         self._write_index = self._key_positions[:0]
         self._read_index: torch.Tensor | None = None
-        self._batch = 0
+        self._rows = slice(0, 0)  # the slots attention reads
         self._length = 0
 
     @property
@@ -122,14 +122,28 @@ class KVCache:
         mask = self._visible(queries, keys)[None] & (keys < prompt_lengths[:, None, None])
         return mask[:, None]
 
-    def prepare_decode(self, positions: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-        """For a decode step over slots 0..batch-1, each row writing at positions[row] (< length) and attending to
-        its positions up to that one; returns the attention mask [batch, 1, 1, length]."""
+    def prepare_chunk(self, slot: int, start: int, length: int) -> torch.Tensor:
+        """For a forward pass over one slot's prompt positions start..start+length-1, written there and attending
+        to the slot's positions up to each (the earlier chunks from the cache); returns the attention mask
+        [1, 1, length, start + length]."""
+        end = start + length
         self._prefill = False
-        self._batch, self._length = batch, length
+        self._rows, self._length = slice(slot, slot + 1), end
+        token_index = self._token_index(self.block_table[slot : slot + 1], end)
+        self._write_index = token_index[0, start:]
+        self._read_index = token_index.flatten() if self.plan.paged else None
+        return self._visible(self._key_positions[start:end, None], self._key_positions[None, :end])[None, None]
+
+    def prepare_decode(self, positions: torch.Tensor, active: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """For a decode step over slots 0..batch-1, each active row writing at positions[row] (< length) and
+        attending to its positions up to that one (an inactive row writes to scratch: its slot may be free, or hold
+        a prompt being prefilled in chunks); returns the attention mask [batch, 1, 1, length]."""
+        self._prefill = False
+        self._rows, self._length = slice(0, batch), length
         table = self.block_table[:batch]
         row_positions = positions[:batch]
         blocks = table[self._slot_index[:batch], self._block_of_position[row_positions]]
+        blocks = torch.where(active[:batch], blocks, self._scratch_block)
         self._write_index = blocks * BLOCK_TOKENS + self._offset_in_block[row_positions]
         self._read_index = self._token_index(table, length).flatten() if self.plan.paged else None
         mask = self._visible(row_positions[:, None], self._key_positions[None, :length])
@@ -161,11 +175,11 @@ class KVCache:
         return self._read(keys), self._read(values)
 
     def _read(self, cache: torch.Tensor) -> torch.Tensor:
-        batch, length = self._batch, self._length
+        length = self._length
         if self._read_index is None:  # rows: a view, read in place
             rows = cache[: self.blocks * BLOCK_TOKENS].view(self.plan.slots, self._row_tokens, *cache.shape[1:])
-            return rows[:batch, :length].transpose(1, 2)
-        return cache.index_select(0, self._read_index).view(batch, length, *cache.shape[1:]).transpose(1, 2)
+            return rows[self._rows, :length].transpose(1, 2)
+        return cache.index_select(0, self._read_index).view(-1, length, *cache.shape[1:]).transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are per row and always passed explicitly (position_ids)

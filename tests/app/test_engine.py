@@ -30,7 +30,9 @@ from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.model_loading import LoadedModel, load_model
 from inference_app.engine.model_runner import DecodeBatch
+from inference_app.engine.request import EngineRequest
 from inference_app.engine.sampler import BatchSampler, uniform_noise
+from inference_app.engine.scheduler import Scheduler
 from inference_app.engine.types import GenerationChunk, SamplingParams
 from inference_app.service import ModelService
 from inference_app.settings import Settings, parse_settings
@@ -142,18 +144,23 @@ def test_concurrent_greedy_replies_match_generate(
     assert engine.stats()["largest_batch"] == sum(tokens > 0 for _, tokens in expected)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> None:
-    """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
+def sliding_window_model(folder: Path, window: int) -> LoadedModel:
+    """The tiny model attending to the last `window` positions only (Phi-3-mini-4k: 2047)."""
     from transformers import Phi3ForCausalLM
 
-    tokenizer = build_tokenizer(tmp_path)
+    tokenizer = build_tokenizer(folder)
     config = phi3_config(SIZES["tiny"], tokenizer, torch.float32)
-    config.sliding_window = 8
+    config.sliding_window = window
     torch.manual_seed(0)
     model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     model.generation_config = generation_config(tokenizer, config)
-    windowed = LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+    return LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> None:
+    """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
+    windowed = sliding_window_model(tmp_path, 8)
     engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4, **LAYOUTS[layout]))
     prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
     replies = [Reply() for _ in prompts]
@@ -192,6 +199,69 @@ def test_requests_joining_and_leaving_mid_batch_match_generate(
     expected = [generate_text(loaded, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
     assert [reply.result() for reply in replies] == expected
     assert engine.stats()["largest_batch"] >= 2
+
+
+@pytest.mark.usefixtures("paced_decoding")  # the long reply outlasts the chunked prefills beside it
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompts_prefilled_in_chunks_beside_running_replies_match_generate(
+    loaded: LoadedModel, tmp_path: Path, layout: str, window: int | None
+) -> None:
+    """Long prompts join while a reply streams: each is prefilled a chunk of 8 tokens per step, attending to its
+    earlier chunks in the cache. The first one takes slot 0, below the streaming row, which the decode step covers:
+    that row must not write into the slot while its prompt is half there."""
+    model = loaded if window is None else sliding_window_model(tmp_path, window)
+    engine = BatchingEngine(model, EngineOptions(max_batch_size=4, prefill_chunk_tokens=8, **LAYOUTS[layout]))
+    short, streaming, *long_prompts = [prompt_ids(model, text) for text in (PROMPTS[0], PROMPTS[1], *PROMPTS[2::2])]
+    budgets = [2, 60, NEW_TOKENS, NEW_TOKENS]
+    replies: list[Reply] = []
+
+    def join_when_the_short_reply_ends(chunk: GenerationChunk) -> None:
+        if chunk.finish_reason is not None:  # its slot 0 is free again
+            for ids, budget in zip(long_prompts, budgets[2:], strict=True):
+                replies.append(Reply())
+                engine.submit(ids, greedy(budget), budget, replies[-1].deliver)
+
+    first = [Reply(join_when_the_short_reply_ends), Reply()]
+    for ids, budget, reply in zip((short, streaming), budgets[:2], first, strict=True):
+        engine.submit(ids, greedy(budget), budget, reply.deliver)
+    engine.start()
+    try:
+        results = [reply.result() for reply in first]
+        assert len(replies) == len(long_prompts), "the long prompts were not submitted"
+        results += [reply.result() for reply in replies]
+        prompts = [short, streaming, *long_prompts]
+        assert min(len(ids) for ids in long_prompts) > 3 * 8  # several chunks each
+        assert results == [generate_text(model, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
+        assert engine.stats()["prefill_chunks"] >= 2 * 3
+    finally:
+        engine.stop()
+
+
+def test_a_step_prefills_at_most_its_budget_while_others_decode() -> None:
+    """Whole prompts that fit share a step; a longer one goes a chunk per step, alone; with nothing decoding the
+    budget is PREFILL_TOKENS."""
+    scheduler = Scheduler(BlockManager(CachePlan(slots=4, slot_tokens=512, tokens=4 * 512)), None, 10)
+
+    def request(prompt_tokens: int) -> EngineRequest:
+        return EngineRequest([1] * prompt_tokens, greedy(), 4, lambda item: None, None, None, 0)  # type: ignore[arg-type]
+
+    def planned() -> tuple[list[list[int]], tuple[int, int] | None]:
+        step = scheduler.schedule()
+        assert step is not None
+        groups = [[len(each.prompt_ids) for each in group] for group in step.prefill_groups]
+        chunk = step.prefill_chunk
+        return groups, None if chunk is None else (chunk.start, chunk.length)
+
+    scheduler.add(request(30))  # nothing decodes yet: the whole prompt at once
+    assert planned() == ([[30]], None)
+    for prompt_tokens in (25, 4, 5):
+        scheduler.add(request(prompt_tokens))
+    assert planned() == ([], (0, 10))
+    assert planned() == ([], (10, 10))
+    assert planned() == ([], (20, 5))
+    assert planned() == ([[4, 5]], None)  # 9 tokens: both fit one step
+    assert [len(each.prompt_ids) for each in scheduler.decoding()] == [30, 25, 4, 5]
 
 
 def test_a_paged_cache_makes_requests_wait_for_blocks_and_serves_them_in_turn(
@@ -317,6 +387,18 @@ def test_a_rows_cache_gives_each_slot_its_own_row_for_good() -> None:
     blocks.free(slot)
     cache.clear_blocks(slot)
     assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("tokens", [80, 48])  # rows; paged
+def test_a_decode_row_without_a_decoding_request_writes_only_to_scratch(tokens: int) -> None:
+    """Its slot may hold a prompt being prefilled in chunks: the step over the batch's width must not touch it."""
+    plan = CachePlan(slots=2, slot_tokens=40, tokens=tokens)
+    cache = KVCache(TINY_SHAPE, plan, torch.device("cpu"))
+    cache.set_blocks(0, [0, 1])
+    cache.set_blocks(1, [2])
+    cache.prepare_decode(torch.tensor([0, 5]), torch.tensor([False, True]), 2, 8)
+    scratch = cache.blocks * BLOCK_TOKENS
+    assert cache._write_index.tolist() == [scratch, 2 * BLOCK_TOKENS + 5]
 
 
 PHI3_MINI = CacheShape(layers=32, kv_heads=32, head_dim=96, dtype=torch.bfloat16, sliding_window=2047)
