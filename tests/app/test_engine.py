@@ -86,7 +86,8 @@ def prompt_ids(loaded: LoadedModel, text: str) -> list[int]:
 def generate_text(loaded: LoadedModel, ids: list[int], max_new_tokens: int = NEW_TOKENS) -> tuple[str, int]:
     """`model.generate`'s greedy reply and its token count (up to the end-of-reply token)."""
     with torch.inference_mode():
-        output = loaded.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        inputs = torch.tensor([ids], device=loaded.device)
+        output = loaded.model.generate(inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = output[0, len(ids) :].tolist()
     stops = set(loaded.model.generation_config.eos_token_id)
     count = next((index for index, token in enumerate(new) if token in stops), len(new))
@@ -144,17 +145,18 @@ def test_concurrent_greedy_replies_match_generate(
     assert engine.stats()["largest_batch"] == sum(tokens > 0 for _, tokens in expected)
 
 
-def sliding_window_model(folder: Path, window: int) -> LoadedModel:
+def sliding_window_model(folder: Path, window: int, context: int = 512, device: str = "cpu") -> LoadedModel:
     """The tiny model attending to the last `window` positions only (Phi-3-mini-4k: 2047)."""
     from transformers import Phi3ForCausalLM
 
     tokenizer = build_tokenizer(folder)
-    config = phi3_config(SIZES["tiny"], tokenizer, torch.float32)
+    size = dataclasses.replace(SIZES["tiny"], context_length=context)
+    config = phi3_config(size, tokenizer, torch.float32)
     config.sliding_window = window
     torch.manual_seed(0)
-    model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval().to(device)
     model.generation_config = generation_config(tokenizer, config)
-    return LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+    return LoadedModel(model, tokenizer, "windowed", None, device, "float32", context, {})
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
