@@ -4,7 +4,7 @@
   (both log-uniform, seeded, sampled at temperature 1), arriving at --rate requests/s (Poisson) or, with --rate 0,
   from --clients clients that each send their next request when the previous reply ends. Reports tokens/s, time to
   first token and time between tokens at p50/p95/p99, and the largest gap between two tokens of one reply.
-- **stall** (--stall): one reply streams while six ~3,000-token prompts arrive at once; reports the streaming
+- **stall** (--scenario stall): one reply streams while six ~3,000-token prompts arrive at once; reports the streaming
   reply's largest gap between two tokens until all six have their first token (what chunked prefill bounds).
 
 The model is loaded the way the app loads it (`load_model`: folders on disk, the adapter merged into the weights,
@@ -12,7 +12,7 @@ one copy on the device; a generated random-weight model unless --model/--adapter
 ModelService makes it. Times are taken when the reply's text arrives (the output thread), as a client sees it;
 a token that produced no text yet is counted with the next one that did.
 
-    python -m bench.mixed --size small --stall                  # the CPU target: largest gap < 0.5 s
+    python -m bench.mixed --size small --scenario stall        # the CPU target: largest gap < 0.5 s
     python -m bench.mixed --size mini --clients 32 --rate 0     # on a GPU: p99 between tokens at 32 clients
 """
 
@@ -55,7 +55,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", default="32,3000", help="prompt length range, log-uniform: MIN,MAX")
     parser.add_argument("--reply-tokens", default="16,512", help="reply length range, log-uniform: MIN,MAX")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, arrivals and sampling")
-    parser.add_argument("--stall", action="store_true", help="measure the stall scenario instead")
+    parser.add_argument("--scenario", default="mixed", choices=("mixed", "stall", "both"), help="what to measure")
     parser.add_argument("--prefill-chunk-tokens", type=int, help="the engine's option (default: per device)")
     parser.add_argument("--kv-cache-tokens", type=int, help="the engine's option (default: from memory)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
@@ -229,7 +229,8 @@ def run_stall(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     while streaming.tokens < 8 and time.perf_counter() < deadline:  # it is running, its first steps done
         time.sleep(0.01)
     arrived = time.perf_counter()
-    prompts = [bench.prompt(STALL_PROMPT_TOKENS, rng) for _ in range(STALL_PROMPTS)]
+    prompt_tokens = min(STALL_PROMPT_TOKENS, bench.engine.sequence_tokens - 16)  # the tiny model's context is 512
+    prompts = [bench.prompt(prompt_tokens, rng) for _ in range(STALL_PROMPTS)]
     joining = [bench.submit(prompt, 16, args.seed + 1 + index) for index, prompt in enumerate(prompts)]
     while any(not timeline.chunks for timeline in joining) and time.perf_counter() < deadline:
         time.sleep(0.01)
@@ -240,7 +241,7 @@ def run_stall(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     during = [at for at, _ in streaming.chunks if arrived <= at <= all_started]
     return {
         "prompts": STALL_PROMPTS,
-        "prompt_tokens": STALL_PROMPT_TOKENS,
+        "prompt_tokens": prompt_tokens,
         "seconds_until_all_started": all_started - arrived,
         "stream_tokens_meanwhile": len(during),
         "stream_largest_gap_s": streaming.largest_gap_s(until=all_started),
@@ -256,41 +257,22 @@ def main() -> None:
     bench = Bench(args)
     facts = bench.engine.describe()
     print(f"loaded in {bench.load_s:.1f} s, engine ready in {bench.start_s:.1f} s: {facts['summary']}", flush=True)
+    results: dict[str, Any] = {}
     try:
-        results = run_stall(bench, args) if args.stall else run_mixed(bench, args)
+        if args.scenario in ("mixed", "both"):
+            results["mixed"] = run_mixed(bench, args)
+        if args.scenario in ("stall", "both"):
+            results["stall"] = run_stall(bench, args)
     finally:
         bench.close()
     loaded = bench.loaded
     print(f"\nModel: {bench.model_description}, {loaded.device}, {loaded.dtype}")
     print(f"Machine: {describe_machine(machine_facts())}")
     print(f"Engine: {facts['summary']}\n")
-    if args.stall:
-        print(
-            format_table(
-                ["prompts arriving", "until all started s", "stream tokens meanwhile", "largest gap s", "gap p50 s"],
-                [
-                    [
-                        f"{STALL_PROMPTS} x {STALL_PROMPT_TOKENS} tokens",
-                        results["seconds_until_all_started"],
-                        results["stream_tokens_meanwhile"],
-                        results["stream_largest_gap_s"],
-                        results["stream_between_tokens_p50_s"],
-                    ]
-                ],
-            )
-        )
-        print(f"\nCPU target (--size small): largest gap < 0.5 s: {results['stream_largest_gap_s']:.3f} s")
-    else:
-        headers = ["requests", "arrivals", "tokens/s", "TTFT p50/p95/p99 s", "between tokens p50/p95/p99 s"]
-        row = [
-            results["requests"],
-            results["arrivals"],
-            results["tokens_per_s"],
-            "/".join(f"{results[f'ttft_p{p}_s']:.3f}" for p in (50, 95, 99)),
-            "/".join(f"{results[f'between_tokens_p{p}_s']:.3f}" for p in (50, 95, 99)),
-        ]
-        print(format_table(headers, [row]))
-        print(f"\nlargest gap between two tokens of one reply: {results['largest_gap_s']:.3f} s")
+    if "mixed" in results:
+        print_mixed(results["mixed"])
+    if "stall" in results:
+        print_stall(results["stall"])
     path = write_results(
         __file__,
         {
@@ -300,12 +282,37 @@ def main() -> None:
             "load_s": bench.load_s,
             "engine_start_s": bench.start_s,
             "engine": facts,
-            "scenario": "stall" if args.stall else "mixed",
-            "results": results,
+            **results,
         },
         path=args.json,
     )
     print(f"\nJSON: {path}")
+
+
+def print_stall(results: dict[str, Any]) -> None:
+    headers = ["prompts arriving", "until all started s", "stream tokens meanwhile", "largest gap s", "gap p50 s"]
+    row = [
+        f"{results['prompts']} x {results['prompt_tokens']} tokens",
+        results["seconds_until_all_started"],
+        results["stream_tokens_meanwhile"],
+        results["stream_largest_gap_s"],
+        results["stream_between_tokens_p50_s"],
+    ]
+    print(format_table(headers, [row]))
+    print(f"\nCPU target (--size small): largest gap < 0.5 s: {results['stream_largest_gap_s']:.3f} s\n")
+
+
+def print_mixed(results: dict[str, Any]) -> None:
+    headers = ["requests", "arrivals", "tokens/s", "TTFT p50/p95/p99 s", "between tokens p50/p95/p99 s"]
+    row = [
+        results["requests"],
+        results["arrivals"],
+        results["tokens_per_s"],
+        "/".join(f"{results[f'ttft_p{p}_s']:.3f}" for p in (50, 95, 99)),
+        "/".join(f"{results[f'between_tokens_p{p}_s']:.3f}" for p in (50, 95, 99)),
+    ]
+    print(format_table(headers, [row]))
+    print(f"\nlargest gap between two tokens of one reply: {results['largest_gap_s']:.3f} s\n")
 
 
 if __name__ == "__main__":
