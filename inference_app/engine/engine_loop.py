@@ -108,7 +108,7 @@ class BatchingEngine:
     def start(self) -> None:
         """Captures the CUDA graphs (on CUDA) and starts the engine and output threads."""
         options = self._options
-        self._runner = ModelRunner(self._model, self._cache, self._device, self.sequence_tokens, options.cuda_graphs)
+        self._runner = ModelRunner(self._model, self._cache, self._device, options.cuda_graphs)
         logger.info("generation engine: %s", self.describe()["summary"])
         self._output.start()
         self._thread.start()

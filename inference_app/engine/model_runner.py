@@ -87,7 +87,7 @@ class DecodeBatch:
 class ModelRunner:
     """Runs the model for the engine loop: prefill of joining requests, one decode step over the batch."""
 
-    def __init__(self, model: Any, cache: KVCache, device: torch.device, sequence_tokens: int, cuda_graphs: bool):
+    def __init__(self, model: Any, cache: KVCache, device: torch.device, cuda_graphs: bool):
         self._model = model
         self.cache = cache
         self._device = device
@@ -96,7 +96,7 @@ class ModelRunner:
         self._sampler = BatchSampler(slots, int(model.config.vocab_size), device)
         self._slot_index = torch.arange(slots, device=device)  # 0..slots-1
         with torch.inference_mode():
-            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device), sequence_tokens)
+            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device))
 
     def prefill(self, requests: list[EngineRequest]) -> list[int]:
         """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
@@ -150,7 +150,8 @@ class ModelRunner:
 
     def decode(self) -> list[int]:
         """One decode step over the batch; returns the new tokens by slot (up to the batch's width)."""
-        width, length = self.batch.width, self.batch.length
+        # A row keeps slot_tokens places (fewer than its positions in a sliding window's ring buffer).
+        width, length = self.batch.width, min(self.batch.length, self.cache.plan.slot_tokens)
         logits = self.decoder.run(width, length)[:width]
         positions = self.batch.positions[:width]
         new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self.batch.any_sampled)
@@ -200,16 +201,16 @@ class ModelRunner:
         any_sampled = any(not request.params.greedy for request in requests)
         return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
 
-    def _make_decoder(self, use_graphs: bool, sequence_tokens: int) -> DecodeRunner:
-        slots = self.cache.plan.slots
+    def _make_decoder(self, use_graphs: bool) -> DecodeRunner:
+        slots, slot_tokens = self.cache.plan.slots, self.cache.plan.slot_tokens
         # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
         # the positions within the shortest attention length the check uses.
         self.batch.tokens.copy_(torch.arange(slots) % int(self._model.config.vocab_size))
-        self.batch.positions.copy_(torch.arange(slots) % min(SHORTEST_LENGTH_BUCKET, sequence_tokens))
+        self.batch.positions.copy_(torch.arange(slots) % min(SHORTEST_LENGTH_BUCKET, slot_tokens))
         self.batch.active.fill_(True)  # the pattern rows write their own positions, as requests' rows do
         try:
             with self.cache.spread_for_capture():
-                return make_decoder(self.forward_decode, use_graphs, slots, sequence_tokens)
+                return make_decoder(self.forward_decode, use_graphs, slots, slot_tokens)
         finally:
             self.batch.tokens.zero_()
             self.batch.positions.zero_()

@@ -159,18 +159,26 @@ def sliding_window_model(folder: Path, window: int, context: int = 512, device: 
     return LoadedModel(model, tokenizer, "windowed", None, device, "float32", context, {})
 
 
+@pytest.mark.parametrize(("window", "ring"), [(8, 16), (32, 32)])  # the ring: the window in whole blocks of 16
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> None:
-    """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
-    windowed = sliding_window_model(tmp_path, 8)
+def test_sliding_window_models_keep_only_the_window_and_match_generate(
+    tmp_path: Path, layout: str, window: int, ring: int
+) -> None:
+    """Phi-3-mini-4k attends to the last 2047 positions only, so a slot keeps 2048 places, a ring buffer; here
+    windows of 8 and 32, prompts and replies well past them (positions wrap around the ring several times)."""
+    windowed = sliding_window_model(tmp_path, window)
     engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4, **LAYOUTS[layout]))
     prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
+    assert max(len(ids) for ids in prompts) > ring
     replies = [Reply() for _ in prompts]
     for ids, reply in zip(prompts, replies, strict=True):
-        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+        engine.submit(ids, greedy(3 * ring), 3 * ring, reply.deliver)
     engine.start()
     try:
-        assert [reply.result() for reply in replies] == [generate_text(windowed, ids) for ids in prompts]
+        assert engine.describe()["slot_tokens"] == ring
+        expected = [generate_text(windowed, ids, 3 * ring) for ids in prompts]
+        assert [reply.result() for reply in replies] == expected
+        assert max(len(ids) + tokens for ids, (_, tokens) in zip(prompts, expected, strict=True)) > 3 * ring
     finally:
         engine.stop()
 
@@ -403,6 +411,18 @@ def test_a_decode_row_without_a_decoding_request_writes_only_to_scratch(tokens: 
     assert cache._write_index.tolist() == [scratch, 2 * BLOCK_TOKENS + 5]
 
 
+def test_a_ring_writes_each_place_once_per_prefill_and_padding_to_scratch() -> None:
+    """Of a prompt longer than the ring, only its last row_tokens positions are written (on a GPU, which of two writes
+    to one place wins is not defined); a shorter prompt's padding goes to scratch, not over its own places."""
+    plan = CachePlan(slots=2, slot_tokens=16, tokens=32)
+    cache = KVCache(dataclasses.replace(TINY_SHAPE, sliding_window=8), plan, torch.device("cpu"))
+    cache.prepare_prefill(torch.tensor([0, 1]), torch.tensor([40, 5]), 40)
+    scratch = cache.blocks * BLOCK_TOKENS
+    first, second = cache._write_index.view(2, 40).tolist()
+    assert first == [scratch] * 24 + [position % 16 for position in range(24, 40)]
+    assert second == [16 + position for position in range(5)] + [scratch] * 35
+
+
 PHI3_MINI = CacheShape(layers=32, kv_heads=32, head_dim=96, dtype=torch.bfloat16, sliding_window=2047)
 
 
@@ -430,6 +450,14 @@ def test_default_cache_plans_for_phi3_mini_at_4k_context(
     assert (plan.slots, plan.paged, plan.tokens // 4096) == (slots, paged, whole_sequences)
     gather = PHI3_MINI.gather_bytes(plan.slots, 4096) if plan.paged else 0
     assert plan.tokens * PHI3_MINI.bytes_per_token() + gather <= budget
+
+
+def test_phi3_minis_sliding_window_makes_64_rows_fit_an_80_gb_gpu() -> None:
+    """A slot keeps the 2,047-token window in 2048 places, half a 4k sequence: rows, not paged."""
+    assert PHI3_MINI.kept_tokens(4096) == 2048
+    assert dataclasses.replace(PHI3_MINI, sliding_window=None).kept_tokens(4096) == 4096
+    plan = plan_cache(PHI3_MINI, PHI3_MINI.kept_tokens(4096), phi3_mini_budget(80))
+    assert (plan.slots, plan.slot_tokens, plan.paged) == (64, 2048, False)
 
 
 def test_cache_plans_honour_the_slots_and_tokens_set() -> None:
