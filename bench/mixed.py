@@ -99,8 +99,8 @@ class Timeline:
             gaps += [(at - before) / (tokens - before_tokens)] * (tokens - before_tokens)
         return gaps
 
-    def largest_gap_s(self, until: float = math.inf) -> float:
-        times = [at for at, _ in self.chunks if at <= until]
+    def largest_gap_s(self) -> float:
+        times = [at for at, _ in self.chunks]
         return max((later - earlier for earlier, later in zip(times, times[1:], strict=False)), default=0.0)
 
 
@@ -235,19 +235,23 @@ def run_stall(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     while any(not timeline.chunks for timeline in joining) and time.perf_counter() < deadline:
         time.sleep(0.01)
     all_started = time.perf_counter()
+    while streaming.chunks[-1][0] <= all_started and time.perf_counter() < deadline:  # its next token after that
+        time.sleep(0.01)
     streaming.request.cancel()
     for timeline in joining:
         timeline.finished.wait(RUN_TIMEOUT_S)
-    during = [at for at, _ in streaming.chunks if arrived <= at <= all_started]
+    # The stream's tokens from its last one before the prompts arrived to its first one after all six started.
+    times = [at for at, _ in streaming.chunks]
+    first = max(index for index, at in enumerate(times) if at <= arrived)
+    last = min(index for index, at in enumerate(times) if at > all_started)
+    gaps = [later - earlier for earlier, later in zip(times[first:last], times[first + 1 : last + 1], strict=True)]
     return {
         "prompts": STALL_PROMPTS,
         "prompt_tokens": prompt_tokens,
         "seconds_until_all_started": all_started - arrived,
-        "stream_tokens_meanwhile": len(during),
-        "stream_largest_gap_s": streaming.largest_gap_s(until=all_started),
-        "stream_between_tokens_p50_s": percentile(
-            [later - earlier for earlier, later in zip(during, during[1:], strict=False)], 0.5
-        ),
+        "stream_tokens_meanwhile": last - first - 1,
+        "stream_largest_gap_s": max(gaps),
+        "stream_between_tokens_p50_s": percentile(gaps, 0.5),
         "joining_ttft_s": [timeline.ttft_s for timeline in joining],
     }
 
