@@ -110,14 +110,19 @@ class KVCache:
         finally:
             table.fill_(self._scratch_block)
 
-    def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
-        """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0;
-        returns its attention mask [rows, 1, length, length] (causal, padding hidden). Padding, and in a ring the
-        positions older than its last row_tokens, go to scratch."""
+    def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor | None:
+        """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0.
+        Padding, and in a ring the positions older than its last row_tokens, go to scratch. Returns the attention
+        mask [rows, 1, length, length] (causal, padding hidden), or None when plain causal attention is the same for
+        every real token: the padding comes after them, and the prompts fit the sliding window. SDPA then runs with
+        is_causal and no mask, which FlashAttention accepts on a GPU (PyTorch refuses it any explicit mask)."""
         self._mode = "prefill"
         positions = torch.arange(length, device=self._places.device)
         kept = (positions < prompt_lengths[:, None]) & (positions >= prompt_lengths[:, None] - self._row_tokens)
         self._write_index = self._where_kept(self.block_table[slots], positions, kept).flatten()
+        window = self.shape.sliding_window
+        if window is None or length < window:
+            return None
         queries, keys = positions[:, None], positions[None, :]
         mask = self._visible(queries, keys)[None] & (keys < prompt_lengths[:, None, None])
         return mask[:, None]
@@ -205,6 +210,13 @@ class KVCache:
             rows = cache[: self.blocks * BLOCK_TOKENS].view(self.plan.slots, self._row_tokens, *cache.shape[1:])
             return rows[self._rows, :length].transpose(1, 2)
         return cache.index_select(0, self._read_index).view(-1, length, *cache.shape[1:]).transpose(1, 2)
+
+    # Asked by transformers' mask builders when a forward pass gets no mask (a prefill: the prompt attends to itself).
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are per row and always passed explicitly (position_ids)

@@ -248,6 +248,41 @@ def test_prompts_prefilled_in_chunks_beside_running_replies_match_generate(
         engine.stop()
 
 
+@pytest.mark.parametrize(("window", "masked"), [(None, False), (8, True), (2047, False)])
+def test_prompts_within_the_window_are_prefilled_causal_without_a_mask(
+    monkeypatch: pytest.MonkeyPatch,
+    loaded: LoadedModel,
+    tmp_path: Path,
+    window: int | None,
+    masked: bool,
+) -> None:
+    """PyTorch runs FlashAttention only without an explicit mask: right-padded prompts within the window need none.
+    A prompt longer than the window (8 here) needs its mask."""
+    model = loaded if window is None else sliding_window_model(tmp_path, window)
+    prefills: list[tuple[bool, bool]] = []  # (a mask was passed, is_causal), for forward passes of several tokens
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if query.shape[2] > 1:
+            prefills.append((kwargs.get("attn_mask") is not None, bool(kwargs.get("is_causal"))))
+        return sdpa(query, *args, **kwargs)
+
+    prompts = [prompt_ids(model, text) for text in PROMPTS[:3]]  # different lengths: right padding
+    expected = [generate_text(model, ids) for ids in prompts]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    engine = BatchingEngine(model, EngineOptions(max_batch_size=4))
+    replies = [Reply() for _ in prompts]
+    for ids, reply in zip(prompts, replies, strict=True):
+        engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
+    engine.start()
+    try:
+        assert [reply.result() for reply in replies] == expected
+    finally:
+        engine.stop()
+    assert prefills
+    assert set(prefills) == ({(True, False)} if masked else {(False, True)})
+
+
 def test_a_step_prefills_at_most_its_budget_while_others_decode() -> None:
     """Whole prompts that fit share a step; a longer one goes a chunk per step, alone; with nothing decoding the
     budget is PREFILL_TOKENS."""
