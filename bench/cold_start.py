@@ -28,18 +28,14 @@ from bench.common import (
     BenchModel,
     add_model_arguments,
     app_arguments,
-    app_command,
     describe_machine,
     format_table,
-    free_port,
     machine_facts,
     median,
     prepare_model,
-    start_server,
-    stop_server,
-    wait_for_status,
     write_results,
 )
+from tests.server_process import app_command, free_port, start_server, stop_server, wait_for_status
 
 LOADING_MODES = {"mmap off (sequential read)": ["--no-load-with-mmap"], "mmap on": ["--load-with-mmap"]}
 PHASES = ("imports", "app setup", "weights", "adapter", "merge", "warm-up", "total")

@@ -1,4 +1,5 @@
-"""Pieces the bench scripts share: the model on disk, servers on 127.0.0.1, streamed requests, tables and JSON."""
+"""Pieces the bench scripts share: the model on disk, the toolkit baseline's command, streamed requests, tables and
+JSON. Servers run through tests/server_process.py, which the tests use too."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -115,77 +114,11 @@ def app_arguments(model: BenchModel, args: argparse.Namespace) -> list[str]:
 # ---------------------------------------------------------------- servers
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-    started_at: float  # time.perf_counter() just before the process was started
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def app_command(port: int, arguments: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "inference_app", "--host", "127.0.0.1", "--port", str(port), *arguments]
+# The servers run as processes of their own: tests/server_process.py (shared with the tests).
 
 
 def baseline_command(port: int, arguments: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "bench.toolkit_baseline", "--host", "127.0.0.1", "--port", str(port), *arguments]
-
-
-def start_server(command: Sequence[str], port: int) -> Server:
-    """Starts a server process for 127.0.0.1:`port`, its output going to a log file."""
-    with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as log_file:
-        started_at = time.perf_counter()
-        process = subprocess.Popen(list(command), cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-    return Server(process, f"http://127.0.0.1:{port}", Path(log_file.name), started_at)
-
-
-@contextmanager
-def running_server(command: Sequence[str], port: int, ready_timeout_s: float = 600) -> Iterator[Server]:
-    """Starts a server process on 127.0.0.1:`port`, waits (bounded) for /ready 200, stops it afterwards."""
-    server = start_server(command, port)
-    try:
-        wait_for_status(server, "/ready", ready_timeout_s)
-        yield server
-    finally:
-        stop_server(server)
-
-
-def wait_for_status(server: Server, path: str, timeout_s: float, expected: int = 200) -> float:
-    """Polls `path` until it answers `expected`; returns seconds since the process started."""
-    import httpx  # the web client: not needed by the in-process benches (bench/engine.py runs without it)
-
-    deadline = time.perf_counter() + timeout_s
-    with httpx.Client(timeout=5) as client:
-        while time.perf_counter() < deadline:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
-            try:
-                if client.get(server.base_url + path).status_code == expected:
-                    return time.perf_counter() - server.started_at
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.05)
-    raise RuntimeError(f"{path} did not answer {expected} within {timeout_s:.0f} s:\n{server.log_tail()}")
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=15)
-    server.log_path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- requests

@@ -28,20 +28,18 @@ from bench.common import (
     RequestResult,
     add_model_arguments,
     app_arguments,
-    app_command,
     baseline_command,
     chat_payload,
     describe_machine,
     format_table,
-    free_port,
     machine_facts,
     percentile,
     prepare_model,
     ratio,
-    running_server,
     stream_chat,
     write_results,
 )
+from tests.server_process import app_command, free_port, server_process
 
 SERVERS = ("app", "toolkit baseline")
 
@@ -137,7 +135,7 @@ def main() -> None:
         base_urls = {}
         for server in SERVERS:
             print(f"starting {server} ...", flush=True)
-            base_urls[server] = stack.enter_context(running_server(commands[server], ports[server])).base_url
+            base_urls[server] = stack.enter_context(server_process(commands[server], ports[server])).url
             asyncio.run(warm_up(base_urls[server], args))
         for round_number in range(1, args.rounds + 1):
             for clients in levels:

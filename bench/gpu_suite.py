@@ -46,7 +46,8 @@ def run_part(name: str, command: list[str], json_path: Path | None) -> dict[str,
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=PART_TIMEOUT_S)
         returncode, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as timeout:
-        returncode, output = None, f"timed out after {PART_TIMEOUT_S} s: {timeout.stdout or ''}"
+        partial = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else timeout.stdout
+        returncode, output = None, f"timed out after {PART_TIMEOUT_S} s: {partial or ''}"
     print(output[-4000:], flush=True)
     part: dict[str, Any] = {
         "command": " ".join(command),

@@ -28,17 +28,15 @@ from bench.common import (
     BENCH_MESSAGES,
     add_model_arguments,
     app_arguments,
-    app_command,
     describe_machine,
     format_table,
-    free_port,
     machine_facts,
     percentile,
     prepare_model,
-    running_server,
     stream_chat,
     write_results,
 )
+from tests.server_process import app_command, free_port, server_process
 
 KINDS = {"streaming": 0.35, "non-streaming": 0.30, "cancelled": 0.15, "invalid": 0.20}
 LONG_TEXT = "hello " * 6000  # more tokens than a Phi-3 context holds
@@ -231,8 +229,8 @@ def main() -> None:
         port, [*app_arguments(model, args), "--max-concurrent-generations", str(args.max_concurrent_generations)]
     )
     print(f"starting the app; then {args.clients} clients x {args.requests} requests ...", flush=True)
-    with running_server(command, port) as server:
-        result = asyncio.run(soak(server.base_url, psutil.Process(server.process.pid), args))
+    with server_process(command, port) as server:
+        result = asyncio.run(soak(server.url, psutil.Process(server.process.pid), args))
 
     outcomes: list[Outcome] = result["outcomes"]
     by_kind: dict[str, list[Outcome]] = defaultdict(list)

@@ -20,16 +20,6 @@ LOAD_TIMEOUT_S = 60
 DECODE_STEP_S = 0.02
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` are skipped where CUDA is not available."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
     """A tiny random-weight Phi-3-family model, its tokenizer and a LoRA adapter, in the AI Toolkit's layout."""

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +23,7 @@ import uvicorn
 from inference_app.server import uvicorn_config
 from inference_app.service import ModelService
 from inference_app.settings import Settings
+from tests.server_process import app_command, free_port, server_process, wait_for
 
 STARTUP_TIMEOUT_S = 30
 LOAD_TIMEOUT_S = 60
@@ -86,19 +82,6 @@ def running_server(settings: Settings, *, start_loading: bool = True) -> Iterato
         assert not thread.is_alive(), "uvicorn did not stop"
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.02)
-
-
 def sse_events(response: httpx.Response) -> Iterator[Any]:
     """The data of each server-sent event: parsed JSON, or the final "[DONE]"."""
     for line in response.iter_lines():
@@ -115,34 +98,11 @@ def engine_is_idle(service: ModelService) -> bool:
     return stats["running"] == 0 and stats["waiting"] == 0
 
 
-def free_port() -> int:
-    """A port free now (released for the app to take)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def app_process(arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None) -> Iterator[str]:
-    """Runs `python -m inference_app <arguments> --port <free port>` (stdout and stderr into log_path) and yields
-    its URL once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
+    """Runs `python -m inference_app <arguments>` on a free port (stdout and stderr into log_path) and yields its URL
+    once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "inference_app", *arguments, "--port", str(port)]
-    with (
-        log_path.open("w") as log,
-        subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
-        ) as process,
-    ):
-        try:
-
-            def ready() -> bool:
-                assert process.poll() is None, f"the app exited:\n{log_path.read_text()}"
-                return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-
-            wait_for(ready, PROCESS_READY_TIMEOUT_S, "python -m inference_app to serve the model")
-            yield url
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
+    command = app_command(port, arguments)
+    with server_process(command, port, PROCESS_READY_TIMEOUT_S, log_path, environ) as server:
+        yield server.url

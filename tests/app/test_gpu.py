@@ -14,7 +14,15 @@ import torch
 from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
 from inference_app.engine.model_loading import LoadedModel, load_model
 from inference_app.settings import Settings
-from tests.app.test_engine import LAYOUTS, PROMPTS, Reply, generate_text, greedy, prompt_ids, sliding_window_model
+from tests.app.engine.engine_harness import (
+    LAYOUTS,
+    PROMPTS,
+    Reply,
+    generate_text,
+    greedy,
+    prompt_ids,
+    sliding_window_model,
+)
 
 pytestmark = pytest.mark.gpu
 

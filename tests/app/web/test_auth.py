@@ -27,8 +27,9 @@ from inference_app.settings import Settings
 from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
 from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
-from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server, wait_for
+from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server
 from tests.model_factory import ModelFolders
+from tests.server_process import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -317,7 +318,7 @@ def test_non_ascii_passwords_and_trimmed_usernames_on_every_path(
     non_ascii_server: RunningServer, authorization: bytes, accepted: bool
 ) -> None:
     non_ascii_server.app.state.guessing_brake.record_success("127.0.0.1")
-    response = httpx.get(f"{non_ascii_server.url}/v1/models", headers={"Authorization": authorization}, timeout=10)
+    response = httpx.get(f"{non_ascii_server.url}/v1/models", headers=[(b"Authorization", authorization)], timeout=10)
     assert response.status_code == (200 if accepted else 401)
 
 

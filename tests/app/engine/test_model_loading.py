@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,9 +93,10 @@ def test_float16_loads_on_cpu_and_the_engine_matches_generate(
     service = start_service(dtype="float16")
     assert service.info()["dtype"] == "float16"
     loaded = load_model(dataclasses.replace(tiny_settings, dtype="float16"))
-    ids = loaded.tokenizer.apply_chat_template(
+    encoded: Any = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    )
+    ids = encoded["input_ids"]
     with torch.inference_mode():
         output = loaded.model.generate(ids, max_new_tokens=20, do_sample=False)
     expected = loaded.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)

@@ -19,8 +19,9 @@ import pytest
 from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
 from inference_app.web.security import HSTS
-from tests.app.server_harness import RunningServer, app_process, running_server, wait_for
+from tests.app.server_harness import RunningServer, app_process, running_server
 from tests.model_factory import ModelFolders
+from tests.server_process import wait_for
 
 pytestmark = pytest.mark.slow
 
