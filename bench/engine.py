@@ -7,7 +7,9 @@ At each level (default 1, 8, 32, 64 concurrent requests, all sent at once, greed
   bench/toolkit_model.py),
 and prints one table (best of --runs for the engine and `generate`; one run for the toolkit, whose replies are
 --toolkit-new-tokens long so that 64 threads of it finish in seconds rather than minutes on a GPU) plus the
-engine's load and CUDA-graph capture time, and writes one JSON.
+engine's load and CUDA-graph capture time, and writes one JSON. One copy of the model is on the device: the toolkit's
+levels run first on the unmerged model, which is then merged in place (as the app merges) before the engine sizes its
+KV cache from the free memory. For prompts and replies of mixed lengths arriving over time, see bench/mixed.py.
 
 The model is built in memory with random weights (the test factory's Phi-3-family shapes; `mini` is the real
 Phi-3-mini shape, built on the GPU in seconds) with a random rank-64 LoRA adapter; nothing is read from disk or
@@ -20,7 +22,6 @@ downloaded. Needs only torch, transformers and peft.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import tempfile
 import threading
@@ -79,11 +80,16 @@ def parse_arguments() -> argparse.Namespace:
 
 @dataclass
 class BenchModels:
-    merged: Any  # what the app serves
-    unmerged: Any  # the toolkit's PeftModel
+    model: Any  # the toolkit's unmerged PeftModel until merge(), then the merged model the app serves
     tokenizer: Any
     device: str
     build_s: float
+
+    def merge(self) -> None:
+        """Merges the adapter in place, as the app does: no second copy of the weights."""
+        self.model = self.model.merge_and_unload().eval()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def build_models(size: str) -> BenchModels:
@@ -91,10 +97,11 @@ def build_models(size: str) -> BenchModels:
     from transformers import Phi3ForCausalLM
 
     from inference_app.demo.random_model import SIZES, build_tokenizer, generation_config, lora_config, phi3_config
+    from inference_app.engine.model_loading import resolve_dtype
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = resolve_dtype("auto", device)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = build_tokenizer(Path(folder), SIZES[size].vocab_size)
     config = phi3_config(SIZES[size], tokenizer, dtype)
@@ -104,10 +111,9 @@ def build_models(size: str) -> BenchModels:
     base.generation_config = generation_config(tokenizer, config)
     torch.manual_seed(1)
     unmerged = get_peft_model(base, lora_config(size)).eval()
-    merged = copy.deepcopy(unmerged).merge_and_unload().eval()
     if device == "cuda":
         torch.cuda.synchronize()
-    return BenchModels(merged, unmerged, tokenizer, device, time.perf_counter() - started)
+    return BenchModels(unmerged, tokenizer, device, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- the three ways
@@ -123,13 +129,13 @@ class EngineWay:
         from inference_app.service import encode_prompt
 
         loaded = LoadedModel(
-            model=models.merged,
+            model=models.model,
             tokenizer=models.tokenizer,
             model_id=f"bench-{args.size}",
             adapter_id="random-lora",
             device=models.device,
-            dtype=str(models.merged.dtype).removeprefix("torch."),
-            context_length=int(models.merged.config.max_position_embeddings),
+            dtype=str(models.model.dtype).removeprefix("torch."),
+            context_length=int(models.model.config.max_position_embeddings),
             timings={},
         )
         self.prompt_ids = encode_prompt(models.tokenizer, BENCH_MESSAGES, None)
@@ -185,12 +191,12 @@ class GenerateWay:
     """A plain batched `model.generate` (the same prompt in every row, so no padding), greedy."""
 
     def __init__(self, models: BenchModels, args: argparse.Namespace) -> None:
-        self.model = models.merged
+        self.model = models.model
         encoded: Any = models.tokenizer.apply_chat_template(
             BENCH_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         self.inputs = encoded.to(models.device)
-        self.eos_ids = set(models.merged.generation_config.eos_token_id)
+        self.eos_ids = set(models.model.generation_config.eos_token_id)
         self.new_tokens = args.new_tokens
 
     def run(self, clients: int) -> Run:
@@ -234,7 +240,7 @@ class ToolkitWay:
     """The toolkit's way: a `generate` thread per request on the unmerged PeftModel, streamed."""
 
     def __init__(self, models: BenchModels, args: argparse.Namespace) -> None:
-        self.toolkit = ToolkitStyleModel(models.unmerged, models.tokenizer, True, "bench", models.device)
+        self.toolkit = ToolkitStyleModel(models.model, models.tokenizer, True, "bench", models.device)
         self.user_text = BENCH_MESSAGES[-1]["content"]
         self.new_tokens = args.toolkit_new_tokens
 
@@ -285,10 +291,15 @@ def main() -> None:
     levels = [int(text) for text in args.levels.split(",")]
     print(f"building the {args.size} model ...", flush=True)
     models = build_models(args.size)
-    print(f"built in {models.build_s:.1f} s; starting the engine ...", flush=True)
+    print(f"built in {models.build_s:.1f} s", flush=True)
+    toolkit_results: dict[int, dict[str, Any]] = {}
+    if not args.no_toolkit:  # first, on the unmerged model
+        toolkit = ToolkitWay(models, args)
+        toolkit.run(min(levels))  # warm-up
+        toolkit_results = {clients: summarize([toolkit.run(clients)]) for clients in levels}
+    models.merge()
+    print("starting the engine ...", flush=True)
     ways: dict[str, Any] = {"engine": EngineWay(models, args), "generate": GenerateWay(models, args)}
-    if not args.no_toolkit:
-        ways["toolkit"] = ToolkitWay(models, args)
     engine: EngineWay = ways["engine"]
     engine_facts = engine.engine.describe()
     print(f"engine ready in {engine.start_s:.1f} s: {engine_facts['summary']}", flush=True)
@@ -299,12 +310,13 @@ def main() -> None:
             way.run(min(levels))
         for clients in levels:
             runs: dict[str, list[Run]] = {name: [] for name in ways}
-            # Round-robin, so that load from other processes on a shared machine spreads over every way.
-            for round_number in range(args.runs):
+            # Round-robin, so that load from other processes on a shared machine spreads over both ways.
+            for _ in range(args.runs):
                 for name, way in ways.items():
-                    if name != "toolkit" or round_number == 0:
-                        runs[name].append(way.run(clients))
+                    runs[name].append(way.run(clients))
             results[clients] = {name: summarize(way_runs) for name, way_runs in runs.items()}
+            if clients in toolkit_results:
+                results[clients]["toolkit"] = toolkit_results[clients]
             print(
                 f"{clients:>3} requests: "
                 + ", ".join(f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items())
@@ -332,7 +344,7 @@ def main() -> None:
     facts = machine_facts()
     print()
     print(
-        f"Model: random-weight Phi-3 family, size {args.size}, {models.device}, {models.merged.dtype}; "
+        f"Model: random-weight Phi-3 family, size {args.size}, {models.device}, {models.model.dtype}; "
         f"greedy, {args.new_tokens} new tokens per request (toolkit: {args.toolkit_new_tokens}); "
         f"best of {args.runs} runs (toolkit: 1)"
     )

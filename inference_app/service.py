@@ -114,6 +114,7 @@ class ModelService:
                     max_sequence_tokens=self.settings.max_sequence_tokens,
                     kv_cache_tokens=self.settings.kv_cache_tokens,
                     cuda_graphs=self.settings.cuda_graphs,
+                    prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
                 ),
             )
             engine.start()

@@ -40,6 +40,7 @@ class Settings:
     max_sequence_tokens: int | None = None  # None: the model's context
     kv_cache_tokens: int | None = None  # None: as many as the free memory holds
     cuda_graphs: bool = True
+    prefill_chunk_tokens: int | None = None  # None: per device (inference_app.engine.model_runner)
     auth_username: str = "admin"
     auth_password: str | None = field(default=None, repr=False)  # None: no authentication; never logged
     max_request_bytes: int = 1024 * 1024
@@ -153,7 +154,13 @@ _OPTIONS = (
     _Option("base_only", ("--base-only",), "serve the base model without the adapter"),
     _Option("host", ("--host",), "address to listen on", str),
     _Option("port", ("--port",), "port for the UI and the API", _port),
-    _Option("dtype", ("--dtype",), "weights dtype; auto: bfloat16 on CUDA, float32 on CPU", str, DTYPES),
+    _Option(
+        "dtype",
+        ("--dtype",),
+        "weights dtype; auto: bfloat16 on CUDA (float16 below compute capability 8.0, e.g. a T4), float32 on CPU",
+        str,
+        DTYPES,
+    ),
     _Option("quantize_4bit", ("--quantize-4bit",), "load the base model in 4-bit (bitsandbytes; needs CUDA)"),
     _Option(
         "merge_adapter",
@@ -207,6 +214,14 @@ _OPTIONS = (
         "tokens the KV cache holds across all generations (default: as many as fit in the GPU's free memory after "
         "loading, less 10%% or at least 2 GiB of headroom; on the CPU in 2 GiB); at least --max-sequence-tokens, "
         "rounded up to whole blocks of 16",
+        _positive_int,
+    ),
+    _Option(
+        "prefill_chunk_tokens",
+        ("--prefill-chunk-tokens",),
+        "prompt tokens one step prefills while other generations stream (longer prompts are prefilled in chunks, so "
+        "a running reply pauses at most for one chunk; default: 2048 on GPUs of compute capability 8.0 and later, "
+        "512 on older GPUs, 256 on the CPU)",
         _positive_int,
     ),
     _Option(

@@ -10,7 +10,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import app
 
-from inference_app.settings import env_var, parse_origins
+from inference_app.settings import DTYPES, env_var, parse_origins
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
@@ -25,6 +25,7 @@ class InferenceSettings:
     adapter_path: str | None = None
     base_only: bool | None = None
     quantize_4bit: bool | None = None
+    dtype: str | None = None
     max_concurrent_generations: int | None = None
     max_request_bytes: int | None = None
     allowed_origins: tuple[str, ...] | None = None
@@ -64,6 +65,13 @@ def _container_path(source: ConfigSource, key: str) -> str | None:
     return value
 
 
+def _dtype(source: ConfigSource) -> str | None:
+    value = source.string("dtype")
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
 def _allowed_origins(source: ConfigSource) -> tuple[str, ...] | None:
     """Each item must be one origin as the app's own parser reads it, so that a value the app would refuse at start
     is refused here instead; an empty list is the app's default."""
@@ -99,6 +107,7 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
             adapter_path=_container_path(source, "adapterPath"),
             base_only=source.boolean("baseOnly", None),
             quantize_4bit=source.boolean("quantize4bit", None),
+            dtype=_dtype(source),
             max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
             max_request_bytes=source.integer("maxRequestBytes", None, minimum=1),
             allowed_origins=_allowed_origins(source),

@@ -68,6 +68,7 @@ class ModelSize:
     # Wider than transformers' 0.02, so that random weights give peaked logits and greedy replies that vary
     # with the prompt instead of repeating one token.
     initializer_range: float = 0.2
+    sliding_window: int | None = None  # Phi-3-mini-4k attends to the last 2047 positions
 
 
 SIZES: dict[str, ModelSize] = {
@@ -99,6 +100,7 @@ SIZES: dict[str, ModelSize] = {
         context_length=4096,
         lora_rank=64,
         vocab_size=32064,
+        sliding_window=2047,
     ),
 }
 
@@ -167,6 +169,7 @@ def phi3_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, dtype: torc
         num_key_value_heads=size.num_attention_heads,
         max_position_embeddings=size.context_length,
         original_max_position_embeddings=size.context_length,
+        sliding_window=size.sliding_window,
         initializer_range=size.initializer_range,
         bos_token_id=eos_id,
         eos_token_id=eos_id,

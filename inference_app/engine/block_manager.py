@@ -17,6 +17,7 @@ class BlockManager:
 
     def __init__(self, plan: CachePlan) -> None:
         self.paged = plan.paged
+        self._slot_tokens = plan.slot_tokens  # what a slot keeps (a sliding window's ring: less than a sequence)
         self._free_slots = list(range(plan.slots))  # a heap
         self._free_blocks = list(range(plan.blocks)) if plan.paged else []
         self._held: dict[int, list[int]] = {}  # slot -> its blocks (paged)
@@ -32,7 +33,7 @@ class BlockManager:
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks a request of `tokens` (prompt + token budget) takes when it joins: none for rows."""
-        return blocks_holding(tokens) if self.paged else 0
+        return blocks_holding(min(tokens, self._slot_tokens)) if self.paged else 0
 
     def allocate(self, tokens: int) -> tuple[int, list[int]]:
         """Takes the lowest free slot and the blocks for a sequence of `tokens`: (slot, blocks)."""

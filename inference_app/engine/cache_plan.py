@@ -49,6 +49,14 @@ class CacheShape:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
 
+    def kept_tokens(self, sequence_tokens: int) -> int:
+        """Positions a slot keeps of a sequence: all of them; with a sliding window only the window's, rounded up to
+        whole blocks (older keys are never read again, so the slot's row is a ring buffer: Phi-3-mini keeps 2048 of
+        4096, as transformers' sliding-window cache layer does)."""
+        if self.sliding_window is None:
+            return sequence_tokens
+        return min(sequence_tokens, blocks_holding(self.sliding_window) * BLOCK_TOKENS)
+
     def gather_bytes(self, slots: int, slot_tokens: int) -> int:
         """One layer's keys and values for `slots` sequences of `slot_tokens`: what a paged cache's read copies."""
         return slots * slot_tokens * self.bytes_per_token() // self.layers

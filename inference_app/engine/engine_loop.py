@@ -1,8 +1,9 @@
 """The engine loop: one thread runs every generation, sharing each forward pass among the requests in flight.
 
 Each step: schedule (inference_app.engine.scheduler: which waiting requests join, with their KV-cache slots and
-blocks), run (inference_app.engine.model_runner: the joining prompts prefilled together, then one decode step that
-produces the next token of every running request at once), accept (each token ends its request or goes on; the
+blocks, and which prompt tokens this step prefills: whole prompts together, or a chunk of a longer one, within a
+budget while others decode), run (inference_app.engine.model_runner: that prefill, then one decode step that
+produces the next token of every decoding request at once), accept (each token ends its request or goes on; the
 tokens become text on the output thread, inference_app.engine.output_processor, off the step's critical path). Each
 request keeps its own sampling settings, seed, stop strings and token budget.
 
@@ -13,6 +14,7 @@ with one do_sample and seed setting for the whole batch and has no stop strings.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import random
 import threading
@@ -26,10 +28,10 @@ from inference_app.engine.block_manager import BlockManager
 from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from inference_app.engine.kv_cache import allocate_kv_cache
 from inference_app.engine.model_loading import LoadedModel
-from inference_app.engine.model_runner import ModelRunner
+from inference_app.engine.model_runner import ModelRunner, default_prefill_chunk_tokens
 from inference_app.engine.output_processor import OutputProcessor
 from inference_app.engine.request import EngineRequest, TokenEvent
-from inference_app.engine.scheduler import Scheduler
+from inference_app.engine.scheduler import PrefillChunk, Scheduler
 from inference_app.engine.types import GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class EngineOptions:
     max_sequence_tokens: int | None = None  # tokens of a sequence (prompt + reply); None: the model's context
     kv_cache_tokens: int | None = None  # tokens the KV cache holds in all; None: as many as memory holds
     cuda_graphs: bool = True  # on CUDA; the CPU always runs eager
+    prefill_chunk_tokens: int | None = None  # prompt tokens a step prefills while others decode; None: per device
 
 
 class BatchingEngine:
@@ -64,12 +67,14 @@ class BatchingEngine:
         self._cache = allocate_kv_cache(
             self._model, self._device, self.sequence_tokens, options.max_batch_size, options.kv_cache_tokens
         )
-        self._scheduler = Scheduler(BlockManager(self._cache.plan), options.max_batch_tokens)
+        self.prefill_chunk_tokens = options.prefill_chunk_tokens or default_prefill_chunk_tokens(self._device)
+        self._scheduler = Scheduler(BlockManager(self._cache.plan), options.max_batch_tokens, self.prefill_chunk_tokens)
         self._runner: ModelRunner  # set by start()
         self._output = OutputProcessor()
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._largest_batch = 0
         self._decode_steps = 0
+        self._prefill_chunks = 0
 
     @property
     def slots(self) -> int:
@@ -86,7 +91,8 @@ class BatchingEngine:
             "paged": cache.plan.paged,
             "kv_cache_bytes": cache.bytes,
             "decode": decode,
-            "summary": f"{cache.describe()}, decode step {decode}",
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
+            "summary": f"{cache.describe()}, decode step {decode}, prefill chunks of {self.prefill_chunk_tokens}",
         }
 
     def stats(self) -> dict[str, int]:
@@ -96,12 +102,13 @@ class BatchingEngine:
             "largest_batch": self._largest_batch,
             "free_kv_blocks": self._scheduler.block_manager.free_blocks,
             "decode_steps": self._decode_steps,
+            "prefill_chunks": self._prefill_chunks,
         }
 
     def start(self) -> None:
         """Captures the CUDA graphs (on CUDA) and starts the engine and output threads."""
         options = self._options
-        self._runner = ModelRunner(self._model, self._cache, self._device, self.sequence_tokens, options.cuda_graphs)
+        self._runner = ModelRunner(self._model, self._cache, self._device, options.cuda_graphs)
         logger.info("generation engine: %s", self.describe()["summary"])
         self._output.start()
         self._thread.start()
@@ -165,17 +172,19 @@ class BatchingEngine:
                     logger.error("%s", error)
                     self._output.put([(request, error)])
                 for group in step.prefill_groups:
-                    self._run_safely(self._prefill, group)
+                    self._run_safely(functools.partial(self._prefill, group), group)
+                if (chunk := step.prefill_chunk) is not None:
+                    self._run_safely(functools.partial(self._prefill_chunk, chunk), [chunk.request])
                 # Rows just prefilled take part too: they already have their first token.
                 self._release(self._scheduler.cancelled())
-                if self._scheduler.running:
-                    self._run_safely(self._decode, list(self._scheduler.running.values()))
+                if decoding := self._scheduler.decoding():
+                    self._run_safely(functools.partial(self._decode, decoding), decoding)
 
-    def _run_safely(self, work: Callable[[list[EngineRequest]], None], requests: list[EngineRequest]) -> None:
+    def _run_safely(self, work: Callable[[], None], requests: list[EngineRequest]) -> None:
         """Runs one prefill or decode step; if it fails (e.g. out of memory) its requests get the error and leave
         the batch, and the engine keeps serving."""
         try:
-            work(requests)
+            work()
         except Exception as error:
             logger.exception("generation failed")
             self._output.put([(request, error) for request in requests])
@@ -194,6 +203,12 @@ class BatchingEngine:
                 self._run_safely(self._prefill, [request])
             return
         self._accept(requests, first_tokens)
+
+    def _prefill_chunk(self, chunk: PrefillChunk) -> None:
+        first_token = self._runner.prefill_chunk(chunk.request, chunk.start, chunk.length)
+        self._prefill_chunks += 1
+        if first_token is not None:
+            self._accept([chunk.request], [first_token])
 
     def _decode(self, requests: list[EngineRequest]) -> None:
         tokens = self._runner.decode()

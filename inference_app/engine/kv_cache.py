@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -55,16 +55,12 @@ class KVCache:
         # Block table [slots, blocks per slot]: rows own their blocks; paged slots point at scratch until given some.
         self.block_table = torch.full_like(slot_blocks, blocks) if plan.paged else slot_blocks
         self._row_tokens = row_tokens
-        self._slot_index = torch.arange(plan.slots, device=device)
-        positions = torch.arange(row_tokens, device=device)
-        self._key_positions = positions
-        self._block_of_position = positions // BLOCK_TOKENS
-        self._offset_in_block = positions % BLOCK_TOKENS
+        self._places = torch.arange(row_tokens, device=device)  # a row's places, in order
         # What the next forward pass does, set by prepare_prefill / prepare_decode.
-        self._prefill = False
-        self._write_index = self._key_positions[:0]
+        self._mode: Literal["prefill", "chunk", "decode"] = "decode"
+        self._write_index = self._places[:0]
         self._read_index: torch.Tensor | None = None
-        self._batch = 0
+        self._rows = slice(0, 0)  # the slots attention reads
         self._length = 0
 
     @property
@@ -78,8 +74,10 @@ class KVCache:
     def describe(self) -> str:
         plan = self.plan
         size = f"{self.bytes / 2**30:.2f} GiB"
+        window = self.shape.sliding_window
+        ring = "" if window is None or window > plan.slot_tokens else f", rings of the last (sliding window {window})"
         if not plan.paged:
-            return f"KV cache {plan.slots} sequences x {plan.slot_tokens} tokens ({size})"
+            return f"KV cache {plan.slots} sequences x {plan.slot_tokens} tokens{ring} ({size})"
         return (
             f"KV cache paged: {self.tokens} tokens in blocks of {BLOCK_TOKENS} ({size}, "
             f"{self.tokens / plan.slot_tokens:.1f} whole sequences) for up to {plan.slots} "
@@ -112,32 +110,66 @@ class KVCache:
         finally:
             table.fill_(self._scratch_block)
 
-    def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
-        """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0;
-        returns its attention mask [rows, 1, length, length] (causal, padding hidden)."""
-        self._prefill = True
-        self._write_index = self._token_index(self.block_table[slots], length).flatten()
-        queries = self._key_positions[:length, None]
-        keys = self._key_positions[None, :length]
+    def prepare_prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor, length: int) -> torch.Tensor | None:
+        """For a forward pass over right-padded prompts [len(slots), length] written to `slots` from position 0.
+        Padding, and in a ring the positions older than its last row_tokens, go to scratch. Returns the attention
+        mask [rows, 1, length, length] (causal, padding hidden), or None when plain causal attention is the same for
+        every real token: the padding comes after them, and the prompts fit the sliding window. SDPA then runs with
+        is_causal and no mask, which FlashAttention accepts on a GPU (PyTorch refuses it any explicit mask)."""
+        self._mode = "prefill"
+        positions = torch.arange(length, device=self._places.device)
+        kept = (positions < prompt_lengths[:, None]) & (positions >= prompt_lengths[:, None] - self._row_tokens)
+        self._write_index = self._where_kept(self.block_table[slots], positions, kept).flatten()
+        window = self.shape.sliding_window
+        if window is None or length < window:
+            return None
+        queries, keys = positions[:, None], positions[None, :]
         mask = self._visible(queries, keys)[None] & (keys < prompt_lengths[:, None, None])
         return mask[:, None]
 
-    def prepare_decode(self, positions: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-        """For a decode step over slots 0..batch-1, each row writing at positions[row] (< length) and attending to
-        its positions up to that one; returns the attention mask [batch, 1, 1, length]."""
-        self._prefill = False
-        self._batch, self._length = batch, length
+    def prepare_chunk(self, slot: int, start: int, length: int) -> torch.Tensor:
+        """For a forward pass over one slot's prompt positions start..start+length-1: they attend to the positions
+        before them that they can see (from the cache, read before the chunk is written) and to each other; returns
+        the attention mask [1, 1, length, visible earlier positions + length]."""
+        end = start + length
+        window = self.shape.sliding_window
+        first_seen = 0 if window is None else max(0, start - window + 1)
+        self._mode = "chunk"
+        table = self.block_table[slot : slot + 1]
+        keys = torch.arange(first_seen, end, device=self._places.device)
+        positions = keys[start - first_seen :]
+        self._read_index = self._token_index(table, keys[: start - first_seen]).flatten()
+        self._write_index = self._where_kept(table, positions, positions >= end - self._row_tokens).flatten()
+        return self._visible(positions[:, None], keys[None, :])[None, None]
+
+    def prepare_decode(self, positions: torch.Tensor, active: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """For a decode step over slots 0..batch-1, each active row writing at positions[row] and attending to its
+        positions up to that one (an inactive row writes to scratch: its slot may be free, or hold a prompt being
+        prefilled in chunks). Attention reads the first `length` (<= row_tokens) places of each row: a ring buffer's
+        place j holds the latest position that is j modulo row_tokens. Returns the attention mask
+        [batch, 1, 1, length]."""
+        self._mode = "decode"
+        self._rows, self._length = slice(0, batch), length
         table = self.block_table[:batch]
-        row_positions = positions[:batch]
-        blocks = table[self._slot_index[:batch], self._block_of_position[row_positions]]
-        self._write_index = blocks * BLOCK_TOKENS + self._offset_in_block[row_positions]
-        self._read_index = self._token_index(table, length).flatten() if self.plan.paged else None
-        mask = self._visible(row_positions[:, None], self._key_positions[None, :length])
+        row_positions = positions[:batch, None]
+        write = self._token_index(table, row_positions)[:, 0]
+        self._write_index = torch.where(active[:batch], write, self._scratch_block * BLOCK_TOKENS)
+        places = self._places[None, :length]
+        self._read_index = self._token_index(table, places.expand(batch, -1)).flatten() if self.plan.paged else None
+        held = row_positions - (row_positions - places) % self._row_tokens  # the position each place holds
+        mask = self._visible(row_positions, held) & (held >= 0)
         return mask[:, None, None]
 
-    def _token_index(self, table: torch.Tensor, length: int) -> torch.Tensor:
-        """[rows, length]: where positions 0..length-1 of each table row live in the token dimension."""
-        return table[:, self._block_of_position[:length]] * BLOCK_TOKENS + self._offset_in_block[:length]
+    def _token_index(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where positions [rows, n] (or [n], the same for each row) of each table row live in the token dimension:
+        position p in place p modulo row_tokens of the row."""
+        places = positions % self._row_tokens
+        rows = torch.arange(table.shape[0], device=table.device)[:, None]
+        return table[rows, places // BLOCK_TOKENS] * BLOCK_TOKENS + places % BLOCK_TOKENS
+
+    def _where_kept(self, table: torch.Tensor, positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The token index of each kept position; scratch for the others."""
+        return torch.where(kept, self._token_index(table, positions), self._scratch_block * BLOCK_TOKENS)
 
     def _visible(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Which key positions a query position attends to: causal, within the sliding window if the model has one
@@ -153,19 +185,38 @@ class KVCache:
         """Called by each attention layer with its new keys and values [rows, heads, new tokens, head dim];
         returns the keys and values attention reads [rows, heads, positions, head dim]."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # Token-major, as the cache holds them: [rows x new tokens, heads, head dim].
-        keys.index_copy_(0, self._write_index, key_states.transpose(1, 2).flatten(0, 1))
-        values.index_copy_(0, self._write_index, value_states.transpose(1, 2).flatten(0, 1))
-        if self._prefill:
+        if self._mode == "chunk":  # the earlier positions, before this chunk overwrites any of them (a ring)
+            earlier_keys, earlier_values = self._gather(keys), self._gather(values)
+        self._write(keys, key_states)
+        self._write(values, value_states)
+        if self._mode == "prefill":
             return key_states, value_states  # a prompt attends only to itself
+        if self._mode == "chunk":
+            return torch.cat([earlier_keys, key_states], dim=2), torch.cat([earlier_values, value_states], dim=2)
         return self._read(keys), self._read(values)
 
+    def _write(self, cache: torch.Tensor, states: torch.Tensor) -> None:
+        # Token-major, as the cache holds them: [rows x new tokens, heads, head dim].
+        cache.index_copy_(0, self._write_index, states.transpose(1, 2).flatten(0, 1))
+
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """The positions of the read index, as attention reads them: [1, heads, positions, head dim]."""
+        assert self._read_index is not None
+        return cache.index_select(0, self._read_index)[None].transpose(1, 2)
+
     def _read(self, cache: torch.Tensor) -> torch.Tensor:
-        batch, length = self._batch, self._length
+        length = self._length
         if self._read_index is None:  # rows: a view, read in place
             rows = cache[: self.blocks * BLOCK_TOKENS].view(self.plan.slots, self._row_tokens, *cache.shape[1:])
-            return rows[:batch, :length].transpose(1, 2)
-        return cache.index_select(0, self._read_index).view(batch, length, *cache.shape[1:]).transpose(1, 2)
+            return rows[self._rows, :length].transpose(1, 2)
+        return cache.index_select(0, self._read_index).view(-1, length, *cache.shape[1:]).transpose(1, 2)
+
+    # Asked by transformers' mask builders when a forward pass gets no mask (a prefill: the prompt attends to itself).
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are per row and always passed explicitly (position_ids)
@@ -177,14 +228,15 @@ def allocate_kv_cache(
     """The KV cache as plan_cache sizes it; a ModelLoadError naming the option to change when it can't be made."""
     shape = CacheShape.of(model)
     budget = cache_budget(device)
-    plan = plan_cache(shape, sequence_tokens, budget, max_batch_size, kv_cache_tokens)
+    row_tokens = shape.kept_tokens(sequence_tokens)
+    plan = plan_cache(shape, row_tokens, budget, max_batch_size, kv_cache_tokens)
     memory = device.type.upper()
     if not plan.holds_a_sequence:
         sequence = f"one sequence of {sequence_tokens} tokens"
         if kv_cache_tokens is not None:
             raise ModelLoadError(
                 f"{KV_CACHE_TOKENS_OPTION} {kv_cache_tokens} holds less than {sequence}: set it "
-                f"to at least {sequence_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
+                f"to at least {row_tokens}, or lower {MAX_SEQUENCE_TOKENS_OPTION}"
             )
         raise ModelLoadError(
             f"the {memory}'s free memory after loading ({max(0, budget) / 2**30:.1f} GiB for the KV cache) holds "

@@ -57,7 +57,7 @@ def load_model(settings: Settings) -> LoadedModel:
     if not settings.base_only:
         _check_adapter_folder(settings.adapter_path, settings.model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -170,10 +170,15 @@ def _check_adapter_folder(adapter_path: Path, model_path: Path) -> None:
         )
 
 
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device != "cuda":
+        return torch.float32
+    # Below compute capability 8.0 (T4, V100) there is no bf16 hardware: SDPA would fall back to its math kernel in
+    # fp32 (slow, and large prefills run out of memory). float16 there, as vLLM's `auto` does.
+    major, _minor = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def _load_tokenizer(model_path: Path) -> PreTrainedTokenizerBase:
@@ -226,7 +231,9 @@ def _four_bit_config(device: str, dtype: torch.dtype) -> Any:
 
 def _load_adapter(model: Any, adapter_path: Path, model_path: Path) -> Any:
     try:
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+        # peft upcasts the adapter to float32 by default (autocast_adapter_dtype); unmerged (4-bit), every LoRA
+        # module would then compute in float32 beside bf16/fp16 activations. Keep it in the compute dtype.
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=False, autocast_adapter_dtype=False)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise ModelLoadError(
             f"adapter {adapter_path} does not fit base model {model_path} ({_first_line(error)}): "

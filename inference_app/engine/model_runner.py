@@ -3,7 +3,8 @@ sampling (inference_app.engine.sampler). On a GPU the decode step replays a CUDA
 (inference_app.engine.cuda_graphs).
 
 Rows are KV-cache slots: a decode step runs over slots 0..width-1, each row at its own position (no left padding);
-a free slot below the width computes harmlessly at position 0 of its scratch block. The next input token and
+a row without a decoding request below the width (a free slot, or one whose prompt is still being prefilled in
+chunks) computes harmlessly and writes to the scratch block. The next input token and
 position of every row stay on the device, so a step copies nothing from the host, and its new tokens come back in
 one device-to-host copy.
 """
@@ -18,6 +19,10 @@ from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunne
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.request import EngineRequest
 from inference_app.engine.sampler import BatchSampler
+
+CPU_PREFILL_CHUNK_TOKENS = 256
+GPU_PREFILL_CHUNK_TOKENS = 2048
+OLD_GPU_PREFILL_CHUNK_TOKENS = 512  # below compute capability 8.0
 
 
 class DecodeBatch:
@@ -82,7 +87,7 @@ class DecodeBatch:
 class ModelRunner:
     """Runs the model for the engine loop: prefill of joining requests, one decode step over the batch."""
 
-    def __init__(self, model: Any, cache: KVCache, device: torch.device, sequence_tokens: int, cuda_graphs: bool):
+    def __init__(self, model: Any, cache: KVCache, device: torch.device, cuda_graphs: bool):
         self._model = model
         self.cache = cache
         self._device = device
@@ -91,12 +96,44 @@ class ModelRunner:
         self._sampler = BatchSampler(slots, int(model.config.vocab_size), device)
         self._slot_index = torch.arange(slots, device=device)  # 0..slots-1
         with torch.inference_mode():
-            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device), sequence_tokens)
+            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device))
 
     def prefill(self, requests: list[EngineRequest]) -> list[int]:
         """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
         decode batch. Returns the first tokens."""
         slots = [_slot(request) for request in requests]
+        self._take_slots(slots, requests)
+        first_tokens = self._prefill_forward(slots, requests)
+        self._join_batch(slots, requests, first_tokens)
+        return list(first_tokens.tolist())
+
+    def prefill_chunk(self, request: EngineRequest, start: int, length: int) -> int | None:
+        """Runs prompt positions start..start+length-1 of one request into its slot, attending to the earlier ones
+        there. The last chunk samples the first token (returned) and the row joins the decode batch; else None."""
+        slot = _slot(request)
+        if start == 0:
+            self._take_slots([slot], [request])
+        end = start + length
+        mask = self.cache.prepare_chunk(slot, start, length)
+        logits = self._model(
+            input_ids=torch.tensor([request.prompt_ids[start:end]], device=self._device),
+            position_ids=torch.arange(start, end, device=self._device)[None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        if end < len(request.prompt_ids):
+            return None
+        positions = torch.tensor([end - 1], device=self._device)
+        first_token = self._sampler.sample(
+            logits, self._slot_index[slot : slot + 1], positions, not request.params.greedy
+        )
+        self._join_batch([slot], [request], first_token)
+        return int(first_token.item())
+
+    def _take_slots(self, slots: list[int], requests: list[EngineRequest]) -> None:
+        """Before a request's first prefill: its slot's blocks and sampling settings."""
         for slot, request in zip(slots, requests, strict=True):
             self.cache.set_blocks(slot, request.blocks)
         self._sampler.set_rows(
@@ -106,14 +143,15 @@ class ModelRunner:
             [request.params.top_p for request in requests],
             [request.seed for request in requests],
         )
-        first_tokens = self._prefill_forward(slots, requests)
+
+    def _join_batch(self, slots: list[int], requests: list[EngineRequest], first_tokens: torch.Tensor) -> None:
         sampled = [not request.params.greedy for request in requests]
         self.batch.add(slots, first_tokens, [len(request.prompt_ids) for request in requests], sampled)
-        return list(first_tokens.tolist())
 
     def decode(self) -> list[int]:
         """One decode step over the batch; returns the new tokens by slot (up to the batch's width)."""
-        width, length = self.batch.width, self.batch.length
+        # A row keeps slot_tokens places (fewer than its positions in a sliding window's ring buffer).
+        width, length = self.batch.width, min(self.batch.length, self.cache.plan.slot_tokens)
         logits = self.decoder.run(width, length)[:width]
         positions = self.batch.positions[:width]
         new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self.batch.any_sampled)
@@ -128,7 +166,7 @@ class ModelRunner:
 
     def forward_decode(self, batch: int, length: int) -> torch.Tensor:
         """The model's decode step over slots 0..batch-1 (what CUDA graphs capture): logits [batch, vocab]."""
-        mask = self.cache.prepare_decode(self.batch.positions, batch, length)
+        mask = self.cache.prepare_decode(self.batch.positions, self.batch.active, batch, length)
         return self._model(
             input_ids=self.batch.tokens[:batch, None],
             position_ids=self.batch.positions[:batch, None],
@@ -163,18 +201,30 @@ class ModelRunner:
         any_sampled = any(not request.params.greedy for request in requests)
         return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
 
-    def _make_decoder(self, use_graphs: bool, sequence_tokens: int) -> DecodeRunner:
-        slots = self.cache.plan.slots
+    def _make_decoder(self, use_graphs: bool) -> DecodeRunner:
+        slots, slot_tokens = self.cache.plan.slots, self.cache.plan.slot_tokens
         # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
         # the positions within the shortest attention length the check uses.
         self.batch.tokens.copy_(torch.arange(slots) % int(self._model.config.vocab_size))
-        self.batch.positions.copy_(torch.arange(slots) % min(SHORTEST_LENGTH_BUCKET, sequence_tokens))
+        self.batch.positions.copy_(torch.arange(slots) % min(SHORTEST_LENGTH_BUCKET, slot_tokens))
+        self.batch.active.fill_(True)  # the pattern rows write their own positions, as requests' rows do
         try:
             with self.cache.spread_for_capture():
-                return make_decoder(self.forward_decode, use_graphs, slots, sequence_tokens)
+                return make_decoder(self.forward_decode, use_graphs, slots, slot_tokens)
         finally:
             self.batch.tokens.zero_()
             self.batch.positions.zero_()
+            self.batch.active.fill_(False)
+
+
+def default_prefill_chunk_tokens(device: torch.device) -> int:
+    """Prompt tokens a step prefills while others decode, sized so that a running stream's gap between two tokens
+    stays short: on the CPU ~0.2 s of the `small` bench model's prefill; on a GPU with bf16 hardware (A100, H100) a
+    chunk that keeps it compute-bound (~20-30 ms for Phi-3-mini); less on older GPUs (a T4 has a tenth of the FLOPs)."""
+    if device.type != "cuda":
+        return CPU_PREFILL_CHUNK_TOKENS
+    major, _minor = torch.cuda.get_device_capability(device)
+    return GPU_PREFILL_CHUNK_TOKENS if major >= 8 else OLD_GPU_PREFILL_CHUNK_TOKENS
 
 
 def cuda_graphs_supported(device: torch.device) -> bool:

@@ -28,6 +28,7 @@ class EngineRequest:
     # paged cache the blocks that slot's table points at.
     slot: int | None = None
     blocks: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens scheduled into its slot (the scheduler; all of them: it decodes)
     # Set by the caller (cancel) or by the text thread (stop string, delivered error): the engine drops the row.
     done: threading.Event = field(default_factory=threading.Event)
 

@@ -151,3 +151,9 @@ def test_the_context_holds_what_the_dockerfile_copies_and_no_clutter() -> None:
     files = set(context_files(CONTEXT))
     assert {"requirements.txt", "requirements-cuda.txt", "__main__.py", "settings.py"} <= files
     assert not [name for name in files if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_cuda_allocator_grows_its_segments_in_place() -> None:
+    """Prefills of changing sizes beside a cache that fills the GPU fail on fragmentation without it (issue 20)."""
+    environment = " ".join(arguments for kind, arguments in instructions() if kind == "ENV").split()
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in environment

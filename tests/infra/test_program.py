@@ -453,6 +453,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
         "adapterPath",
         "baseOnly",
         "quantize4bit",
+        "dtype",
         "maxConcurrentGenerations",
         "maxRequestBytes",
         "allowedOrigins",
@@ -483,6 +484,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
     no_default: tuple[str, ...] = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
+    no_default += ("dtype",)
     no_default += ("maxConcurrentGenerations", "maxRequestBytes", "allowedOrigins", "modelRevision")
     no_default += ("containerCpu", "containerMemory")
     no_default += ("minimumInstanceCount", "accessUsername", "accessPassword", "allowedIpRanges")

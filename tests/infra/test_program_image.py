@@ -270,6 +270,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
             "adapterPath": "/mount/models/run7/adapter",
             "baseOnly": "false",
             "quantize4bit": "true",
+            "dtype": "float16",
             "maxConcurrentGenerations": "4",
             "modelRevision": "run7",
         }
@@ -279,6 +280,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_ADAPTER": "/mount/models/run7/adapter",
         "INFERENCE_BASE_ONLY": "false",
         "INFERENCE_QUANTIZE_4BIT": "true",
+        "INFERENCE_DTYPE": "float16",
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
         "INFERENCE_MODEL_REVISION": "run7",
     }
@@ -370,6 +372,7 @@ def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> No
         ({"adapterPath": "adapter"}, "adapterPath: must be an absolute path inside the container"),
         ({"baseOnly": "yes"}, "baseOnly: must be true or false"),
         ({"quantize4bit": "2"}, "quantize4bit: must be true or false"),
+        ({"dtype": "fp16"}, "dtype: must be one of auto, bfloat16, float16, float32, got 'fp16'"),
         ({"maxConcurrentGenerations": "0"}, "maxConcurrentGenerations: must be an integer >= 1"),
         ({"maxConcurrentGenerations": "many"}, "maxConcurrentGenerations: must be an integer >= 1"),
         ({"maxRequestBytes": "0"}, "maxRequestBytes: must be an integer >= 1"),

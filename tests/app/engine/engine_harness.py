@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ import torch
 from inference_app.engine.cache_plan import CacheShape
 from inference_app.engine.model_loading import LoadedModel
 from inference_app.engine.types import GenerationChunk, SamplingParams
+from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
 
 # Different lengths, so rows sit at different positions.
 PROMPTS = (
@@ -71,6 +74,20 @@ class Reply:
         assert self.finished.wait(TIMEOUT_S), "the reply did not finish in time"
         assert self.error is None, self.error
         return "".join(chunk.text for chunk in self.chunks), self.chunks[-1].completion_tokens
+
+
+def sliding_window_model(folder: Path, window: int, context: int = 512, device: str = "cpu") -> LoadedModel:
+    """The tiny model attending to the last `window` positions only (Phi-3-mini-4k: 2047)."""
+    from transformers import Phi3ForCausalLM
+
+    tokenizer = build_tokenizer(folder)
+    size = dataclasses.replace(SIZES["tiny"], context_length=context)
+    config = phi3_config(size, tokenizer, torch.float32)
+    config.sliding_window = window
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval().to(device)
+    model.generation_config = generation_config(tokenizer, config)
+    return LoadedModel(model, tokenizer, "windowed", None, device, "float32", context, {})
 
 
 def greedy(max_new_tokens: int = NEW_TOKENS) -> SamplingParams:

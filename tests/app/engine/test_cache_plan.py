@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,3 +52,11 @@ def test_cache_plans_honour_the_slots_and_tokens_set() -> None:
     assert plan_cache(TINY_SHAPE, 100, plenty, slots=1).holds_a_sequence
     assert plan_cache(TINY_SHAPE, 100, plenty, tokens=100) == CachePlan(64, 100, 112)
     assert plan_cache(TINY_SHAPE, 100, plenty, tokens=100).holds_a_sequence
+
+
+def test_phi3_minis_sliding_window_makes_64_rows_fit_an_80_gb_gpu() -> None:
+    """A slot keeps the 2,047-token window in 2048 places, half a 4k sequence: rows, not paged."""
+    assert PHI3_MINI.kept_tokens(4096) == 2048
+    assert dataclasses.replace(PHI3_MINI, sliding_window=None).kept_tokens(4096) == 4096
+    plan = plan_cache(PHI3_MINI, PHI3_MINI.kept_tokens(4096), phi3_mini_budget(80))
+    assert (plan.slots, plan.slot_tokens, plan.paged) == (64, 2048, False)

@@ -25,8 +25,8 @@ from tests.app.engine.engine_harness import (
     generate_text,
     greedy,
     prompt_ids,
+    sliding_window_model,
 )
-from tests.model_factory import SIZES, build_tokenizer, generation_config, phi3_config
 from tests.server_process import wait_for
 
 
@@ -48,28 +48,100 @@ def test_concurrent_greedy_replies_match_generate(
     assert engine.stats()["largest_batch"] == sum(tokens > 0 for _, tokens in expected)
 
 
+@pytest.mark.parametrize(("window", "ring"), [(8, 16), (32, 32)])  # the ring: the window in whole blocks of 16
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> None:
-    """Phi-3-mini-4k attends to the last 2047 positions only; here a window of 8, shorter than every prompt."""
-    from transformers import Phi3ForCausalLM
-
-    tokenizer = build_tokenizer(tmp_path)
-    config = phi3_config(SIZES["tiny"], tokenizer, torch.float32)
-    config.sliding_window = 8
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-    model.generation_config = generation_config(tokenizer, config)
-    windowed = LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+def test_sliding_window_models_keep_only_the_window_and_match_generate(
+    tmp_path: Path, layout: str, window: int, ring: int
+) -> None:
+    """Phi-3-mini-4k attends to the last 2047 positions only, so a slot keeps 2048 places, a ring buffer; here
+    windows of 8 and 32, prompts and replies well past them (positions wrap around the ring several times)."""
+    windowed = sliding_window_model(tmp_path, window)
     engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4, **LAYOUTS[layout]))
     prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
+    assert max(len(ids) for ids in prompts) > ring
+    replies = [Reply() for _ in prompts]
+    for ids, reply in zip(prompts, replies, strict=True):
+        engine.submit(ids, greedy(3 * ring), 3 * ring, reply.deliver)
+    engine.start()
+    try:
+        assert engine.describe()["slot_tokens"] == ring
+        expected = [generate_text(windowed, ids, 3 * ring) for ids in prompts]
+        assert [reply.result() for reply in replies] == expected
+        assert max(len(ids) + tokens for ids, (_, tokens) in zip(prompts, expected, strict=True)) > 3 * ring
+    finally:
+        engine.stop()
+
+
+@pytest.mark.usefixtures("paced_decoding")  # the long reply outlasts the chunked prefills beside it
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompts_prefilled_in_chunks_beside_running_replies_match_generate(
+    loaded: LoadedModel, tmp_path: Path, layout: str, window: int | None
+) -> None:
+    """Long prompts join while a reply streams: each is prefilled a chunk of 8 tokens per step, attending to its
+    earlier chunks in the cache. The first one takes slot 0, below the streaming row, which the decode step covers:
+    that row must not write into the slot while its prompt is half there."""
+    model = loaded if window is None else sliding_window_model(tmp_path, window)
+    engine = BatchingEngine(model, EngineOptions(max_batch_size=4, prefill_chunk_tokens=8, **LAYOUTS[layout]))
+    short, streaming, *long_prompts = [prompt_ids(model, text) for text in (PROMPTS[0], PROMPTS[1], *PROMPTS[2::2])]
+    budgets = [2, 60, NEW_TOKENS, NEW_TOKENS]
+    replies: list[Reply] = []
+
+    def join_when_the_short_reply_ends(chunk: GenerationChunk) -> None:
+        if chunk.finish_reason is not None:  # its slot 0 is free again
+            for ids, budget in zip(long_prompts, budgets[2:], strict=True):
+                replies.append(Reply())
+                engine.submit(ids, greedy(budget), budget, replies[-1].deliver)
+
+    first = [Reply(join_when_the_short_reply_ends), Reply()]
+    for ids, budget, reply in zip((short, streaming), budgets[:2], first, strict=True):
+        engine.submit(ids, greedy(budget), budget, reply.deliver)
+    engine.start()
+    try:
+        results = [reply.result() for reply in first]
+        assert len(replies) == len(long_prompts), "the long prompts were not submitted"
+        results += [reply.result() for reply in replies]
+        prompts = [short, streaming, *long_prompts]
+        assert min(len(ids) for ids in long_prompts) > 3 * 8  # several chunks each
+        assert results == [generate_text(model, ids, budget) for ids, budget in zip(prompts, budgets, strict=True)]
+        assert engine.stats()["prefill_chunks"] >= 2 * 3
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(("window", "masked"), [(None, False), (8, True), (2047, False)])
+def test_prompts_within_the_window_are_prefilled_causal_without_a_mask(
+    monkeypatch: pytest.MonkeyPatch,
+    loaded: LoadedModel,
+    tmp_path: Path,
+    window: int | None,
+    masked: bool,
+) -> None:
+    """PyTorch runs FlashAttention only without an explicit mask: right-padded prompts within the window need none.
+    A prompt longer than the window (8 here) needs its mask."""
+    model = loaded if window is None else sliding_window_model(tmp_path, window)
+    prefills: list[tuple[bool, bool]] = []  # (a mask was passed, is_causal), for forward passes of several tokens
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if query.shape[2] > 1:
+            prefills.append((kwargs.get("attn_mask") is not None, bool(kwargs.get("is_causal"))))
+        return sdpa(query, *args, **kwargs)
+
+    prompts = [prompt_ids(model, text) for text in PROMPTS[:3]]  # different lengths: right padding
+    expected = [generate_text(model, ids) for ids in prompts]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    engine = BatchingEngine(model, EngineOptions(max_batch_size=4))
     replies = [Reply() for _ in prompts]
     for ids, reply in zip(prompts, replies, strict=True):
         engine.submit(ids, greedy(), NEW_TOKENS, reply.deliver)
     engine.start()
     try:
-        assert [reply.result() for reply in replies] == [generate_text(windowed, ids) for ids in prompts]
+        assert [reply.result() for reply in replies] == expected
     finally:
         engine.stop()
+    assert prefills
+    assert set(prefills) == ({(True, False)} if masked else {(False, True)})
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -13,7 +13,7 @@ import torch
 
 from inference_app.engine import kv_cache
 from inference_app.engine.block_manager import BlockManager
-from inference_app.engine.cache_plan import CachePlan
+from inference_app.engine.cache_plan import BLOCK_TOKENS, CachePlan
 from inference_app.engine.engine_loop import BatchingEngine
 from inference_app.engine.kv_cache import KVCache
 from inference_app.service import ModelService
@@ -117,3 +117,27 @@ def test_too_little_memory_for_one_sequence_fails_loading_with_the_fix(
         "the CPU's free memory after loading (0.0 GiB for the KV cache) holds less than one sequence of 512 tokens: "
         "lower --max-sequence-tokens / INFERENCE_MAX_SEQUENCE_TOKENS or --max-batch-size / INFERENCE_MAX_BATCH_SIZE"
     )
+
+
+@pytest.mark.parametrize("tokens", [80, 48])  # rows; paged
+def test_a_decode_row_without_a_decoding_request_writes_only_to_scratch(tokens: int) -> None:
+    """Its slot may hold a prompt being prefilled in chunks: the step over the batch's width must not touch it."""
+    plan = CachePlan(slots=2, slot_tokens=40, tokens=tokens)
+    cache = KVCache(TINY_SHAPE, plan, torch.device("cpu"))
+    cache.set_blocks(0, [0, 1])
+    cache.set_blocks(1, [2])
+    cache.prepare_decode(torch.tensor([0, 5]), torch.tensor([False, True]), 2, 8)
+    scratch = cache.blocks * BLOCK_TOKENS
+    assert cache._write_index.tolist() == [scratch, 2 * BLOCK_TOKENS + 5]
+
+
+def test_a_ring_writes_each_place_once_per_prefill_and_padding_to_scratch() -> None:
+    """Of a prompt longer than the ring, only its last row_tokens positions are written (on a GPU, which of two writes
+    to one place wins is not defined); a shorter prompt's padding goes to scratch, not over its own places."""
+    plan = CachePlan(slots=2, slot_tokens=16, tokens=32)
+    cache = KVCache(dataclasses.replace(TINY_SHAPE, sliding_window=8), plan, torch.device("cpu"))
+    cache.prepare_prefill(torch.tensor([0, 1]), torch.tensor([40, 5]), 40)
+    scratch = cache.blocks * BLOCK_TOKENS
+    first, second = cache._write_index.view(2, 40).tolist()
+    assert first == [scratch] * 24 + [position % 16 for position in range(24, 40)]
+    assert second == [16 + position for position in range(5)] + [scratch] * 35

@@ -7,11 +7,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from inference_app.engine.model_loading import ModelLoadError, load_model
+from inference_app.engine.model_loading import ModelLoadError, load_model, resolve_dtype
 from inference_app.service import GenerationChunk, ModelNotReadyError, ModelService
 from inference_app.settings import Settings
 from tests.model_factory import (
@@ -83,6 +84,44 @@ def test_bfloat16_loads_on_cpu(start_service: Callable[..., ModelService], reply
     service = start_service(dtype="bfloat16")
     assert service.info()["dtype"] == "bfloat16"
     assert reply(service, PROMPT, max_new_tokens=5)[-1].completion_tokens >= 1
+
+
+def test_float16_loads_on_cpu_and_the_engine_matches_generate(
+    start_service: Callable[..., ModelService], reply: Reply, tiny_settings: Settings
+) -> None:
+    """The dtype `auto` picks on a T4: the engine's path (cache, masks, sampling) in float16 gives generate's reply."""
+    service = start_service(dtype="float16")
+    assert service.info()["dtype"] == "float16"
+    loaded = load_model(dataclasses.replace(tiny_settings, dtype="float16"))
+    encoded: Any = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    ids = encoded["input_ids"]
+    with torch.inference_mode():
+        output = loaded.model.generate(ids, max_new_tokens=20, do_sample=False)
+    expected = loaded.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text_of(reply(service, PROMPT, max_new_tokens=20)) == expected
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_dtype_is_float16_on_gpus_without_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: torch.dtype
+) -> None:
+    """V100 (7.0) and T4 (7.5) have no bf16 hardware; A100 (8.0) and H100 (9.0) have."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", "cuda") == expected
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16  # as set, whatever the GPU
+
+
+def test_an_unmerged_adapter_stays_in_the_compute_dtype(tiny_settings: Settings) -> None:
+    """As with --quantize-4bit (unmerged): peft's default would upcast the LoRA weights to float32."""
+    loaded = load_model(dataclasses.replace(tiny_settings, dtype="bfloat16", merge_adapter=False))
+    lora = {parameter.dtype for name, parameter in loaded.model.named_parameters() if "lora_" in name}
+    assert lora == {torch.bfloat16}
 
 
 def test_memory_mapped_load_gives_the_same_reply(start_service: Callable[..., ModelService], reply: Reply) -> None:

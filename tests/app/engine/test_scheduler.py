@@ -86,7 +86,11 @@ def test_prefill_groups_hold_at_most_prefill_tokens_padding_included() -> None:
 
 
 def test_the_token_cap_holds_requests_back_unless_the_batch_is_empty() -> None:
-    scheduler = Scheduler(BlockManager(CachePlan(slots=4, slot_tokens=128, tokens=512)), max_batch_tokens=50)
+    scheduler = Scheduler(
+        BlockManager(CachePlan(slots=4, slot_tokens=128, tokens=512)),
+        max_batch_tokens=50,
+        prefill_chunk_tokens=PREFILL_TOKENS,
+    )
     first, second, large = _request(40), _request(40), _request(90)
     for request in (first, second):
         scheduler.add(request)
@@ -100,7 +104,7 @@ def test_the_token_cap_holds_requests_back_unless_the_batch_is_empty() -> None:
 
 def test_a_request_short_of_blocks_makes_later_ones_wait_too() -> None:
     blocks = BlockManager(CachePlan(slots=4, slot_tokens=64, tokens=64))  # paged: 4 blocks of 16
-    scheduler = Scheduler(blocks, max_batch_tokens=None)
+    scheduler = Scheduler(blocks, max_batch_tokens=None, prefill_chunk_tokens=PREFILL_TOKENS)
     first, second, third = _request(44), _request(28), _request(12)  # 3, 2 and 1 blocks
     for request in (first, second, third):
         scheduler.add(request)
@@ -111,7 +115,11 @@ def test_a_request_short_of_blocks_makes_later_ones_wait_too() -> None:
 
 
 def test_cancelled_requests_never_join() -> None:
-    scheduler = Scheduler(BlockManager(CachePlan(slots=2, slot_tokens=64, tokens=128)), max_batch_tokens=None)
+    scheduler = Scheduler(
+        BlockManager(CachePlan(slots=2, slot_tokens=64, tokens=128)),
+        max_batch_tokens=None,
+        prefill_chunk_tokens=PREFILL_TOKENS,
+    )
     cancelled, waiting = _request(10), _request(10)
     cancelled.cancel()
     scheduler.add(cancelled)
@@ -119,3 +127,26 @@ def test_cancelled_requests_never_join() -> None:
     assert _joining(scheduler) == [waiting] and cancelled.slot is None
     waiting.cancel()
     assert scheduler.cancelled() == [waiting]
+
+
+def test_a_step_prefills_at_most_its_budget_while_others_decode() -> None:
+    """Whole prompts that fit share a step; a longer one goes a chunk per step, alone; with nothing decoding the
+    budget is PREFILL_TOKENS."""
+    scheduler = Scheduler(BlockManager(CachePlan(slots=4, slot_tokens=512, tokens=4 * 512)), None, 10)
+
+    def planned() -> tuple[list[list[int]], tuple[int, int] | None]:
+        step = scheduler.schedule()
+        assert step is not None
+        groups = [[len(each.prompt_ids) for each in group] for group in step.prefill_groups]
+        chunk = step.prefill_chunk
+        return groups, None if chunk is None else (chunk.start, chunk.length)
+
+    scheduler.add(_request(30))  # nothing decodes yet: the whole prompt at once
+    assert planned() == ([[30]], None)
+    for prompt_tokens in (25, 4, 5):
+        scheduler.add(_request(prompt_tokens))
+    assert planned() == ([], (0, 10))
+    assert planned() == ([], (10, 10))
+    assert planned() == ([], (20, 5))
+    assert planned() == ([[4, 5]], None)  # 9 tokens: both fit one step
+    assert [len(each.prompt_ids) for each in scheduler.decoding()] == [30, 25, 4, 5]
