@@ -200,7 +200,7 @@ class BatchingEngine:
             # the others: each is prefilled again alone, and only one that fails alone gets the error.
             logger.exception("a prefill of %d requests failed; prefilling each alone", len(requests))
             for request in requests:
-                self._run_safely(self._prefill, [request])
+                self._run_safely(functools.partial(self._prefill, [request]), [request])
             return
         self._accept(requests, first_tokens)
 
