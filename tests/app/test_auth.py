@@ -281,14 +281,38 @@ def test_the_brake_lets_the_address_try_again_within_a_minute() -> None:
     assert brake.retry_after("198.51.100.1") is None
 
 
+def many_addresses(count: int) -> Iterator[str]:
+    return (f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(count))
+
+
 def test_the_brake_forgets_idle_addresses_beyond_its_bound() -> None:
     now = [0.0]
     brake = GuessingBrake(clock=lambda: now[0])
-    for address in range(GuessingBrake.MAX_ADDRESSES):
-        brake.record_failure(f"10.0.{address // 256}.{address % 256}")
+    for address in many_addresses(GuessingBrake.MAX_ADDRESSES):
+        brake.record_failure(address)
     now[0] += GuessingBrake.WINDOW_S + 1
     brake.record_failure("198.51.100.1")
-    assert len(brake._failures) == 1
+    assert brake.tracked_addresses == 1
+
+
+def test_the_brake_costs_the_same_and_stays_bounded_with_many_recent_addresses() -> None:
+    """Guessers from more addresses than the bound, all within the window: each failure reads the clock a fixed
+    number of times (it does not scan the tracked addresses) and no more than MAX_ADDRESSES are kept."""
+    clock_reads = [0]
+
+    def clock() -> float:
+        clock_reads[0] += 1
+        return 1000.0
+
+    brake = GuessingBrake(clock=clock)
+    for address in many_addresses(GuessingBrake.MAX_ADDRESSES + 500):
+        clock_reads[0] = 0
+        brake.record_failure(address)
+        assert clock_reads[0] <= 2
+    assert brake.tracked_addresses == GuessingBrake.MAX_ADDRESSES
+    for _ in range(GuessingBrake.MAX_FAILURES):  # a guesser is still braked with the bound reached
+        brake.record_failure("198.51.100.1")
+    assert brake.retry_after("198.51.100.1") is not None
 
 
 # --- the same rules on every path ----------------------------------------------------------------------------------
