@@ -1,9 +1,10 @@
 """The UI's sign-in and sign-out around Gradio's session cookie.
 
 Gradio's POST /login (its login form) gets the brake on guessing that the API has (inference_app.web.auth.GuessingBrake,
-shared with it: one budget per client address). Gradio's own GET /logout ends every session of the user (there is
-one user) and can be triggered by a link on any site; it is replaced by POST /logout, which ends only the caller's
-session and refuses requests from other origins.
+shared with it: one budget per client address), and refuses other sites' pages: otherwise any page a visitor
+opens could spend the visitor's budget with wrong passwords and lock them out. Gradio's own GET /logout ends every
+session of the user (there is one user) and can be triggered by a link on any site; it is replaced by POST /logout,
+which ends only the caller's session and refuses requests from other origins.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ LOGIN_PATHS = ("/login", "/login/")
 
 
 class LoginBrake:
-    """Refuses POST /login from a braked address with 429 and Retry-After; counts Gradio's answers: 400 (wrong
-    credentials) is a failure, 200 a success."""
+    """Refuses POST /login from another site's page with 403 (not counted) and from a braked address with 429 and
+    Retry-After; counts Gradio's answers: 400 (wrong credentials) is a failure, 200 a success."""
 
     def __init__(self, app: ASGIApp, brake: GuessingBrake) -> None:
         self.app = app
@@ -34,7 +35,11 @@ class LoginBrake:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in LOGIN_PATHS:
             await self.app(scope, receive, send)
             return
-        address = client_address(HTTPConnection(scope))
+        connection = HTTPConnection(scope)
+        if not _same_origin(connection):
+            await _other_site("sign in on this app's own page")(scope, receive, send)
+            return
+        address = client_address(connection)
         retry_after = self.brake.retry_after(address)
         if retry_after is not None:
             await too_many_failures(retry_after).response()(scope, receive, send)
@@ -65,7 +70,7 @@ def add_sign_out_routes(app: FastAPI) -> None:
     @app.post("/logout", include_in_schema=False)
     def sign_out(request: Request) -> Response:
         if not _same_origin(request):
-            return JSONResponse({"detail": "sign out from this app's own page"}, status_code=403)
+            return _other_site("sign out from this app's own page")
         gradio_app = _mounted_gradio_app(request.app)
         response = JSONResponse({"signed_out": True})
         # Gradio's session cookies: a Secure one (HTTPS) and a plain one (HTTP); the token is the same.
@@ -77,11 +82,15 @@ def add_sign_out_routes(app: FastAPI) -> None:
         return response
 
 
-def _same_origin(request: Request) -> bool:
+def _same_origin(connection: HTTPConnection) -> bool:
     """Whether the request comes from one of this app's pages: browsers send Origin with every POST; a request
     without it (curl) is not a cross-site one."""
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+    origin = connection.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == connection.headers.get("host")
+
+
+def _other_site(what_to_do: str) -> JSONResponse:
+    return JSONResponse({"detail": what_to_do}, status_code=403)
 
 
 def _mounted_gradio_app(app: FastAPI) -> Any:

@@ -253,6 +253,20 @@ def test_repeated_failures_from_one_address_are_braked_for_that_address_only(
     assert guess(PASSWORD, headers=elsewhere).status_code == 200
 
 
+def test_another_sites_page_can_neither_sign_in_nor_spend_the_visitors_budget(server: RunningServer) -> None:
+    """A page on another site posting wrong passwords to /login from the visitor's browser (from their address)."""
+    foreign = {"Origin": "https://evil.example"}
+    for attempt in range(GuessingBrake.MAX_FAILURES + 2):
+        login = {"username": USERNAME, "password": f"wrong-{attempt}"}
+        response = httpx.post(f"{server.url}/login", data=login, headers=foreign, timeout=10)
+        assert response.status_code == 403, response.text
+    right = {"username": USERNAME, "password": PASSWORD}
+    assert httpx.post(f"{server.url}/login", data=right, headers=foreign, timeout=10).status_code == 403
+    # The visitor, on the app's own page, signs in at once.
+    own_page = {"Origin": server.url}
+    assert httpx.post(f"{server.url}/login", data=right, headers=own_page, timeout=10).status_code == 200
+
+
 def test_forged_forwarded_addresses_do_not_escape_the_brake(server: RunningServer) -> None:
     """Behind a trusted proxy, the client is the last address the proxy appended; whatever a guesser writes before
     it changes nothing."""
