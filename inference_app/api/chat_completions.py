@@ -66,6 +66,7 @@ class ChatCompletionServing:
         """The answer to one POST /v1/chat/completions: a chat.completion, an event stream, or an error."""
         service = self._service
         try:
+            _require_json_body(request)
             # Parsed on a worker thread: a large body does not hold up the event loop.
             completion_request = await asyncio.to_thread(_parse_request, await request.body())
             _require_ready(service)
@@ -80,6 +81,18 @@ class ChatCompletionServing:
             events = _stream_events(completion_request, service.served_model_id(), first, chunks)
             return _ClosingStreamingResponse(events, chunks)
         return await _complete(request, service.served_model_id(), first, chunks)
+
+
+def _require_json_body(request: Request) -> None:
+    """Refuses a body not declared as JSON: a page on another site can send text/plain or a form without a CORS
+    preflight, and in no-password mode would otherwise start generations on a local server."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415,
+            f"the request body must be JSON sent with 'Content-Type: application/json', got {media_type or 'none'!r}",
+            code="unsupported_media_type",
+        )
 
 
 def _parse_request(body: bytes) -> ChatCompletionRequest:

@@ -404,6 +404,25 @@ def test_invalid_request_gets_400_with_an_openai_error(
     assert engine_is_idle(server.service)
 
 
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_a_body_not_sent_as_json_gets_415(
+    client: httpx.Client, server: RunningServer, content_type: str | None
+) -> None:
+    """What a page on another site can send without a CORS preflight is refused, even when it parses as JSON."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+    response = client.post("/v1/chat/completions", content=body, headers=headers)
+    assert_error(response, 415, "invalid_request_error", None, "unsupported_media_type")
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+    assert engine_is_idle(server.service)
+    charset = client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert charset.status_code == 200
+
+
 def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
     client: httpx.Client, server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
