@@ -15,6 +15,11 @@ from inference_app.service import ModelService
 from inference_app.settings import Settings
 from inference_app.web.auth import Authenticator
 
+# The methods a route can be asked with. Each path answers every one of them itself (405 for those it does not
+# serve, behind the same credentials check): none falls through to the Gradio app mounted at /.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+READ = ["GET", "HEAD"]
+
 
 def add_api_routes(
     app: FastAPI, settings: Settings, service: ModelService, authenticator: Authenticator | None
@@ -32,13 +37,13 @@ def add_api_routes(
 def _health_router(service: ModelService, authenticator: Authenticator | None) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", tags=["health"])
+    @router.api_route("/health", methods=READ, tags=["health"])
     async def health() -> dict[str, str]:
         """Liveness: answers as soon as the process serves HTTP, whatever the model's state."""
         # async: answered on the event loop itself, never queued behind busy worker threads.
         return {"status": "ok"}
 
-    @router.get("/ready", tags=["health"])
+    @router.api_route("/ready", methods=READ, tags=["health"])
     async def ready(request: Request) -> JSONResponse:
         """Readiness: 503 until the model and adapter are loaded, then 200. With the password (or without password
         mode), also the reason it is not ready, or what is served; anonymous callers get the status only (the
@@ -51,6 +56,8 @@ def _health_router(service: ModelService, authenticator: Authenticator | None) -
             return JSONResponse({"status": service.status, "reason": reason}, status_code=status_code)
         return JSONResponse({"status": "ready", **service.info()})
 
+    _refuse_other_methods(router, "/health", READ)
+    _refuse_other_methods(router, "/ready", READ)
     return router
 
 
@@ -58,8 +65,15 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     router = APIRouter()
     started_at = now()
 
-    @router.get("/v1/models", tags=["openai"])
+    @router.api_route("/v1/models", methods=READ, tags=["openai"])
     def list_models() -> ModelList:
+        if service.status == "failed":  # nothing is served
+            raise ApiError(
+                503,
+                f"the model failed to load: {service.failure_reason}",
+                type="service_unavailable",
+                code="model_failed",
+            )
         return ModelList(data=[ModelCard(id=service.served_model_id(), created=started_at)])
 
     @router.post(
@@ -78,7 +92,10 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
         `data: [DONE]`."""
         return await chat.create(request)
 
-    @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    _refuse_other_methods(router, "/v1/models", READ)
+    _refuse_other_methods(router, "/v1/chat/completions", ["POST"])
+
+    @router.api_route("/v1/{path:path}", methods=list(HTTP_METHODS), include_in_schema=False)
     def unknown_api_url(request: Request) -> JSONResponse:
         # Without this, the Gradio app mounted at / would answer with its own 404 body.
         message = (
@@ -93,12 +110,29 @@ def _docs_router(app: FastAPI) -> APIRouter:
     """The OpenAPI schema and its Swagger UI page, as FastAPI serves them by default."""
     router = APIRouter(include_in_schema=False)
 
-    @router.get("/openapi.json")
+    @router.api_route("/openapi.json", methods=READ)
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @router.get("/docs")
+    @router.api_route("/docs", methods=READ)
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
+    _refuse_other_methods(router, "/openapi.json", READ)
+    _refuse_other_methods(router, "/docs", READ)
     return router
+
+
+def _refuse_other_methods(router: APIRouter, path: str, allowed: list[str]) -> None:
+    """405 with Allow for the methods `path` does not serve (added after the route that serves the others)."""
+
+    @router.api_route(
+        path, methods=[method for method in HTTP_METHODS if method not in allowed], include_in_schema=False
+    )
+    def method_not_allowed(request: Request) -> JSONResponse:
+        return ApiError(
+            405,
+            f"{request.method} is not allowed on {path}: use {' or '.join(allowed)}",
+            code="method_not_allowed",
+            headers={"Allow": ", ".join(allowed)},
+        ).response()

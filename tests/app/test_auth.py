@@ -154,6 +154,35 @@ def test_every_refusal_is_the_same_401_and_echoes_nothing(server: RunningServer,
         assert_refused(response)
 
 
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+PROTECTED_PATHS = ["/v1/models", "/v1/chat/completions", "/v1/no-such-route", "/openapi.json", "/docs"]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_of_every_api_path_needs_the_password(server: RunningServer, method: str) -> None:
+    """None falls through to Gradio's routes (HEAD /openapi.json did) or tells a stranger which methods exist."""
+    for path in PROTECTED_PATHS:
+        response = httpx.request(method, f"{server.url}{path}", timeout=10)
+        if method == "HEAD":  # the same refusal without its body
+            assert (response.status_code, response.headers["WWW-Authenticate"]) == (401, 'Bearer realm="inference"')
+        else:
+            assert_refused(response)
+
+
+def test_with_the_password_a_path_answers_405_to_the_methods_it_does_not_serve(server: RunningServer) -> None:
+    headers = {"Authorization": f"Bearer {PASSWORD}"}
+    for path in ["/v1/models", "/openapi.json", "/docs"]:
+        head = httpx.head(f"{server.url}{path}", headers=headers, timeout=10)
+        get = httpx.get(f"{server.url}{path}", headers=headers, timeout=10)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert httpx.delete(f"{server.url}{path}", headers=headers, timeout=10).status_code == 405
+    wrong_method = httpx.get(f"{server.url}/v1/chat/completions", headers=headers, timeout=10)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["Allow"] == "POST"
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
 @pytest.mark.parametrize(
     "authorization",
     [

@@ -132,6 +132,8 @@ def test_ready_stays_red_with_the_reason_when_loading_fails(tiny_settings: Setti
         response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": CONVERSATION})
         assert_error(response, 503, "service_unavailable", None, "model_failed")
         assert str(missing_adapter) in response.json()["error"]["message"]
+        # Nothing is served: no model is listed.
+        assert_error(httpx.get(f"{server.url}/v1/models"), 503, "service_unavailable", None, "model_failed")
 
 
 def test_python_m_inference_app_serves_the_ui_and_the_api(model_folders: ModelFolders, tmp_path: Path) -> None:
@@ -435,11 +437,37 @@ def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
     assert "secret internal detail" not in response.text
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/chat/completions"), ("POST", "/v1/completions")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/completions"), ("HEAD", "/v1/embeddings")])
 def test_unknown_api_url_gets_404_with_an_openai_error(client: httpx.Client, method: str, path: str) -> None:
     response = client.request(method, path, json={"prompt": "Hello"})
-    assert_error(response, 404, "invalid_request_error", None, "unknown_url")
-    assert f"{method} {path}" in response.json()["error"]["message"]
+    assert response.status_code == 404
+    if method != "HEAD":
+        assert_error(response, 404, "invalid_request_error", None, "unknown_url")
+        assert f"{method} {path}" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PUT", "/v1/models", "GET, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/ready", "GET, HEAD"),
+    ],
+)
+def test_a_known_path_asked_with_another_method_gets_405(
+    client: httpx.Client, method: str, path: str, allowed: str
+) -> None:
+    response = client.request(method, path)
+    assert_error(response, 405, "invalid_request_error", None, "method_not_allowed")
+    assert response.headers["allow"] == allowed
+
+
+def test_head_is_answered_like_get_without_a_body(client: httpx.Client) -> None:
+    for path in ["/health", "/ready", "/v1/models", "/openapi.json"]:
+        head, get = client.head(path), client.get(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_invalid_request_leaves_the_slot_free(client: httpx.Client) -> None:
