@@ -15,6 +15,9 @@ from typing import Any
 
 ENV_PREFIX = "INFERENCE_"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Seconds the platform waits after SIGTERM before it kills the container: the Pulumi program sets the container
+# app's terminationGracePeriodSeconds to this, and the server ends its streams in time (inference_app.server).
+CONTAINER_TERMINATION_GRACE_S = 30
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class Settings:
     model_path: Path = Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
     adapter_path: Path = Path("/mount/models/qlora/qlora/gpu_model/adapter")
     base_only: bool = False
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; the image sets INFERENCE_HOST=0.0.0.0 for its ingress
     port: int = 7860
     dtype: str = "auto"
     quantize_4bit: bool = False

@@ -4,7 +4,9 @@ chat.completion.chunk events.
 
 The request is fully validated, and the first chunk of the reply awaited, before any status is sent, so that a
 prompt too long for the context or a full server still gets its own status, even when streaming. However the
-response ends (finished, failed, the client gone), the generation is closed and its slot freed.
+response ends (finished, failed, the client gone, the server shutting down), the generation is closed and its slot
+freed. A reply still running when the server must stop ends with an error the client can read: an error event in a
+stream, a 503 otherwise.
 """
 
 from __future__ import annotations
@@ -53,14 +55,18 @@ logger = logging.getLogger(__name__)
 # Seconds a client should wait before retrying: a slot frees when any running reply ends; loading takes longer.
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 10
+SHUTTING_DOWN_MESSAGE = (
+    "the server is shutting down and cut this reply short: retry (another replica, or this one once restarted)"
+)
 
 
 class ChatCompletionServing:
     """Serves chat completion requests on one ModelService."""
 
-    def __init__(self, settings: Settings, service: ModelService) -> None:
+    def __init__(self, settings: Settings, service: ModelService, stopping: asyncio.Event) -> None:
         self._settings = settings
         self._service = service
+        self._stopping = stopping  # set when the server must stop: running replies end with an error
 
     async def create(self, request: Request) -> Response:
         """The answer to one POST /v1/chat/completions: a chat.completion, an event stream, or an error."""
@@ -78,9 +84,9 @@ class ChatCompletionServing:
         except ApiError as error:
             return error.response()
         if completion_request.stream:
-            events = _stream_events(completion_request, service.served_model_id(), first, chunks)
+            events = _stream_events(completion_request, service.served_model_id(), first, chunks, self._stopping)
             return _ClosingStreamingResponse(events, chunks)
-        return await _complete(request, service.served_model_id(), first, chunks)
+        return await _complete(request, service.served_model_id(), first, chunks, self._stopping)
 
 
 def _require_json_body(request: Request) -> None:
@@ -162,18 +168,27 @@ def _engine_errors_as_api_errors() -> Iterator[None]:
 
 
 async def _complete(
-    request: Request, model: str, first: GenerationChunk, chunks: AsyncGenerator[GenerationChunk, None]
+    request: Request,
+    model: str,
+    first: GenerationChunk,
+    chunks: AsyncGenerator[GenerationChunk, None],
+    stopping: asyncio.Event,
 ) -> Response:
-    """The whole reply as one chat.completion; a client that hangs up stops the generation."""
+    """The whole reply as one chat.completion; a client that hangs up stops the generation, and so does the server
+    stopping (503)."""
     collecting = asyncio.ensure_future(_collect(first, chunks))
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait({collecting, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({collecting, disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnected.cancel()
+        stopped.cancel()
         if not collecting.done():
             collecting.cancel()  # closes the generation: its slot is freed
-        await asyncio.gather(collecting, disconnected, return_exceptions=True)
+        await asyncio.gather(collecting, disconnected, stopped, return_exceptions=True)
+    if collecting.cancelled() and stopping.is_set():
+        return _shutting_down().response()
     if collecting.cancelled():
         return Response(status_code=499)  # nobody is listening any more (nginx's "client closed request")
     try:
@@ -206,8 +221,47 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        SHUTTING_DOWN_MESSAGE,
+        type="service_unavailable",
+        code="server_shutting_down",
+        headers={"Retry-After": str(RETRY_AFTER_LOADING_S)},
+    )
+
+
+async def _until_stopping(
+    chunks: AsyncGenerator[GenerationChunk, None], stopping: asyncio.Event
+) -> AsyncGenerator[GenerationChunk, None]:
+    """The chunks, until `stopping` is set: then the wait for the next one is cancelled (which closes the
+    generation) and the server's shutdown error is raised."""
+    stopped = asyncio.ensure_future(stopping.wait())
+    next_chunk: asyncio.Future[GenerationChunk] | None = None
+    try:
+        while True:
+            next_chunk = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait({next_chunk, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_chunk.done():
+                raise _shutting_down()
+            try:
+                chunk = next_chunk.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        stopped.cancel()
+        if next_chunk is not None and not next_chunk.done():  # stopping, or the client gone
+            next_chunk.cancel()  # closes the generation
+            await asyncio.gather(next_chunk, return_exceptions=True)
+
+
 async def _stream_events(
-    request: ChatCompletionRequest, model: str, first: GenerationChunk, chunks: AsyncGenerator[GenerationChunk, None]
+    request: ChatCompletionRequest,
+    model: str,
+    first: GenerationChunk,
+    chunks: AsyncGenerator[GenerationChunk, None],
+    stopping: asyncio.Event,
 ) -> AsyncGenerator[str, None]:
     completion_id, created = new_completion_id(), now()
 
@@ -226,9 +280,12 @@ async def _stream_events(
         if first.text:
             yield event(Delta(content=first.text))
         if first.finish_reason is None:
-            async for last in chunks:
+            async for last in _until_stopping(chunks, stopping):
                 if last.text:
                     yield event(Delta(content=last.text))
+    except ApiError as error:  # the server is shutting down
+        yield _sse(ErrorBody(error=error.detail).model_dump())
+        return
     except Exception as error:  # the status is already sent: report in the stream, as OpenAI does
         logger.exception("generation failed while streaming")
         yield _sse(

@@ -4,6 +4,8 @@ inference_app.api.errors' ApiError, credentials are checked by inference_app.web
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -22,15 +24,22 @@ READ = ["GET", "HEAD"]
 
 
 def add_api_routes(
-    app: FastAPI, settings: Settings, service: ModelService, authenticator: Authenticator | None
+    app: FastAPI,
+    settings: Settings,
+    service: ModelService,
+    authenticator: Authenticator | None,
+    stopping: asyncio.Event,
 ) -> None:
     """The health probes, open to all (the platform's probes carry no credentials); the OpenAI API and its docs,
     behind the password in password mode (authenticator set). The app must be built without FastAPI's own docs
-    routes, which take no dependencies (docs_url, redoc_url and openapi_url None)."""
+    routes, which take no dependencies (docs_url, redoc_url and openapi_url None). Replies still running when
+    `stopping` is set end with an error (the server is shutting down)."""
     credentials = [] if authenticator is None else [Depends(authenticator.require_credentials)]
     add_api_error_handlers(app)
     app.include_router(_health_router(service, authenticator))
-    app.include_router(_openai_router(ChatCompletionServing(settings, service), service), dependencies=credentials)
+    app.include_router(
+        _openai_router(ChatCompletionServing(settings, service, stopping), service), dependencies=credentials
+    )
     app.include_router(_docs_router(app), dependencies=credentials)
 
 

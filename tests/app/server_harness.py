@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
-from inference_app.server import uvicorn_config
+from inference_app.server import AppServer, uvicorn_server
 from inference_app.service import ModelService
 from inference_app.settings import Settings
 
 STARTUP_TIMEOUT_S = 30
 LOAD_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 10
+STREAMS_END_AFTER_S = 1  # on shutdown, replies still streaming end this soon
 PROCESS_READY_TIMEOUT_S = 120  # a fresh interpreter imports the whole stack before it loads the model
 # What /ready details for the tests' tiny model and adapter (conftest's tiny_settings) on the CPU.
 TINY_MODEL_INFO = {
@@ -49,6 +50,7 @@ class RunningServer:
     settings: Settings
     service: ModelService
     app: Any  # the FastAPI app served (its state holds the brake on password guessing)
+    server: AppServer  # uvicorn's; server.should_exit = True is what SIGTERM does
 
     def wait_until_ready(self, timeout: float = LOAD_TIMEOUT_S) -> None:
         wait_for(lambda: httpx.get(f"{self.url}/ready", timeout=5).status_code == 200, timeout, "GET /ready = 200")
@@ -66,12 +68,13 @@ def running_server(settings: Settings, *, start_loading: bool = True) -> Iterato
     port = listener.getsockname()[1]
     settings = dataclasses.replace(settings, host="127.0.0.1", port=port)
     service = ModelService(settings)
-    # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are cut.
-    config = uvicorn_config(settings, service, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are ended then cut.
+    server = uvicorn_server(settings, service, log_level="warning", streams_end_after_s=STREAMS_END_AFTER_S)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
-    running = RunningServer(url=f"http://127.0.0.1:{port}", settings=settings, service=service, app=config.app)
+    running = RunningServer(
+        url=f"http://127.0.0.1:{port}", settings=settings, service=service, app=server.config.app, server=server
+    )
     try:
         wait_for(lambda: server.started, STARTUP_TIMEOUT_S, "uvicorn started")
         if start_loading:
@@ -123,16 +126,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_process(arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None) -> Iterator[str]:
+def app_process(
+    arguments: list[str],
+    log_path: Path,
+    environ: Mapping[str, str] | None = None,
+    max_open_files: int | None = None,
+) -> Iterator[str]:
     """Runs `python -m inference_app <arguments> --port <free port>` (stdout and stderr into log_path) and yields
-    its URL once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
+    its URL once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends. With max_open_files, the process
+    may hold no more file descriptors than that (ulimit -n)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "inference_app", *arguments, "--port", str(port)]
     with (
         log_path.open("w") as log,
         subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(environ or {})},
+            preexec_fn=None if max_open_files is None else lambda: _limit_open_files(max_open_files),
         ) as process,
     ):
         try:
@@ -146,3 +159,7 @@ def app_process(arguments: list[str], log_path: Path, environ: Mapping[str, str]
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=30)
+
+
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

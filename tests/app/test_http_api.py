@@ -4,6 +4,7 @@ disconnects."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -530,3 +531,28 @@ def test_disconnect_while_waiting_for_a_plain_reply_stops_the_generation(
         f"{server.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=TIMEOUT
     )
     assert response.status_code == 200
+
+
+# ---- shutdown ----
+
+
+@pytest.mark.usefixtures("paced_decoding")
+def test_replies_running_at_shutdown_end_with_an_error_the_client_can_read(
+    tiny_settings: Settings, long_request: dict[str, Any]
+) -> None:
+    """SIGTERM (here what its handler does): after the grace period (STREAMS_END_AFTER_S in the harness), a stream
+    gets an error event and a plain reply a 503, instead of a connection cut without a word."""
+    with running_server(tiny_settings) as server, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=long_request, timeout=TIMEOUT)
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**long_request, "stream": True}, timeout=TIMEOUT
+        ) as response:
+            events = sse_events(response)
+            next(events)
+            next(events)  # the reply is being generated
+            wait_for(lambda: server.service.generation_stats()["running"] == 2, 10, "both replies to run")
+            server.server.should_exit = True
+            rest = list(events)
+        assert rest[-1]["error"]["code"] == "server_shutting_down", rest[-1]
+        assert "[DONE]" not in rest
+        assert_error(plain.result(), 503, "service_unavailable", None, "server_shutting_down")

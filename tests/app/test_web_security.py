@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
+from inference_app.server import REQUEST_HEADERS_TIMEOUT_S
 from inference_app.settings import Settings
 from inference_app.web.security import HSTS
 from tests.app.server_harness import RunningServer, app_process, running_server, wait_for
@@ -227,3 +229,62 @@ def test_health_answers_within_100_ms_while_the_largest_requests_are_handled(
     )
     assert set(statuses) == {200, 400, 413}  # nothing else: no 500, no 429
     assert max(latencies) < 0.1
+
+
+# ---- connections ----
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    """Whether the server closes the connection (reading whatever it sends first) within the socket's timeout."""
+    try:
+        while connection.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_connections_that_send_no_request_are_closed_after_a_few_seconds(server: RunningServer) -> None:
+    """A silent connection, one with half its headers sent, and a kept-alive one that sends one byte of its next
+    request: each is closed REQUEST_HEADERS_TIMEOUT_S after it opened or was last answered."""
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    started = time.monotonic()
+    with (
+        socket.create_connection(address) as silent,
+        socket.create_connection(address) as half_sent,
+        socket.create_connection(address) as kept_alive,
+    ):
+        half_sent.sendall(head)
+        kept_alive.sendall(head + b"\r\n")
+        assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        kept_alive.sendall(b"G")
+        for connection in (silent, half_sent, kept_alive):
+            connection.settimeout(max(0.1, started + REQUEST_HEADERS_TIMEOUT_S + 3 - time.monotonic()))
+            assert closed_by_server(connection)
+    assert time.monotonic() - started >= REQUEST_HEADERS_TIMEOUT_S - 0.5
+
+
+def test_running_out_of_file_descriptors_is_logged_once_and_idle_connections_give_them_back(
+    model_folders: ModelFolders, tmp_path: Path
+) -> None:
+    """More idle connections than the process may open files: the accept() failures are one line in the log, not a
+    traceback a second, and /health answers again once the idle connections are timed out."""
+    arguments = ["--model", str(model_folders.model_path), "--adapter", str(model_folders.adapter_path)]
+    log_path = tmp_path / "server.log"
+    max_open_files = 256
+    with app_process(arguments, log_path, max_open_files=max_open_files) as url:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        idle = [socket.create_connection(address) for _ in range(max_open_files + 100)]
+        try:
+            time.sleep(3)  # asyncio retries accept() every second
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=REQUEST_HEADERS_TIMEOUT_S + 10).status_code == 200
+            print(f"/health answered after {time.monotonic() - started:.1f} s")
+        finally:
+            for connection in idle:
+                connection.close()
+    log = log_path.read_text()
+    assert log.count("Too many open files") == 1, log[-3000:]
+    assert "socket.accept() out of system resource" not in log  # asyncio's own report, with its traceback
+    assert "Invalid file descriptor" not in log  # asyncio's retries, run after the socket closed at shutdown
