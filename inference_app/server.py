@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from inference_app.api.routes import add_api_routes
+from inference_app.client_limit import PerClientLimit
 from inference_app.service import ModelService
 from inference_app.settings import CONTAINER_TERMINATION_GRACE_S, Settings
 from inference_app.web.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
@@ -59,13 +60,15 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
         app.add_middleware(LoginBrake, brake=brake)
     add_web_security(app, settings)  # added last: outermost, around every answer, a braked login's too
     # The routes come first: the Gradio app mounted at / takes every path not matched before it.
-    add_api_routes(app, settings, service, None if check is None else Authenticator(check, brake), app.state.stopping)
+    authenticator = None if check is None else Authenticator(check, brake)
+    client_limit = PerClientLimit(settings.max_generations_per_client)  # one count per client for the API and the UI
+    add_api_routes(app, settings, service, authenticator, client_limit, app.state.stopping)
     if check is not None:
         add_sign_out_routes(app)
     # In password mode Gradio shows its login form at / and refuses its own API without the session cookie.
     return gr.mount_gradio_app(
         app,
-        build_ui(settings, service, sign_out=check is not None),
+        build_ui(settings, service, client_limit, sign_out=check is not None),
         path="/",
         ssr_mode=False,
         auth=None if check is None else check.accepts_login,

@@ -31,6 +31,7 @@ class Settings:
     quantize_4bit: bool = False
     merge_adapter: bool | None = None  # None: merge unless quantized (merging into 4-bit weights is lossy)
     max_concurrent_generations: int | None = None  # None: as many as the KV cache holds (max_batch_size)
+    max_generations_per_client: int | None = None  # None: no limit per client
     max_new_tokens_cap: int = 1024
     prompt_template: str | None = None
     load_with_mmap: bool = False
@@ -161,6 +162,13 @@ _OPTIONS = (
         "max_concurrent_generations",
         ("--max-concurrent-generations",),
         "generations running at once; more wait in the UI's queue or get 429 from the API (default: --max-batch-size)",
+        _positive_int,
+    ),
+    _Option(
+        "max_generations_per_client",
+        ("--max-generations-per-client",),
+        "generations running at once for one client address; one more gets 429 from the API and a notice in the UI"
+        " (default: no limit)",
         _positive_int,
     ),
     _Option("max_new_tokens_cap", ("--max-new-tokens-cap",), "upper bound on new tokens per reply", _positive_int),

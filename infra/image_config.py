@@ -26,6 +26,7 @@ class InferenceSettings:
     base_only: bool | None = None
     quantize_4bit: bool | None = None
     max_concurrent_generations: int | None = None
+    max_generations_per_client: int | None = None
     max_request_bytes: int | None = None
     allowed_origins: tuple[str, ...] | None = None
     model_revision: str | None = None  # any change rolls a new revision, which loads the adapter afresh
@@ -38,6 +39,7 @@ SETTINGS_ENV = {
     "base_only": "INFERENCE_BASE_ONLY",
     "quantize_4bit": "INFERENCE_QUANTIZE_4BIT",
     "max_concurrent_generations": "INFERENCE_MAX_CONCURRENT_GENERATIONS",
+    "max_generations_per_client": "INFERENCE_MAX_GENERATIONS_PER_CLIENT",
     "max_request_bytes": "INFERENCE_MAX_REQUEST_BYTES",
     "allowed_origins": "INFERENCE_ALLOWED_ORIGINS",
     "model_revision": "INFERENCE_MODEL_REVISION",  # read by nobody: a new value only changes the revision template
@@ -105,6 +107,7 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
             base_only=source.boolean("baseOnly", None),
             quantize_4bit=source.boolean("quantize4bit", None),
             max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
+            max_generations_per_client=source.integer("maxGenerationsPerClient", None, minimum=1),
             max_request_bytes=source.integer("maxRequestBytes", None, minimum=1),
             allowed_origins=_allowed_origins(source),
             model_revision=source.string("modelRevision"),

@@ -39,6 +39,7 @@ from inference_app.api.protocol import (
     new_completion_id,
     now,
 )
+from inference_app.client_limit import ClientLimitExceededError, PerClientLimit
 from inference_app.prompt_limits import refuse_overlong_prompt
 from inference_app.service import (
     CapacityExceededError,
@@ -49,6 +50,7 @@ from inference_app.service import (
     SamplingParams,
 )
 from inference_app.settings import Settings
+from inference_app.web.auth import client_address
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ SHUTTING_DOWN_MESSAGE = (
 class ChatCompletionServing:
     """Serves chat completion requests on one ModelService."""
 
-    def __init__(self, settings: Settings, service: ModelService, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, settings: Settings, service: ModelService, client_limit: PerClientLimit, stopping: asyncio.Event
+    ) -> None:
         self._settings = settings
         self._service = service
+        self._client_limit = client_limit
         self._stopping = stopping  # set when the server must stop: running replies end with an error
 
     async def create(self, request: Request) -> Response:
@@ -79,7 +84,10 @@ class ChatCompletionServing:
             messages = [message.as_prompt_message() for message in completion_request.messages]
             with _engine_errors_as_api_errors():
                 refuse_overlong_prompt(service, messages)
-                chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
+                chunks = self._client_limit.limited(
+                    client_address(request),
+                    service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False),
+                )
                 first = await anext(chunks)  # ModelService raises its request errors here, before generating
         except ApiError as error:
             return error.response()
@@ -153,7 +161,7 @@ def _engine_errors_as_api_errors() -> Iterator[None]:
         yield
     except PromptTooLongError as error:
         raise ApiError(400, str(error), param="messages", code="context_length_exceeded") from error
-    except CapacityExceededError as error:
+    except (CapacityExceededError, ClientLimitExceededError) as error:
         raise ApiError(
             429,
             str(error),

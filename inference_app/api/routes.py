@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from inference_app.api.chat_completions import ChatCompletionServing
 from inference_app.api.errors import ApiError, add_api_error_handlers
 from inference_app.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from inference_app.client_limit import PerClientLimit
 from inference_app.service import ModelService
 from inference_app.settings import Settings
 from inference_app.web.auth import Authenticator
@@ -28,6 +29,7 @@ def add_api_routes(
     settings: Settings,
     service: ModelService,
     authenticator: Authenticator | None,
+    client_limit: PerClientLimit,
     stopping: asyncio.Event,
 ) -> None:
     """The health probes, open to all (the platform's probes carry no credentials); the OpenAI API and its docs,
@@ -38,7 +40,8 @@ def add_api_routes(
     add_api_error_handlers(app)
     app.include_router(_health_router(service, authenticator))
     app.include_router(
-        _openai_router(ChatCompletionServing(settings, service, stopping), service), dependencies=credentials
+        _openai_router(ChatCompletionServing(settings, service, client_limit, stopping), service),
+        dependencies=credentials,
     )
     app.include_router(_docs_router(app), dependencies=credentials)
 

@@ -13,11 +13,14 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import gradio as gr
+from starlette.requests import HTTPConnection
 
 from inference_app.api.protocol import flatten_text_content
+from inference_app.client_limit import ClientLimitExceededError, PerClientLimit
 from inference_app.prompt_limits import refuse_overlong_prompt
 from inference_app.service import ModelNotReadyError, ModelService, PromptTooLongError, SamplingParams
 from inference_app.settings import Settings
+from inference_app.web.auth import client_address
 
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
 EXAMPLES = [
@@ -35,8 +38,11 @@ SIGN_OUT_BUTTON = "Sign out"
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
 
 
-def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = False) -> gr.Blocks:
-    """The chat page; with `sign_out` (password mode), a Sign out button."""
+def build_ui(
+    settings: Settings, service: ModelService, client_limit: PerClientLimit, *, sign_out: bool = False
+) -> gr.Blocks:
+    """The chat page; with `sign_out` (password mode), a Sign out button. Its chats count against `client_limit`
+    with the API's."""
 
     async def respond(
         message: str,
@@ -46,6 +52,7 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         temperature: float,
         top_p: float,
         top_k: int,
+        request: gr.Request,
     ) -> AsyncGenerator[str, None]:
         params = SamplingParams(
             max_new_tokens=int(max_new_tokens),
@@ -58,7 +65,7 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         try:
             refuse_overlong_prompt(service, messages)
             # wait=True: beyond the generation slots, a chat waits here for one (the API answers 429 instead).
-            chunks = service.stream_chat(messages, params, wait=True)
+            chunks = client_limit.limited(_client(request), service.stream_chat(messages, params, wait=True))
             async with contextlib.aclosing(chunks):  # the stop button or a closed tab cancels us: stop generating
                 async for chunk in chunks:
                     reply += chunk.text
@@ -67,6 +74,8 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
             yield f"{NOT_ANSWERED}{error}. Use “{TRIM_BUTTON}” below, or the trash icon to start over."
         except ModelNotReadyError as error:
             yield f"{NOT_ANSWERED}the model is not ready: {error}."
+        except ClientLimitExceededError as error:
+            yield f"{NOT_ANSWERED}{error}."
 
     title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
     with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
@@ -135,6 +144,12 @@ def drop_oldest_exchange(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat without its first user message and the replies to it."""
     later_users = [index for index, turn in enumerate(history) if turn["role"] == "user" and index > 0]
     return history[later_users[0] :] if later_users else []
+
+
+def _client(request: gr.Request) -> str:
+    """The chat's client, as the API counts it: the address of the request that joined Gradio's queue."""
+    connection = request.request
+    return client_address(connection) if isinstance(connection, HTTPConnection) else "unknown"
 
 
 def _status_notice(service: ModelService) -> str:

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio_client
 import httpx
 import pytest
 
 from inference_app.prompt_limits import MAX_CHARS_PER_TOKEN
 from inference_app.service import ModelService, SamplingParams
 from inference_app.settings import Settings
+from inference_app.web.ui import CHAT_API_NAME, NOT_ANSWERED
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
@@ -531,6 +533,36 @@ def test_disconnect_while_waiting_for_a_plain_reply_stops_the_generation(
         f"{server.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=TIMEOUT
     )
     assert response.status_code == 200
+
+
+@pytest.mark.usefixtures("paced_decoding")
+def test_the_limit_per_client_refuses_one_more_from_that_client_only(
+    tiny_settings: Settings, long_request: dict[str, Any]
+) -> None:
+    """--max-generations-per-client 1: a client (an address) running a reply gets 429 for a second one, in the API
+    and in the UI, while another client (here behind the trusted proxy 127.0.0.1) is served."""
+    with (
+        running_server(dataclasses.replace(tiny_settings, max_generations_per_client=1)) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+        client.stream("POST", "/v1/chat/completions", json={**long_request, "stream": True}) as running,
+    ):
+        events = sse_events(running)
+        next(events)  # the client's one generation runs
+        second = chat(client, max_tokens=3)
+        assert_error(second, 429, "rate_limit_error", None, "rate_limit_exceeded")
+        assert "--max-generations-per-client" in second.json()["error"]["message"]
+        ui_reply = gradio_client.Client(server.url, verbose=False).predict(
+            "Hello", "", 3, 0.0, 1.0, 0, api_name=f"/{CHAT_API_NAME}"
+        )
+        assert ui_reply.startswith(NOT_ANSWERED) and "--max-generations-per-client" in ui_reply
+        other_client = client.post(
+            "/v1/chat/completions",
+            json={"messages": CONVERSATION, "max_tokens": 3},
+            headers={"X-Forwarded-For": "203.0.113.7"},
+        )
+        assert other_client.status_code == 200, other_client.text
+        assert list(events)[-1] == "[DONE]"
+        assert chat(client, max_tokens=3).status_code == 200  # the finished reply no longer counts
 
 
 # ---- shutdown ----

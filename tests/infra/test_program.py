@@ -450,6 +450,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
         "baseOnly",
         "quantize4bit",
         "maxConcurrentGenerations",
+        "maxGenerationsPerClient",
         "maxRequestBytes",
         "allowedOrigins",
         "modelRevision",
@@ -479,7 +480,8 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
     no_default = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
-    no_default += ("maxConcurrentGenerations", "maxRequestBytes", "allowedOrigins", "modelRevision")
+    no_default += ("maxConcurrentGenerations", "maxGenerationsPerClient", "maxRequestBytes", "allowedOrigins")
+    no_default += ("modelRevision",)
     no_default += ("containerCpu", "containerMemory")
     no_default += ("minimumInstanceCount", "accessUsername", "accessPassword", "allowedIpRanges")
     no_default += ("entraClientId", "entraTenantId", "entraClientSecret", "entraAllowedAudiences")

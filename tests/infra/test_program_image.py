@@ -246,6 +246,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
             "baseOnly": "false",
             "quantize4bit": "true",
             "maxConcurrentGenerations": "4",
+            "maxGenerationsPerClient": "2",
             "modelRevision": "run7",
         }
     )
@@ -255,6 +256,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_BASE_ONLY": "false",
         "INFERENCE_QUANTIZE_4BIT": "true",
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
+        "INFERENCE_MAX_GENERATIONS_PER_CLIENT": "2",
         "INFERENCE_MODEL_REVISION": "run7",
     }
 
