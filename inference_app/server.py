@@ -92,7 +92,22 @@ def uvicorn_server(
         forwarded_allow_ips=settings.forwarded_allow_ips,
         **options,
     )
+    logging.getLogger("uvicorn.access").addFilter(ACCESS_LOG_FILTER)  # once: addFilter skips a filter it has
     return AppServer(config, stopping=app.state.stopping, streams_end_after_s=streams_end_after_s)
+
+
+class AccessLogFilter(logging.Filter):
+    """uvicorn's access log lines without query strings: a client may send its API key as ?api_key=. (The path
+    itself is logged percent-encoded, so CR or ANSI escapes in it cannot forge lines or drive a terminal.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:  # uvicorn's: client, method, path, version, status
+            client, method, path, version, status = record.args
+            record.args = (client, method, str(path).partition("?")[0], version, status)
+        return True
+
+
+ACCESS_LOG_FILTER = AccessLogFilter()
 
 
 def serve(settings: Settings, service: ModelService) -> None:

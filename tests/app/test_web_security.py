@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import socket
 import statistics
@@ -288,3 +289,28 @@ def test_running_out_of_file_descriptors_is_logged_once_and_idle_connections_giv
     assert log.count("Too many open files") == 1, log[-3000:]
     assert "socket.accept() out of system resource" not in log  # asyncio's own report, with its traceback
     assert "Invalid file descriptor" not in log  # asyncio's retries, run after the socket closed at shutdown
+
+
+# ---- the log ----
+
+
+def test_the_access_log_has_no_query_strings_and_no_raw_control_characters(server: RunningServer) -> None:
+    """A key sent as ?api_key= is not logged; CR, LF and ESC in a path are logged percent-encoded (h11 refuses them
+    raw with 400 before any log line)."""
+    access_log = logging.getLogger("uvicorn.access")
+    lines: list[str] = []
+    capture = logging.Handler()
+    capture.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = access_log.level
+    access_log.setLevel(logging.INFO)
+    access_log.addHandler(capture)
+    try:
+        httpx.get(f"{server.url}/v1/models?api_key=sk-secret-key", timeout=10)
+        httpx.get(f"{server.url}/forged%0D%0AINFO:%20%1B[31mred", timeout=10)
+    finally:
+        access_log.removeHandler(capture)
+        access_log.setLevel(level)
+    assert len(lines) == 2, lines
+    assert "sk-secret-key" not in lines[0] and "/v1/models" in lines[0]
+    assert not any(character in lines[1] for character in "\r\n\x1b"), lines[1]
+    assert "/forged%0D%0AINFO%3A%20%1B%5B31mred" in lines[1]
