@@ -27,7 +27,7 @@ from inference_app.service import ModelService
 from inference_app.settings import CONTAINER_TERMINATION_GRACE_S, Settings
 from inference_app.web.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
 from inference_app.web.security import add_web_security
-from inference_app.web.sign_in import LoginBrake, add_sign_out_routes
+from inference_app.web.sign_in import HeartbeatNeedsSession, LoginBrake, add_sign_out_routes
 from inference_app.web.ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
     app.state.guessing_brake = brake
     if check is not None:
         app.add_middleware(LoginBrake, brake=brake)
+        app.add_middleware(HeartbeatNeedsSession)
     add_web_security(app, settings)  # added last: outermost, around every answer, a braked login's too
     # The routes come first: the Gradio app mounted at / takes every path not matched before it.
     authenticator = None if check is None else Authenticator(check, brake)

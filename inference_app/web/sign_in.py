@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inference_app.web.auth import GuessingBrake, client_address, too_many_failures
 
 LOGIN_PATHS = ("/login", "/login/")
+HEARTBEAT_PATH = "/gradio_api/heartbeat/"
 
 
 class LoginBrake:
@@ -56,6 +57,23 @@ class LoginBrake:
         await self.app(scope, receive, counting_send)
 
 
+class HeartbeatNeedsSession:
+    """Refuses Gradio's heartbeat stream (GET /gradio_api/heartbeat/<session>) to a caller without a session
+    cookie: Gradio serves it to anyone, and each one holds a connection and a task open for as long as it likes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(HEARTBEAT_PATH):
+            connection = HTTPConnection(scope)
+            gradio_app = _mounted_gradio_app(scope["app"])
+            if not any(token in gradio_app.tokens for token in _session_tokens(gradio_app, connection)):
+                await JSONResponse({"detail": "sign in first"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def add_sign_out_routes(app: FastAPI) -> None:
     """POST /logout (the UI's Sign out button) and a 405 for GET /logout; added before Gradio is mounted at /."""
 
@@ -73,11 +91,9 @@ def add_sign_out_routes(app: FastAPI) -> None:
             return _other_site("sign out from this app's own page")
         gradio_app = _mounted_gradio_app(request.app)
         response = JSONResponse({"signed_out": True})
-        # Gradio's session cookies: a Secure one (HTTPS) and a plain one (HTTP); the token is the same.
-        for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
-            token = request.cookies.get(name)
-            if token is not None:
-                gradio_app.tokens.pop(token, None)  # this session only
+        for token in _session_tokens(gradio_app, request):
+            gradio_app.tokens.pop(token, None)  # this session only
+        for name in _session_cookie_names(gradio_app):
             response.delete_cookie(name, path="/")
         return response
 
@@ -91,6 +107,15 @@ def _same_origin(connection: HTTPConnection) -> bool:
 
 def _other_site(what_to_do: str) -> JSONResponse:
     return JSONResponse({"detail": what_to_do}, status_code=403)
+
+
+def _session_cookie_names(gradio_app: Any) -> tuple[str, str]:
+    """Gradio's session cookies: a Secure one (HTTPS) and a plain one (HTTP); the token is the same."""
+    return f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"
+
+
+def _session_tokens(gradio_app: Any, connection: HTTPConnection) -> list[str]:
+    return [token for name in _session_cookie_names(gradio_app) if (token := connection.cookies.get(name))]
 
 
 def _mounted_gradio_app(app: FastAPI) -> Any:

@@ -78,7 +78,11 @@ def build_ui(
             yield f"{NOT_ANSWERED}{error}."
 
     title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
-    with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
+    # The page's title is also served to anyone (the login page's tab, /manifest.json): in password mode, no model.
+    page_title = "Chat" if sign_out else title
+    with gr.Blocks(
+        title=page_title, analytics_enabled=False
+    ) as page:  # analytics off: offline in tests, never phones home
         status = gr.Markdown(_status_notice(service))
         chat = gr.ChatInterface(
             respond,

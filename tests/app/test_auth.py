@@ -468,6 +468,18 @@ def test_gradio_api_needs_the_login_cookie(server: RunningServer) -> None:
         assert client.get("/config").status_code == 200
 
 
+def test_a_stranger_can_neither_hold_heartbeat_streams_nor_learn_the_model(server: RunningServer) -> None:
+    """Gradio serves its heartbeat stream and its page's title (login page, /manifest.json) without the login."""
+    assert httpx.get(f"{server.url}/gradio_api/heartbeat/any-session", timeout=10).status_code == 401
+    for path in ["/manifest.json", "/"]:
+        response = httpx.get(f"{server.url}{path}", timeout=10)
+        assert response.status_code == 200
+        assert "Phi-3" not in response.text and "adapter" not in response.text.lower(), path
+    with signed_in_client(server) as client, client.stream("GET", "/gradio_api/heartbeat/my-session") as heartbeat:
+        assert heartbeat.status_code == 200
+        assert next(heartbeat.iter_lines()) == "data: ALIVE"
+
+
 def test_gradio_client_signs_in_with_the_password(server: RunningServer) -> None:
     with pytest.raises(gradio_client.exceptions.AuthenticationError):
         gradio_client.Client(server.url, verbose=False, download_files=False)
