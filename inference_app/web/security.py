@@ -1,5 +1,6 @@
 """What every HTTP response and request goes through, whatever route serves it (the API or the Gradio UI):
 
+- on a server listening on loopback only, a check of the Host header (400 for another name: DNS rebinding);
 - a cap on the request body (413 with an OpenAI-style error), checked before any route reads it;
 - CORS: only the app's own origin, and the configured extra ones, may read responses from a browser page
   (Gradio's own CORS handling, which trusts any origin when the Host is public, then stands aside);
@@ -14,6 +15,7 @@ import re
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference_app.api.errors import ApiError
@@ -24,6 +26,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+# The Host names a server listening on loopback answers to: another name there is a DNS-rebinding page on another
+# site reaching this machine's server (which, without a password, would then serve it).
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1"]
 HSTS = "max-age=31536000"  # one year; sent on HTTPS only, as browsers ignore it on HTTP
 _SAMESITE_NONE = re.compile(r";\s*samesite=none", re.IGNORECASE)
 
@@ -39,6 +44,8 @@ def add_web_security(app: FastAPI, settings: Settings) -> None:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    if settings.host in LOOPBACK_HOSTS:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS, www_redirect=False)
     app.add_middleware(SecurityHeaders)
 
 

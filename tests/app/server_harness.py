@@ -58,7 +58,8 @@ class RunningServer:
 
 @contextmanager
 def running_server(settings: Settings, *, start_loading: bool = True) -> Iterator[RunningServer]:
-    """Serves `settings` (host and port replaced by 127.0.0.1 and a free port) until the block ends.
+    """Serves `settings` on 127.0.0.1 and a free port until the block ends (settings.host still decides which Host
+    names are answered).
 
     With start_loading, the model is loaded and the block starts once /ready is 200; without, the service
     stays in "loading" until the test calls service.start_loading().
@@ -66,7 +67,7 @@ def running_server(settings: Settings, *, start_loading: bool = True) -> Iterato
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other servers
     port = listener.getsockname()[1]
-    settings = dataclasses.replace(settings, host="127.0.0.1", port=port)
+    settings = dataclasses.replace(settings, port=port)  # settings.host only says which Host names are answered
     service = ModelService(settings)
     # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are ended then cut.
     server = uvicorn_server(settings, service, log_level="warning", streams_end_after_s=STREAMS_END_AFTER_S)

@@ -588,3 +588,11 @@ def test_replies_running_at_shutdown_end_with_an_error_the_client_can_read(
         assert rest[-1]["error"]["code"] == "server_shutting_down", rest[-1]
         assert "[DONE]" not in rest
         assert_error(plain.result(), 503, "service_unavailable", None, "server_shutting_down")
+
+
+def test_a_server_on_loopback_answers_only_to_loopback_host_names(client: httpx.Client) -> None:
+    """A page whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name as Host: refused."""
+    for host in ["rebound.evil.example", "rebound.evil.example:7860", "192.168.1.20"]:
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 400, host
+    for host in ["localhost", "localhost:7860", "127.0.0.1:7860"]:
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host

@@ -36,8 +36,10 @@ USER = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_settings: Settings) -> Iterator[RunningServer]:
+    # Listening on every interface (as in the container, where PUBLIC_HOST reaches it); the harness listens on
+    # 127.0.0.1 still.
     settings = dataclasses.replace(
-        tiny_settings, allowed_origins=(ALLOWED_ORIGIN,), max_request_bytes=MAX_REQUEST_BYTES
+        tiny_settings, host="0.0.0.0", allowed_origins=(ALLOWED_ORIGIN,), max_request_bytes=MAX_REQUEST_BYTES
     )
     with running_server(settings) as running:
         yield running
