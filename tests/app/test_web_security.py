@@ -316,3 +316,24 @@ def test_the_access_log_has_no_query_strings_and_no_raw_control_characters(serve
     assert "sk-secret-key" not in lines[0] and "/v1/models" in lines[0]
     assert not any(character in lines[1] for character in "\r\n\x1b"), lines[1]
     assert "/forged%0D%0AINFO%3A%20%1B%5B31mred" in lines[1]
+
+
+def test_an_aborted_upload_leaves_no_traceback_in_the_log(server: RunningServer) -> None:
+    error_log = logging.getLogger("uvicorn.error")
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append  # type: ignore[method-assign]
+    error_log.addHandler(capture)
+    part = b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'
+    try:
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as upload:
+            upload.sendall(
+                b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xx"
+                b"\r\nContent-Length: 60000\r\n\r\n" + part + b"a" * 1000
+            )
+            time.sleep(0.5)  # the upload is being read
+        time.sleep(1)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        error_log.removeHandler(capture)
+    assert not [record for record in records if record.exc_info], [record.getMessage() for record in records]
