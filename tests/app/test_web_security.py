@@ -129,7 +129,7 @@ def test_every_answer_forbids_framing_and_sniffing_and_names_no_server(
 
 
 def test_the_session_cookie_is_not_sent_by_other_sites(tiny_settings: Settings) -> None:
-    settings = dataclasses.replace(tiny_settings, auth_username=USERNAME, auth_password=PASSWORD)
+    settings = dataclasses.replace(tiny_settings, host="0.0.0.0", auth_username=USERNAME, auth_password=PASSWORD)
     with running_server(settings, start_loading=False) as password_server:
         login = httpx.post(
             f"{password_server.url}/login",
