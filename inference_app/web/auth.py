@@ -95,8 +95,8 @@ class GuessingBrake:
 
     Each call costs the same however many addresses are tracked: they are kept in the order of their latest failure,
     so those whose failures have all expired are at the front and are dropped from there. At most MAX_ADDRESSES are
-    tracked (about 8 MB); beyond that the one whose latest failure is oldest is forgotten, which only a guesser with
-    that many addresses can bring about, and it already has that many budgets.
+    tracked (about 30 MB with 10 failures each); beyond that the one whose latest failure is oldest is forgotten,
+    which only a guesser with that many addresses can bring about, and it already has that many budgets.
     """
 
     MAX_FAILURES = MAX_FAILED_SIGN_INS
