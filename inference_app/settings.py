@@ -19,6 +19,9 @@ from typing import Any
 
 ENV_PREFIX = "INFERENCE_"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Seconds the platform waits after SIGTERM before it kills the container: the Pulumi program sets the container
+# app's terminationGracePeriodSeconds to this, and the server ends its streams in time (inference_app.server).
+CONTAINER_TERMINATION_GRACE_S = 30
 
 
 @dataclass(frozen=True)
@@ -26,12 +29,13 @@ class Settings:
     model_path: Path = Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
     adapter_path: Path = Path("/mount/models/qlora/qlora/gpu_model/adapter")
     base_only: bool = False
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; the image sets INFERENCE_HOST=0.0.0.0 for its ingress
     port: int = 7860
     dtype: str = "auto"
     quantize_4bit: bool = False
     merge_adapter: bool | None = None  # None: merge unless quantized (merging into 4-bit weights is lossy)
     max_concurrent_generations: int | None = None  # None: as many as the KV cache holds (max_batch_size)
+    max_generations_per_client: int | None = None  # None: no limit per client
     max_new_tokens_cap: int = 1024
     prompt_template: str | None = None
     load_with_mmap: bool = False
@@ -171,6 +175,13 @@ _OPTIONS = (
         "max_concurrent_generations",
         ("--max-concurrent-generations",),
         "generations running at once; more wait in the UI's queue or get 429 from the API (default: --max-batch-size)",
+        _positive_int,
+    ),
+    _Option(
+        "max_generations_per_client",
+        ("--max-generations-per-client",),
+        "generations running at once for one client address; one more gets 429 from the API and a notice in the UI"
+        " (default: no limit)",
         _positive_int,
     ),
     _Option("max_new_tokens_cap", ("--max-new-tokens-cap",), "upper bound on new tokens per reply", _positive_int),

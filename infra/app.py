@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_azure_native import app
 
+from inference_app.settings import CONTAINER_TERMINATION_GRACE_S
 from infra.adoption import Adoption, Ledger, declare_or_reference, stack_tags
 
 TARGET_PORT = 7860
@@ -147,6 +148,7 @@ def _template(args: ContainerAppArgs) -> app.TemplateArgs:
                 volume_mounts=[app.VolumeMountArgs(volume_name=args.volume_name, mount_path=MOUNT_PATH)],
             )
         ],
+        termination_grace_period_seconds=CONTAINER_TERMINATION_GRACE_S,  # the app ends its streams within it
         scale=app.ScaleArgs(
             min_replicas=args.min_replicas, max_replicas=args.max_replicas, rules=list(args.scale_rules) or None
         ),

@@ -27,6 +27,7 @@ class InferenceSettings:
     quantize_4bit: bool | None = None
     dtype: str | None = None
     max_concurrent_generations: int | None = None
+    max_generations_per_client: int | None = None
     max_request_bytes: int | None = None
     allowed_origins: tuple[str, ...] | None = None
     model_revision: str | None = None  # any change rolls a new revision, which loads the adapter afresh
@@ -109,6 +110,7 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
             quantize_4bit=source.boolean("quantize4bit", None),
             dtype=_dtype(source),
             max_concurrent_generations=source.integer("maxConcurrentGenerations", None, minimum=1),
+            max_generations_per_client=source.integer("maxGenerationsPerClient", None, minimum=1),
             max_request_bytes=source.integer("maxRequestBytes", None, minimum=1),
             allowed_origins=_allowed_origins(source),
             model_revision=source.string("modelRevision"),

@@ -4,6 +4,7 @@ with its output in a log file, bounded waits for an HTTP status, and a stop by C
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -60,10 +61,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def start_server(
-    command: Sequence[str], port: int, log_path: Path | None = None, environ: Mapping[str, str] | None = None
+    command: Sequence[str],
+    port: int,
+    log_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    max_open_files: int | None = None,
 ) -> ServerProcess:
     """Starts `command` (a server for 127.0.0.1:`port`) from the repository root, its output going to `log_path`
-    (default: a temporary file), with `environ` added to this process's environment."""
+    (default: a temporary file), with `environ` added to this process's environment; with `max_open_files`, the
+    process may hold no more file descriptors than that (ulimit -n)."""
     owns_log = log_path is None
     if log_path is None:
         with tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False) as log_file:
@@ -71,9 +77,18 @@ def start_server(
     with log_path.open("wb") as log:
         started_at = time.perf_counter()
         process = subprocess.Popen(
-            list(command), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})}
+            list(command),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(environ or {})},
+            preexec_fn=None if max_open_files is None else lambda: _limit_open_files(max_open_files),
         )
     return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, started_at, owns_log)
+
+
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def wait_for_status(server: ServerProcess, path: str, timeout_s: float, expected: int = 200) -> float:
@@ -115,9 +130,10 @@ def server_process(
     ready_timeout_s: float = 600,
     log_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    max_open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
     """Starts a server process, waits (bounded) for /ready 200, and stops it when the block ends."""
-    server = start_server(command, port, log_path, environ)
+    server = start_server(command, port, log_path, environ, max_open_files)
     try:
         wait_for_status(server, "/ready", ready_timeout_s)
         yield server

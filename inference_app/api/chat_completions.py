@@ -4,7 +4,9 @@ chat.completion.chunk events.
 
 The request is fully validated, and the first chunk of the reply awaited, before any status is sent, so that a
 prompt too long for the context or a full server still gets its own status, even when streaming. However the
-response ends (finished, failed, the client gone), the generation is closed and its slot freed.
+response ends (finished, failed, the client gone, the server shutting down), the generation is closed and its slot
+freed. A reply still running when the server must stop ends with an error the client can read: an error event in a
+stream, a 503 otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from inference_app.api.errors import ApiError, validation_error
+from inference_app.api.errors import RETRY_AFTER_LOADING_S, ApiError, validation_error
 from inference_app.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -36,32 +38,58 @@ from inference_app.api.protocol import (
     new_completion_id,
     now,
 )
+from inference_app.client_limit import PerClientLimit
 from inference_app.service import FinishReason, GenerationChunk, ModelService, SamplingParams
 from inference_app.settings import Settings
+from inference_app.web.auth import client_address
 
 logger = logging.getLogger(__name__)
+
+SHUTTING_DOWN_MESSAGE = (
+    "the server is shutting down and cut this reply short: retry (another replica, or this one once restarted)"
+)
 
 
 class ChatCompletionServing:
     """Serves chat completion requests on one ModelService."""
 
-    def __init__(self, settings: Settings, service: ModelService) -> None:
+    def __init__(
+        self, settings: Settings, service: ModelService, client_limit: PerClientLimit, stopping: asyncio.Event
+    ) -> None:
         self._settings = settings
         self._service = service
+        self._client_limit = client_limit
+        self._stopping = stopping  # set when the server must stop: running replies end with an error
 
     async def create(self, request: Request) -> Response:
         """The answer to one POST /v1/chat/completions: a chat.completion, an event stream, or an error (an ApiError,
         or a refusal of the service that inference_app.api.errors answers)."""
         service = self._service
+        _require_json_body(request)
         # Parsed on a worker thread: a large body does not hold up the event loop.
         completion_request = await asyncio.to_thread(_parse_request, await request.body())
         messages = [message.as_prompt_message() for message in completion_request.messages]
-        chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
-        first = await anext(chunks)  # ModelService refuses a request here, before generating
+        chunks = self._client_limit.limited(
+            client_address(request),
+            service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False),
+        )
+        first = await anext(chunks)  # ModelService and the per-client limit refuse a request here, before generating
         if completion_request.stream:
-            events = _stream_events(completion_request, service.served_model_id(), first, chunks)
+            events = _stream_events(completion_request, service.served_model_id(), first, chunks, self._stopping)
             return _ClosingStreamingResponse(events, chunks)
-        return await _complete(request, service.served_model_id(), first, chunks)
+        return await _complete(request, service.served_model_id(), first, chunks, self._stopping)
+
+
+def _require_json_body(request: Request) -> None:
+    """Refuses a body not declared as JSON: a page on another site can send text/plain or a form without a CORS
+    preflight, and in no-password mode would otherwise start generations on a local server."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415,
+            f"the request body must be JSON sent with 'Content-Type: application/json', got {media_type or 'none'!r}",
+            code="unsupported_media_type",
+        )
 
 
 def _parse_request(body: bytes) -> ChatCompletionRequest:
@@ -93,18 +121,27 @@ def _sampling_params(request: ChatCompletionRequest, settings: Settings) -> Samp
 
 
 async def _complete(
-    request: Request, model: str, first: GenerationChunk, chunks: AsyncGenerator[GenerationChunk, None]
+    request: Request,
+    model: str,
+    first: GenerationChunk,
+    chunks: AsyncGenerator[GenerationChunk, None],
+    stopping: asyncio.Event,
 ) -> Response:
-    """The whole reply as one chat.completion; a client that hangs up stops the generation."""
+    """The whole reply as one chat.completion; a client that hangs up stops the generation, and so does the server
+    stopping (503)."""
     collecting = asyncio.ensure_future(_collect(first, chunks))
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait({collecting, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({collecting, disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnected.cancel()
+        stopped.cancel()
         if not collecting.done():
             collecting.cancel()  # closes the generation: its slot is freed
-        await asyncio.gather(collecting, disconnected, return_exceptions=True)
+        await asyncio.gather(collecting, disconnected, stopped, return_exceptions=True)
+    if collecting.cancelled() and stopping.is_set():
+        return _shutting_down().response()
     if collecting.cancelled():
         return Response(status_code=499)  # nobody is listening any more (nginx's "client closed request")
     try:
@@ -137,8 +174,47 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        SHUTTING_DOWN_MESSAGE,
+        type="service_unavailable",
+        code="server_shutting_down",
+        headers={"Retry-After": str(RETRY_AFTER_LOADING_S)},
+    )
+
+
+async def _until_stopping(
+    chunks: AsyncGenerator[GenerationChunk, None], stopping: asyncio.Event
+) -> AsyncGenerator[GenerationChunk, None]:
+    """The chunks, until `stopping` is set: then the wait for the next one is cancelled (which closes the
+    generation) and the server's shutdown error is raised."""
+    stopped = asyncio.ensure_future(stopping.wait())
+    next_chunk: asyncio.Future[GenerationChunk] | None = None
+    try:
+        while True:
+            next_chunk = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait({next_chunk, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_chunk.done():
+                raise _shutting_down()
+            try:
+                chunk = next_chunk.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        stopped.cancel()
+        if next_chunk is not None and not next_chunk.done():  # stopping, or the client gone
+            next_chunk.cancel()  # closes the generation
+            await asyncio.gather(next_chunk, return_exceptions=True)
+
+
 async def _stream_events(
-    request: ChatCompletionRequest, model: str, first: GenerationChunk, chunks: AsyncGenerator[GenerationChunk, None]
+    request: ChatCompletionRequest,
+    model: str,
+    first: GenerationChunk,
+    chunks: AsyncGenerator[GenerationChunk, None],
+    stopping: asyncio.Event,
 ) -> AsyncGenerator[str, None]:
     completion_id, created = new_completion_id(), now()
 
@@ -157,9 +233,12 @@ async def _stream_events(
         if first.text:
             yield event(Delta(content=first.text))
         if first.finish_reason is None:
-            async for last in chunks:
+            async for last in _until_stopping(chunks, stopping):
                 if last.text:
                     yield event(Delta(content=last.text))
+    except ApiError as error:  # the server is shutting down
+        yield _sse(ErrorBody(error=error.detail).model_dump())
+        return
     except Exception as error:  # the status is already sent: report in the stream, as OpenAI does
         logger.exception("generation failed while streaming")
         yield _sse(

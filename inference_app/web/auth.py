@@ -13,7 +13,7 @@ import binascii
 import math
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from fastapi import Request
@@ -92,38 +92,57 @@ class GuessingBrake:
     After MAX_FAILURES failures within WINDOW_S seconds, the address is refused (429 with Retry-After) until the
     oldest of them is WINDOW_S old: a guesser gets at most MAX_FAILURES tries a minute, and a user who mistyped
     waits at most a minute. A success forgets the address's failures.
+
+    Each call costs the same however many addresses are tracked: they are kept in the order of their latest failure,
+    so those whose failures have all expired are at the front and are dropped from there. At most MAX_ADDRESSES are
+    tracked (about 30 MB with 10 failures each); beyond that the one whose latest failure is oldest is forgotten,
+    which only a guesser with that many addresses can bring about, and it already has that many budgets.
     """
 
     MAX_FAILURES = MAX_FAILED_SIGN_INS
     WINDOW_S = FAILED_SIGN_IN_WINDOW_S
-    MAX_ADDRESSES = 10_000  # beyond this many tracked addresses, those without recent failures are forgotten
+    MAX_ADDRESSES = 10_000
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        # address -> times of its failures within the window, oldest first; the address that failed last is last.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    @property
+    def tracked_addresses(self) -> int:
+        return len(self._failures)
 
     def retry_after(self, address: str) -> int | None:
         """Seconds the address must wait before trying again, or None if it may try now."""
-        failures = self._recent_failures(address)
+        now = self._clock()
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        while failures and failures[0] <= now - self.WINDOW_S:
+            failures.popleft()
         if len(failures) < self.MAX_FAILURES:
             return None
-        return max(1, math.ceil(failures[0] + self.WINDOW_S - self._clock()))
+        return max(1, math.ceil(failures[0] + self.WINDOW_S - now))
 
     def record_failure(self, address: str) -> None:
-        if len(self._failures) >= self.MAX_ADDRESSES:
-            for known in list(self._failures):
-                if not self._recent_failures(known):
-                    del self._failures[known]
-        self._failures.setdefault(address, deque(maxlen=self.MAX_FAILURES)).append(self._clock())
+        now = self._clock()
+        self._forget_expired(now)
+        failures = self._failures.setdefault(address, deque(maxlen=self.MAX_FAILURES))
+        failures.append(now)
+        self._failures.move_to_end(address)
+        if len(self._failures) > self.MAX_ADDRESSES:
+            self._failures.popitem(last=False)
 
     def record_success(self, address: str) -> None:
         self._failures.pop(address, None)
 
-    def _recent_failures(self, address: str) -> deque[float]:
-        failures = self._failures.get(address, deque())
-        while failures and failures[0] <= self._clock() - self.WINDOW_S:
-            failures.popleft()
-        return failures
+    def _forget_expired(self, now: float) -> None:
+        """Drops the addresses whose latest failure is out of the window (each is dropped once: O(1) on average)."""
+        while self._failures:
+            address, failures = next(iter(self._failures.items()))
+            if failures and failures[-1] > now - self.WINDOW_S:
+                return
+            del self._failures[address]
 
 
 def client_address(connection: HTTPConnection) -> str:

@@ -1,5 +1,7 @@
 """What every HTTP response and request goes through, whatever route serves it (the API or the Gradio UI):
 
+- on a server listening on loopback only, a check of the Host header (400 for another name: DNS rebinding);
+- quiet ends for requests whose client left mid-body (aborted uploads);
 - a cap on the request body (413 with an OpenAI-style error), checked before any route reads it;
 - CORS: only the app's own origin, and the configured extra ones, may read responses from a browser page
   (Gradio's own CORS handling, which trusts any origin when the Host is public, then stands aside);
@@ -14,6 +16,8 @@ import re
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference_app.api.errors import ApiError
@@ -24,6 +28,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+# The Host names a server listening on loopback answers to: another name there is a DNS-rebinding page on another
+# site reaching this machine's server (which, without a password, would then serve it).
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1"]
 HSTS = "max-age=31536000"  # one year; sent on HTTPS only, as browsers ignore it on HTTP
 _SAMESITE_NONE = re.compile(r";\s*samesite=none", re.IGNORECASE)
 
@@ -31,6 +38,7 @@ _SAMESITE_NONE = re.compile(r";\s*samesite=none", re.IGNORECASE)
 def add_web_security(app: FastAPI, settings: Settings) -> None:
     # The last added is the outermost: every response, the 413 and CORS preflights included, gets the headers,
     # and an allowed origin can read the 413.
+    app.add_middleware(ClientGoneQuietly)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         CORSMiddleware,
@@ -39,7 +47,23 @@ def add_web_security(app: FastAPI, settings: Settings) -> None:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    if settings.host in LOOPBACK_HOSTS:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS, www_redirect=False)
     app.add_middleware(SecurityHeaders)
+
+
+class ClientGoneQuietly:
+    """Ends a request whose client left while its body was being read (an aborted upload) without an answer and
+    without a log entry: nobody is left to answer, and uvicorn would log a 70-line traceback for each."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            pass
 
 
 class BodySizeLimit:

@@ -14,8 +14,10 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import gradio as gr
+from starlette.requests import HTTPConnection
 
 from inference_app.api.protocol import flatten_text_content
+from inference_app.client_limit import ClientLimitExceededError, PerClientLimit
 from inference_app.service import (
     InvalidRequestError,
     ModelNotReadyError,
@@ -24,6 +26,7 @@ from inference_app.service import (
     SamplingParams,
 )
 from inference_app.settings import Settings
+from inference_app.web.auth import client_address
 
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
 EXAMPLES = [
@@ -41,8 +44,11 @@ SIGN_OUT_BUTTON = "Sign out"
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
 
 
-def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = False) -> gr.Blocks:
-    """The chat page; with `sign_out` (password mode), a Sign out button."""
+def build_ui(
+    settings: Settings, service: ModelService, client_limit: PerClientLimit, *, sign_out: bool = False
+) -> gr.Blocks:
+    """The chat page; with `sign_out` (password mode), a Sign out button. Its chats count against `client_limit`
+    with the API's."""
 
     async def respond(
         message: str,
@@ -52,6 +58,7 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         temperature: float,
         top_p: float,
         top_k: int,
+        request: gr.Request,
     ) -> AsyncGenerator[str, None]:
         messages = conversation(message, history, system_prompt)
         reply = ""
@@ -64,7 +71,7 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
             )
             # The service checks the request (as for the API). wait=True: beyond the generation slots, a chat waits
             # here for one (the API answers 429 instead).
-            chunks = service.stream_chat(messages, params, wait=True)
+            chunks = client_limit.limited(_client(request), service.stream_chat(messages, params, wait=True))
             async with contextlib.aclosing(chunks):  # the stop button or a closed tab cancels us: stop generating
                 async for chunk in chunks:
                     reply += chunk.text
@@ -75,9 +82,15 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
             yield f"{NOT_ANSWERED}{error}."
         except ModelNotReadyError as error:
             yield f"{NOT_ANSWERED}the model is not ready: {error}."
+        except ClientLimitExceededError as error:
+            yield f"{NOT_ANSWERED}{error}."
 
     title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
-    with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
+    # The page's title is also served to anyone (the login page's tab, /manifest.json): in password mode, no model.
+    page_title = "Chat" if sign_out else title
+    with gr.Blocks(
+        title=page_title, analytics_enabled=False
+    ) as page:  # analytics off: offline in tests, never phones home
         status = gr.Markdown(_status_notice(service))
         chat = gr.ChatInterface(
             respond,
@@ -150,6 +163,12 @@ def _whole_number(value: float, param: str) -> int:
     if not math.isfinite(value):
         raise InvalidRequestError(f"invalid '{param}': must be a number", param)
     return int(value)
+
+
+def _client(request: gr.Request) -> str:
+    """The chat's client, as the API counts it: the address of the request that joined Gradio's queue."""
+    connection = request.request
+    return client_address(connection) if isinstance(connection, HTTPConnection) else "unknown"
 
 
 def _status_notice(service: ModelService) -> str:

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
-from inference_app.server import uvicorn_config
+from inference_app.server import AppServer, uvicorn_server
 from inference_app.service import ModelService
 from inference_app.settings import Settings
 from tests.server_process import app_command, free_port, server_process, wait_for
@@ -28,6 +27,7 @@ from tests.server_process import app_command, free_port, server_process, wait_fo
 STARTUP_TIMEOUT_S = 30
 LOAD_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 10
+STREAMS_END_AFTER_S = 1  # on shutdown, replies still streaming end this soon
 PROCESS_READY_TIMEOUT_S = 120  # a fresh interpreter imports the whole stack before it loads the model
 # What /ready details for the tests' tiny model and adapter (conftest's tiny_settings) on the CPU.
 TINY_MODEL_INFO = {
@@ -45,6 +45,7 @@ class RunningServer:
     settings: Settings
     service: ModelService
     app: Any  # the FastAPI app served (its state holds the brake on password guessing)
+    server: AppServer  # uvicorn's; server.should_exit = True is what SIGTERM does
 
     def wait_until_ready(self, timeout: float = LOAD_TIMEOUT_S) -> None:
         wait_for(lambda: httpx.get(f"{self.url}/ready", timeout=5).status_code == 200, timeout, "GET /ready = 200")
@@ -52,7 +53,8 @@ class RunningServer:
 
 @contextmanager
 def running_server(settings: Settings, *, start_loading: bool = True) -> Iterator[RunningServer]:
-    """Serves `settings` (host and port replaced by 127.0.0.1 and a free port) until the block ends.
+    """Serves `settings` on 127.0.0.1 and a free port until the block ends (settings.host still decides which Host
+    names are answered).
 
     With start_loading, the model is loaded and the block starts once /ready is 200; without, the service
     stays in "loading" until the test calls service.start_loading().
@@ -60,14 +62,15 @@ def running_server(settings: Settings, *, start_loading: bool = True) -> Iterato
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other servers
     port = listener.getsockname()[1]
-    settings = dataclasses.replace(settings, host="127.0.0.1", port=port)
+    settings = dataclasses.replace(settings, port=port)  # settings.host only says which Host names are answered
     service = ModelService(settings)
-    # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are cut.
-    config = uvicorn_config(settings, service, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    # Bounded graceful shutdown: open streams (Gradio's event stream, a test's unfinished reply) are ended then cut.
+    server = uvicorn_server(settings, service, log_level="warning", streams_end_after_s=STREAMS_END_AFTER_S)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
-    running = RunningServer(url=f"http://127.0.0.1:{port}", settings=settings, service=service, app=config.app)
+    running = RunningServer(
+        url=f"http://127.0.0.1:{port}", settings=settings, service=service, app=server.config.app, server=server
+    )
     try:
         wait_for(lambda: server.started, STARTUP_TIMEOUT_S, "uvicorn started")
         if start_loading:
@@ -99,10 +102,16 @@ def engine_is_idle(service: ModelService) -> bool:
 
 
 @contextmanager
-def app_process(arguments: list[str], log_path: Path, environ: Mapping[str, str] | None = None) -> Iterator[str]:
+def app_process(
+    arguments: list[str],
+    log_path: Path,
+    environ: Mapping[str, str] | None = None,
+    max_open_files: int | None = None,
+) -> Iterator[str]:
     """Runs `python -m inference_app <arguments>` on a free port (stdout and stderr into log_path) and yields its URL
-    once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends."""
+    once /ready is 200; stops it with SIGINT (Ctrl+C) when the block ends. With max_open_files, the process may hold
+    no more file descriptors than that (ulimit -n)."""
     port = free_port()
     command = app_command(port, arguments)
-    with server_process(command, port, PROCESS_READY_TIMEOUT_S, log_path, environ) as server:
+    with server_process(command, port, PROCESS_READY_TIMEOUT_S, log_path, environ, max_open_files) as server:
         yield server.url

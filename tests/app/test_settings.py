@@ -16,7 +16,7 @@ def test_defaults_follow_the_toolkit_share_layout() -> None:
     assert settings == Settings()
     assert settings.model_path == Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
     assert settings.adapter_path == Path("/mount/models/qlora/qlora/gpu_model/adapter")
-    assert (settings.host, settings.port, settings.dtype) == ("0.0.0.0", 7860, "auto")
+    assert (settings.host, settings.port, settings.dtype) == ("127.0.0.1", 7860, "auto")
     assert settings.base_only is False and settings.quantize_4bit is False
     assert settings.merge_adapter is None and settings.should_merge_adapter is True
     assert settings.prompt_template is None

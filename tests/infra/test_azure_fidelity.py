@@ -72,7 +72,13 @@ def test_a_create_only_property_that_differs_or_is_missing_or_a_path_in_another_
 
 def test_the_double_raises_the_engines_error_in_up_and_warns_in_preview() -> None:
     azure = FakeAzure()
-    refused = ("azure-native:resources:ResourceGroup", "group", group_id("rg-phi3"), {"resourceGroupName": "RG"}, {})
+    refused: tuple[str, str, str, dict[str, str], dict[str, str]] = (
+        "azure-native:resources:ResourceGroup",
+        "group",
+        group_id("rg-phi3"),
+        {"resourceGroupName": "RG"},
+        {},
+    )
     with mock.patch("pulumi.runtime.is_dry_run", return_value=False), pytest.raises(Exception, match=IMPORT_REFUSED):
         azure.refuse_a_replacing_import(*refused)
     with mock.patch("pulumi.runtime.is_dry_run", return_value=True):

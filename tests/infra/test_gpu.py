@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from inference_app.settings import CONTAINER_TERMINATION_GRACE_S
 from infra.app import STARTUP_FAILURE_THRESHOLD, STARTUP_INITIAL_DELAY_S, STARTUP_PERIOD_S
 from infra.gpu import PROFILES
 from tests.infra.azure_mocks import FakeAzure, run_program
@@ -249,6 +250,12 @@ def test_probes_give_a_cold_start_time_to_serve_and_keep_traffic_away_until_the_
 
     assert by_type["Readiness"]["httpGet"]["path"] == "/ready"  # 503 until the model is loaded
     assert by_type["Liveness"]["httpGet"]["path"] == "/health"
+
+
+def test_the_container_gets_the_termination_grace_the_app_ends_its_streams_within() -> None:
+    """After SIGTERM the platform kills the container at this; the app ends its replies before (see server.py)."""
+    template = deploy()[CONTAINER_APP]["template"]
+    assert template["terminationGracePeriodSeconds"] == CONTAINER_TERMINATION_GRACE_S
 
 
 def test_region_tables_hold_what_microsofts_tables_say() -> None:

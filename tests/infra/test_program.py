@@ -455,6 +455,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
         "quantize4bit",
         "dtype",
         "maxConcurrentGenerations",
+        "maxGenerationsPerClient",
         "maxRequestBytes",
         "allowedOrigins",
         "modelRevision",
@@ -485,7 +486,8 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
     no_default: tuple[str, ...] = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
     no_default += ("dtype",)
-    no_default += ("maxConcurrentGenerations", "maxRequestBytes", "allowedOrigins", "modelRevision")
+    no_default += ("maxConcurrentGenerations", "maxGenerationsPerClient", "maxRequestBytes", "allowedOrigins")
+    no_default += ("modelRevision",)
     no_default += ("containerCpu", "containerMemory")
     no_default += ("minimumInstanceCount", "accessUsername", "accessPassword", "allowedIpRanges")
     no_default += ("entraClientId", "entraTenantId", "entraClientSecret", "entraAllowedAudiences")

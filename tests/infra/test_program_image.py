@@ -272,6 +272,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
             "quantize4bit": "true",
             "dtype": "float16",
             "maxConcurrentGenerations": "4",
+            "maxGenerationsPerClient": "2",
             "modelRevision": "run7",
         }
     )
@@ -282,6 +283,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
         "INFERENCE_QUANTIZE_4BIT": "true",
         "INFERENCE_DTYPE": "float16",
         "INFERENCE_MAX_CONCURRENT_GENERATIONS": "4",
+        "INFERENCE_MAX_GENERATIONS_PER_CLIENT": "2",
         "INFERENCE_MODEL_REVISION": "run7",
     }
 

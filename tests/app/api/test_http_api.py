@@ -4,17 +4,20 @@ disconnects."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio_client
 import httpx
 import pytest
 
 from inference_app.service import MAX_CHARS_PER_TOKEN, ModelService, SamplingParams
 from inference_app.settings import Settings
+from inference_app.web.ui import CHAT_API_NAME, NOT_ANSWERED
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
@@ -131,6 +134,8 @@ def test_ready_stays_red_with_the_reason_when_loading_fails(tiny_settings: Setti
         response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": CONVERSATION})
         assert_error(response, 503, "service_unavailable", None, "model_failed")
         assert str(missing_adapter) in response.json()["error"]["message"]
+        # Nothing is served: no model is listed.
+        assert_error(httpx.get(f"{server.url}/v1/models"), 503, "service_unavailable", None, "model_failed")
 
 
 def test_python_m_inference_app_serves_the_ui_and_the_api(model_folders: ModelFolders, tmp_path: Path) -> None:
@@ -424,6 +429,25 @@ def test_invalid_request_gets_400_with_an_openai_error(
     assert engine_is_idle(server.service)
 
 
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_a_body_not_sent_as_json_gets_415(
+    client: httpx.Client, server: RunningServer, content_type: str | None
+) -> None:
+    """What a page on another site can send without a CORS preflight is refused, even when it parses as JSON."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+    response = client.post("/v1/chat/completions", content=body, headers=headers)
+    assert_error(response, 415, "invalid_request_error", None, "unsupported_media_type")
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+    assert engine_is_idle(server.service)
+    charset = client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert charset.status_code == 200
+
+
 def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
     client: httpx.Client, server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -436,11 +460,37 @@ def test_an_unexpected_failure_is_a_500_with_an_openai_error_and_no_details(
     assert "secret internal detail" not in response.text
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/chat/completions"), ("POST", "/v1/completions")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/completions"), ("HEAD", "/v1/embeddings")])
 def test_unknown_api_url_gets_404_with_an_openai_error(client: httpx.Client, method: str, path: str) -> None:
     response = client.request(method, path, json={"prompt": "Hello"})
-    assert_error(response, 404, "invalid_request_error", None, "unknown_url")
-    assert f"{method} {path}" in response.json()["error"]["message"]
+    assert response.status_code == 404
+    if method != "HEAD":
+        assert_error(response, 404, "invalid_request_error", None, "unknown_url")
+        assert f"{method} {path}" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PUT", "/v1/models", "GET, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/ready", "GET, HEAD"),
+    ],
+)
+def test_a_known_path_asked_with_another_method_gets_405(
+    client: httpx.Client, method: str, path: str, allowed: str
+) -> None:
+    response = client.request(method, path)
+    assert_error(response, 405, "invalid_request_error", None, "method_not_allowed")
+    assert response.headers["allow"] == allowed
+
+
+def test_head_is_answered_like_get_without_a_body(client: httpx.Client) -> None:
+    for path in ["/health", "/ready", "/v1/models", "/openapi.json"]:
+        head, get = client.head(path), client.get(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_invalid_request_leaves_the_slot_free(client: httpx.Client) -> None:
@@ -503,3 +553,66 @@ def test_disconnect_while_waiting_for_a_plain_reply_stops_the_generation(
         f"{server.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=TIMEOUT
     )
     assert response.status_code == 200
+
+
+@pytest.mark.usefixtures("paced_decoding")
+def test_the_limit_per_client_refuses_one_more_from_that_client_only(
+    tiny_settings: Settings, long_request: dict[str, Any]
+) -> None:
+    """--max-generations-per-client 1: a client (an address) running a reply gets 429 for a second one, in the API
+    and in the UI, while another client (here behind the trusted proxy 127.0.0.1) is served."""
+    with (
+        running_server(dataclasses.replace(tiny_settings, max_generations_per_client=1)) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+        client.stream("POST", "/v1/chat/completions", json={**long_request, "stream": True}) as running,
+    ):
+        events = sse_events(running)
+        next(events)  # the client's one generation runs
+        second = chat(client, max_tokens=3)
+        assert_error(second, 429, "rate_limit_error", None, "rate_limit_exceeded")
+        assert "--max-generations-per-client" in second.json()["error"]["message"]
+        ui_reply = gradio_client.Client(server.url, verbose=False).predict(
+            "Hello", "", 3, 0.0, 1.0, 0, api_name=f"/{CHAT_API_NAME}"
+        )
+        assert ui_reply.startswith(NOT_ANSWERED) and "--max-generations-per-client" in ui_reply
+        other_client = client.post(
+            "/v1/chat/completions",
+            json={"messages": CONVERSATION, "max_tokens": 3},
+            headers={"X-Forwarded-For": "203.0.113.7"},
+        )
+        assert other_client.status_code == 200, other_client.text
+        assert list(events)[-1] == "[DONE]"
+        assert chat(client, max_tokens=3).status_code == 200  # the finished reply no longer counts
+
+
+# ---- shutdown ----
+
+
+@pytest.mark.usefixtures("paced_decoding")
+def test_replies_running_at_shutdown_end_with_an_error_the_client_can_read(
+    tiny_settings: Settings, long_request: dict[str, Any]
+) -> None:
+    """SIGTERM (here what its handler does): after the grace period (STREAMS_END_AFTER_S in the harness), a stream
+    gets an error event and a plain reply a 503, instead of a connection cut without a word."""
+    with running_server(tiny_settings) as server, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=long_request, timeout=TIMEOUT)
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**long_request, "stream": True}, timeout=TIMEOUT
+        ) as response:
+            events = sse_events(response)
+            next(events)
+            next(events)  # the reply is being generated
+            wait_for(lambda: server.service.generation_stats()["running"] == 2, 10, "both replies to run")
+            server.server.should_exit = True
+            rest = list(events)
+        assert rest[-1]["error"]["code"] == "server_shutting_down", rest[-1]
+        assert "[DONE]" not in rest
+        assert_error(plain.result(), 503, "service_unavailable", None, "server_shutting_down")
+
+
+def test_a_server_on_loopback_answers_only_to_loopback_host_names(client: httpx.Client) -> None:
+    """A page whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name as Host: refused."""
+    for host in ["rebound.evil.example", "rebound.evil.example:7860", "192.168.1.20"]:
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 400, host
+    for host in ["localhost", "localhost:7860", "127.0.0.1:7860"]:
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host

@@ -155,6 +155,35 @@ def test_every_refusal_is_the_same_401_and_echoes_nothing(server: RunningServer,
         assert_refused(response)
 
 
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+PROTECTED_PATHS = ["/v1/models", "/v1/chat/completions", "/v1/no-such-route", "/openapi.json", "/docs"]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_of_every_api_path_needs_the_password(server: RunningServer, method: str) -> None:
+    """None falls through to Gradio's routes (HEAD /openapi.json did) or tells a stranger which methods exist."""
+    for path in PROTECTED_PATHS:
+        response = httpx.request(method, f"{server.url}{path}", timeout=10)
+        if method == "HEAD":  # the same refusal without its body
+            assert (response.status_code, response.headers["WWW-Authenticate"]) == (401, 'Bearer realm="inference"')
+        else:
+            assert_refused(response)
+
+
+def test_with_the_password_a_path_answers_405_to_the_methods_it_does_not_serve(server: RunningServer) -> None:
+    headers = {"Authorization": f"Bearer {PASSWORD}"}
+    for path in ["/v1/models", "/openapi.json", "/docs"]:
+        head = httpx.head(f"{server.url}{path}", headers=headers, timeout=10)
+        get = httpx.get(f"{server.url}{path}", headers=headers, timeout=10)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert httpx.delete(f"{server.url}{path}", headers=headers, timeout=10).status_code == 405
+    wrong_method = httpx.get(f"{server.url}/v1/chat/completions", headers=headers, timeout=10)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["Allow"] == "POST"
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
 @pytest.mark.parametrize(
     "authorization",
     [
@@ -254,6 +283,20 @@ def test_repeated_failures_from_one_address_are_braked_for_that_address_only(
     assert guess(PASSWORD, headers=elsewhere).status_code == 200
 
 
+def test_another_sites_page_can_neither_sign_in_nor_spend_the_visitors_budget(server: RunningServer) -> None:
+    """A page on another site posting wrong passwords to /login from the visitor's browser (from their address)."""
+    foreign = {"Origin": "https://evil.example"}
+    for attempt in range(GuessingBrake.MAX_FAILURES + 2):
+        login = {"username": USERNAME, "password": f"wrong-{attempt}"}
+        response = httpx.post(f"{server.url}/login", data=login, headers=foreign, timeout=10)
+        assert response.status_code == 403, response.text
+    right = {"username": USERNAME, "password": PASSWORD}
+    assert httpx.post(f"{server.url}/login", data=right, headers=foreign, timeout=10).status_code == 403
+    # The visitor, on the app's own page, signs in at once.
+    own_page = {"Origin": server.url}
+    assert httpx.post(f"{server.url}/login", data=right, headers=own_page, timeout=10).status_code == 200
+
+
 def test_forged_forwarded_addresses_do_not_escape_the_brake(server: RunningServer) -> None:
     """Behind a trusted proxy, the client is the last address the proxy appended; whatever a guesser writes before
     it changes nothing."""
@@ -282,14 +325,38 @@ def test_the_brake_lets_the_address_try_again_within_a_minute() -> None:
     assert brake.retry_after("198.51.100.1") is None
 
 
+def many_addresses(count: int) -> Iterator[str]:
+    return (f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(count))
+
+
 def test_the_brake_forgets_idle_addresses_beyond_its_bound() -> None:
     now = [0.0]
     brake = GuessingBrake(clock=lambda: now[0])
-    for address in range(GuessingBrake.MAX_ADDRESSES):
-        brake.record_failure(f"10.0.{address // 256}.{address % 256}")
+    for address in many_addresses(GuessingBrake.MAX_ADDRESSES):
+        brake.record_failure(address)
     now[0] += GuessingBrake.WINDOW_S + 1
     brake.record_failure("198.51.100.1")
-    assert len(brake._failures) == 1
+    assert brake.tracked_addresses == 1
+
+
+def test_the_brake_costs_the_same_and_stays_bounded_with_many_recent_addresses() -> None:
+    """Guessers from more addresses than the bound, all within the window: each failure reads the clock a fixed
+    number of times (it does not scan the tracked addresses) and no more than MAX_ADDRESSES are kept."""
+    clock_reads = [0]
+
+    def clock() -> float:
+        clock_reads[0] += 1
+        return 1000.0
+
+    brake = GuessingBrake(clock=clock)
+    for address in many_addresses(GuessingBrake.MAX_ADDRESSES + 500):
+        clock_reads[0] = 0
+        brake.record_failure(address)
+        assert clock_reads[0] <= 2
+    assert brake.tracked_addresses == GuessingBrake.MAX_ADDRESSES
+    for _ in range(GuessingBrake.MAX_FAILURES):  # a guesser is still braked with the bound reached
+        brake.record_failure("198.51.100.1")
+    assert brake.retry_after("198.51.100.1") is not None
 
 
 # --- the same rules on every path ----------------------------------------------------------------------------------
@@ -400,6 +467,18 @@ def test_gradio_api_needs_the_login_cookie(server: RunningServer) -> None:
         assert client.post("/login", data={"username": USERNAME, "password": PASSWORD}).status_code == 200
         assert client.get("/gradio_api/login_check").status_code == 200
         assert client.get("/config").status_code == 200
+
+
+def test_a_stranger_can_neither_hold_heartbeat_streams_nor_learn_the_model(server: RunningServer) -> None:
+    """Gradio serves its heartbeat stream and its page's title (login page, /manifest.json) without the login."""
+    assert httpx.get(f"{server.url}/gradio_api/heartbeat/any-session", timeout=10).status_code == 401
+    for path in ["/manifest.json", "/"]:
+        response = httpx.get(f"{server.url}{path}", timeout=10)
+        assert response.status_code == 200
+        assert "Phi-3" not in response.text and "adapter" not in response.text.lower(), path
+    with signed_in_client(server) as client, client.stream("GET", "/gradio_api/heartbeat/my-session") as heartbeat:
+        assert heartbeat.status_code == 200
+        assert next(heartbeat.iter_lines()) == "data: ALIVE"
 
 
 def test_gradio_client_signs_in_with_the_password(server: RunningServer) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from inference_app.server import REQUEST_HEADERS_TIMEOUT_S
 from inference_app.service import MAX_CHARS_PER_TOKEN
 from inference_app.settings import Settings
 from inference_app.web.security import HSTS
@@ -34,8 +37,10 @@ USER = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_settings: Settings) -> Iterator[RunningServer]:
+    # Listening on every interface (as in the container, where PUBLIC_HOST reaches it); the harness listens on
+    # 127.0.0.1 still.
     settings = dataclasses.replace(
-        tiny_settings, allowed_origins=(ALLOWED_ORIGIN,), max_request_bytes=MAX_REQUEST_BYTES
+        tiny_settings, host="0.0.0.0", allowed_origins=(ALLOWED_ORIGIN,), max_request_bytes=MAX_REQUEST_BYTES
     )
     with running_server(settings) as running:
         yield running
@@ -125,7 +130,7 @@ def test_every_answer_forbids_framing_and_sniffing_and_names_no_server(
 
 
 def test_the_session_cookie_is_not_sent_by_other_sites(tiny_settings: Settings) -> None:
-    settings = dataclasses.replace(tiny_settings, auth_username=USERNAME, auth_password=PASSWORD)
+    settings = dataclasses.replace(tiny_settings, host="0.0.0.0", auth_username=USERNAME, auth_password=PASSWORD)
     with running_server(settings, start_loading=False) as password_server:
         login = httpx.post(
             f"{password_server.url}/login",
@@ -228,3 +233,112 @@ def test_health_answers_within_100_ms_while_the_largest_requests_are_handled(
     )
     assert set(statuses) == {200, 400, 413}  # nothing else: no 500, no 429
     assert max(latencies) < 0.1
+
+
+# ---- connections ----
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    """Whether the server closes the connection (reading whatever it sends first) within the socket's timeout."""
+    try:
+        while connection.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_connections_that_send_no_request_are_closed_after_a_few_seconds(server: RunningServer) -> None:
+    """A silent connection, one with half its headers sent, and a kept-alive one that sends one byte of its next
+    request: each is closed REQUEST_HEADERS_TIMEOUT_S after it opened or was last answered."""
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    started = time.monotonic()
+    with (
+        socket.create_connection(address) as silent,
+        socket.create_connection(address) as half_sent,
+        socket.create_connection(address) as kept_alive,
+    ):
+        half_sent.sendall(head)
+        kept_alive.sendall(head + b"\r\n")
+        assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        kept_alive.sendall(b"G")
+        for connection in (silent, half_sent, kept_alive):
+            connection.settimeout(max(0.1, started + REQUEST_HEADERS_TIMEOUT_S + 3 - time.monotonic()))
+            assert closed_by_server(connection)
+    assert time.monotonic() - started >= REQUEST_HEADERS_TIMEOUT_S - 0.5
+
+
+def test_running_out_of_file_descriptors_is_logged_once_and_idle_connections_give_them_back(
+    model_folders: ModelFolders, tmp_path: Path
+) -> None:
+    """More idle connections than the process may open files: the accept() failures are one line in the log, not a
+    traceback a second, and /health answers again once the idle connections are timed out."""
+    arguments = ["--model", str(model_folders.model_path), "--adapter", str(model_folders.adapter_path)]
+    log_path = tmp_path / "server.log"
+    max_open_files = 256
+    with app_process(arguments, log_path, max_open_files=max_open_files) as url:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        idle = [socket.create_connection(address) for _ in range(max_open_files + 100)]
+        try:
+            time.sleep(3)  # asyncio retries accept() every second
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=REQUEST_HEADERS_TIMEOUT_S + 10).status_code == 200
+            print(f"/health answered after {time.monotonic() - started:.1f} s")
+        finally:
+            for connection in idle:
+                connection.close()
+    log = log_path.read_text()
+    assert log.count("Too many open files") == 1, log[-3000:]
+    assert "socket.accept() out of system resource" not in log  # asyncio's own report, with its traceback
+    assert "Invalid file descriptor" not in log  # asyncio's retries, run after the socket closed at shutdown
+
+
+# ---- the log ----
+
+
+def test_the_access_log_has_no_query_strings_and_no_raw_control_characters(server: RunningServer) -> None:
+    """A key sent as ?api_key= is not logged; CR, LF and ESC in a path are logged percent-encoded (h11 refuses them
+    raw with 400 before any log line)."""
+    access_log = logging.getLogger("uvicorn.access")
+    lines: list[str] = []
+    capture = logging.Handler()
+    capture.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = access_log.level
+    access_log.setLevel(logging.INFO)
+    access_log.addHandler(capture)
+    try:
+        httpx.get(f"{server.url}/v1/models?api_key=sk-secret-key", timeout=10)
+        httpx.get(f"{server.url}/forged%0D%0AINFO:%20%1B[31mred", timeout=10)
+    finally:
+        access_log.removeHandler(capture)
+        access_log.setLevel(level)
+    assert len(lines) == 2, lines
+    assert "sk-secret-key" not in lines[0] and "/v1/models" in lines[0]
+    assert not any(character in lines[1] for character in "\r\n\x1b"), lines[1]
+    assert "/forged%0D%0AINFO%3A%20%1B%5B31mred" in lines[1]
+
+
+def test_an_aborted_upload_leaves_no_traceback_in_the_log(server: RunningServer) -> None:
+    error_log = logging.getLogger("uvicorn.error")
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    capture = Capture()
+    error_log.addHandler(capture)
+    part = b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'
+    try:
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as upload:
+            upload.sendall(
+                b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xx"
+                b"\r\nContent-Length: 60000\r\n\r\n" + part + b"a" * 1000
+            )
+            time.sleep(0.5)  # the upload is being read
+        time.sleep(1)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        error_log.removeHandler(capture)
+    assert not [record for record in records if record.exc_info], [record.getMessage() for record in records]
