@@ -58,9 +58,19 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     router = APIRouter()
     started_at = now()
 
+    def served_model() -> ModelCard:
+        return ModelCard(id=service.served_model_id(), created=started_at)
+
     @router.get("/v1/models", tags=["openai"])
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=service.served_model_id(), created=started_at)])
+        return ModelList(data=[served_model()])
+
+    @router.get("/v1/models/{model_id:path}", tags=["openai"])
+    def retrieve_model(model_id: str) -> ModelCard:
+        if model_id != service.served_model_id():
+            message = f"the model '{model_id}' does not exist: this server serves '{service.served_model_id()}'"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return served_model()
 
     @router.post(
         "/v1/chat/completions",
