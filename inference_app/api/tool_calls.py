@@ -25,7 +25,7 @@ def prompt_messages(request: ChatCompletionRequest) -> list[Message]:
     names = {call.id: call.function.name for message in request.messages for call in message.tool_calls or []}
     messages = [_prompt_message(message, names) for message in request.messages]
     if request.calls_tools:
-        tools = "\n".join(json.dumps(tool.function.model_dump(exclude_none=True)) for tool in request.tools or [])
+        tools = "\n".join(_compact_json(tool.function.model_dump(exclude_none=True)) for tool in request.tools or [])
         instruction = TOOLS_INSTRUCTION.format(tools=tools)
         if messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}
@@ -41,6 +41,11 @@ def _prompt_message(message: ChatMessage, tool_names: dict[str, str]) -> Message
     texts = [message.content] if message.content else []
     texts += [_call_text(call) for call in message.tool_calls or []]
     return {"role": "system" if message.role == "developer" else message.role, "content": "\n".join(texts)}
+
+
+def _compact_json(value: object) -> str:
+    """JSON without optional spaces: tools cost prompt tokens in every request."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _call_text(call: ToolCall) -> str:
