@@ -2,8 +2,8 @@
 first token of a schema the server has not seen (grammar compile) against one it has (cached).
 
 One app server on 127.0.0.1. Throughput: --clients concurrent clients each send --requests streaming requests one
-after another, greedy, --max-tokens each, alternately free text and with SCHEMA (a list of short strings with no
-bound on its length, so that the constrained replies too run to max_tokens and both sides decode as many tokens);
+after another, greedy, --max-tokens each, alternately free text and with SCHEMA (a list of at least 40 short strings,
+so that the constrained replies too run to max_tokens and both sides decode as many tokens);
 --rounds rounds pooled. Time to first token: one request at a time, max_tokens 1; a fresh schema each time (a new
 property name: the server must compile it), then the same schema again (cached), then no schema.
 
@@ -39,7 +39,7 @@ from tests.server_process import app_command, free_port, server_process
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+    "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 40}},
     "required": ["notes"],
     "additionalProperties": False,
 }

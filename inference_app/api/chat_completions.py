@@ -219,7 +219,7 @@ async def _complete(
     choices: list[AsyncGenerator[GenerationChunk, None]],
 ) -> Response:
     """The whole reply as one chat.completion; a client that hangs up stops the generation."""
-    collecting = asyncio.ensure_future(
+    collecting: asyncio.Future[list[_Reply]] = asyncio.ensure_future(
         asyncio.gather(*(_collect(first, choice) for first, choice in zip(firsts, choices, strict=True)))
     )
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
@@ -355,8 +355,8 @@ async def _stream_events(
         return _sse(chunk.model_dump())
 
     streamed = [_StreamedChoice(request, index) for index in range(len(choices))]
-    for choice in streamed:
-        yield event(choice.start())
+    for streamed_choice in streamed:
+        yield event(streamed_choice.start())
     # Each choice's chunks, as they come, through one queue (None: that choice ended).
     arrivals: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
     pumps = [
