@@ -5,7 +5,8 @@ One app server on 127.0.0.1. Throughput: --clients concurrent clients each send 
 after another, greedy, --max-tokens each, alternately free text and with SCHEMA (a list of at least 40 short strings,
 so that the constrained replies too run to max_tokens and both sides decode as many tokens);
 --rounds rounds pooled. Time to first token: one request at a time, max_tokens 1; a fresh schema each time (a new
-property name: the server must compile it), then the same schema again (cached), then no schema.
+property name: the server must compile it), then the same schema again (cached), then no schema; and in process,
+without HTTP, the milliseconds a new and a cached schema's matcher take.
 
     python -m bench.structured_outputs
     python -m bench.structured_outputs --size mini        # on a GPU
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
+    BenchModel,
     RequestResult,
     add_model_arguments,
     app_arguments,
@@ -117,6 +119,31 @@ async def time_to_first_token(base_url: str, schemas: int) -> dict[str, Any]:
     }
 
 
+def compile_times_ms(model: BenchModel, schemas: int) -> dict[str, Any]:
+    """In process, without HTTP noise: milliseconds to get a matcher for a new schema (compile) and for the same
+    schema again (cached), with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from inference_app.api.structured_outputs import json_schema_grammar
+    from inference_app.engine.grammar import Grammars
+
+    tokenizer = AutoTokenizer.from_pretrained(model.model_path)
+    grammars = Grammars(tokenizer, len(tokenizer), frozenset([tokenizer.eos_token_id]))
+
+    def matcher_ms(grammar: str) -> float:
+        started = time.perf_counter()
+        grammars.matcher(grammar)
+        return (time.perf_counter() - started) * 1000
+
+    first = matcher_ms(json_schema_grammar(new_schema(), "bench"))  # also builds the tokenizer's index
+    new, cached = [], []
+    for _ in range(schemas):
+        grammar = json_schema_grammar(new_schema(), "bench")
+        new.append(matcher_ms(grammar))
+        cached.append(matcher_ms(grammar))
+    return {"first_schema_ms": first, "new_schema_ms": new, "cached_schema_ms": cached}
+
+
 def main() -> None:
     args = parse_arguments()
     model = prepare_model(args)
@@ -133,6 +160,7 @@ def main() -> None:
                 rate, results = asyncio.run(throughput(server.url, args, constrained=kind == "json_schema"))
                 rates[kind].append(rate)
                 completion_tokens[kind] += sum(result.completion_tokens for result in results)
+    compile_ms = compile_times_ms(model, args.schemas)
     facts = machine_facts()
     tokens_per_s = {kind: sum(values) / len(values) for kind, values in rates.items()}
     slowdown = ratio(tokens_per_s["json_schema"], tokens_per_s["free"])
@@ -166,6 +194,11 @@ def main() -> None:
         )
     )
     print(f"first schema of the server (also builds the token index): {ttft['first_schema_of_the_server_s']:.3f} s")
+    new_ms, cached_ms = median(compile_ms["new_schema_ms"]), median(compile_ms["cached_schema_ms"])
+    print(
+        f"in process: a new schema's matcher {new_ms:.2f} ms (median), a cached one's {cached_ms:.3f} ms; "
+        f"the first schema (also the token index) {compile_ms['first_schema_ms']:.0f} ms"
+    )
     path = write_results(
         __file__,
         {
@@ -178,6 +211,7 @@ def main() -> None:
             "tokens_per_s": tokens_per_s,
             "json_schema_over_free": slowdown,
             "time_to_first_token": ttft,
+            "matcher_ms": compile_ms,
         },
     )
     print(f"\nJSON: {path}")
