@@ -25,7 +25,7 @@ def _modules() -> dict[str, Path]:
 
 def _imported(path: Path) -> set[str]:
     """Every module the file imports, at any level of the file (function bodies and TYPE_CHECKING blocks too)."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)

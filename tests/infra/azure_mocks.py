@@ -191,7 +191,9 @@ class FakeAzure(pulumi.runtime.Mocks):
         self.existing[resource_id.lower()] = {"id": resource_id, "name": resource_id.rsplit("/", 1)[1], **properties}
 
     # -- invokes ---------------------------------------------------------------------------------------------------
-    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
+    def call(  # type: ignore[override]  # Pulumi also takes a bare result dict, which its annotation omits
+        self, args: pulumi.runtime.MockCallArgs
+    ) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
         """Success: the result; a provider error: ({}, [(property, reason)]), which the program sees as an exception."""
         token, a = args.token, args.args
         self.invokes.append(token)

@@ -1,10 +1,10 @@
-"""Issue 4: existing Azure resources are adopted by name (imported with their Azure ids, retained on delete),
-missing ones are created, `reference` mode only reads, and a second run never imports again."""
+"""Existing Azure resources are adopted by name (imported with their Azure ids, retained on delete), missing ones
+are created, `reference` mode only reads, and a second run never imports again."""
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -275,7 +275,7 @@ def test_global_names_are_checked_with_arms_name_availability(in_scratch_dir: Pa
             "checkNameAvailability?api-version=2023-07-01",
         ),
     ]
-    assert [json.loads(r.data) for r in checks] == [
+    assert [json.loads(cast(bytes, r.data)) for r in checks] == [
         {"name": ACCOUNT, "type": "Microsoft.Storage/storageAccounts"},
         {"name": f"aiacr{SUFFIX}", "type": "Microsoft.ContainerRegistry/registries"},
     ]
@@ -414,7 +414,7 @@ def test_unreadable_previous_outputs_fall_back_to_the_safe_side(
     assert any("Could not read stack organization/aitk-inference/dev's previous outputs" in m for m in caplog.messages)
 
 
-# -- ids as Azure spells them (issue 11, point 9) --------------------------------------------------------------------
+# -- ids as Azure spells them ----------------------------------------------------------------------------------------
 def test_lowercased_ids_adopt_once_and_never_import_again(in_scratch_dir: Path) -> None:
     """Log Analytics answers with a lowercased id (`/resourcegroups/.../microsoft.operationalinsights/...`); in a
     group whose name has capitals the recorded and the looked-up ids still match: no second import."""

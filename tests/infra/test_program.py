@@ -1,4 +1,4 @@
-"""Issue 2: the whole program (`__main__.py`) under mocks declares the bicep's resources with its properties, names
+"""The whole program (`__main__.py`) under mocks declares the bicep's resources with its properties, names
 and outputs; configuration comes from Pulumi config over the legacy parameters file; bad config fails early."""
 
 import json
@@ -478,7 +478,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
     assert declared["registrySku"]["default"] == defaults.registry_sku
     # No default: unset means "build" (image), "aiacr<s>" (registryName), the app's own default (settings), none,
     # the gpu profile's size (containerCpu/containerMemory), admin or a generated password, not that mode.
-    no_default = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
+    no_default: tuple[str, ...] = ("image", "registryName", "modelPath", "adapterPath", "baseOnly", "quantize4bit")
     no_default += ("maxConcurrentGenerations", "maxRequestBytes", "allowedOrigins", "modelRevision")
     no_default += ("containerCpu", "containerMemory")
     no_default += ("minimumInstanceCount", "accessUsername", "accessPassword", "allowedIpRanges")

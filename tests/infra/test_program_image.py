@@ -1,4 +1,4 @@
-"""Issue 5 at the program level: the whole program (`__main__.py`) under mocks creates the registry and the pull
+"""At the program level, the whole program (`__main__.py`) under mocks creates the registry and the pull
 identity, builds and pushes inference_app/ and runs it by digest with identity-based pull, passes app settings as
 environment variables, runs a prebuilt `image` without building, and rolls a new revision on a `modelRevision`
 change. (The components alone, the build context hash and the Dockerfile: test_registry_image.py,
@@ -8,7 +8,7 @@ import json
 import logging
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pulumiverse_time
 import pytest
@@ -111,7 +111,7 @@ def test_a_new_acr_pull_assignment_is_given_time_to_take_effect(built: tuple[Fak
     sleep = azure.one(SLEEP_TYPE)
     assignment = azure.one(ROLE_ASSIGNMENT_TYPE)
     assert sleep.inputs == {"createDuration": "3m", "triggers": {"roleAssignmentId": assignment.state["id"]}}
-    assert [type(d) for d in run.options[SLEEP_TYPE].depends_on] == [authorization.RoleAssignment]
+    assert [type(d) for d in cast(list[Any], run.options[SLEEP_TYPE].depends_on)] == [authorization.RoleAssignment]
 
 
 def test_image_builds_inference_app_for_linux_amd64_and_pushes_to_the_registry(
@@ -368,7 +368,7 @@ def test_invalid_image_config_fails_before_any_cloud_call(
     assert azure.lookups == [] and azure.declared == []
 
 
-# -- the registry is adopted like the other resources (issue 4) ----------------------------------------------------
+# -- the registry is adopted like the other resources ---------------------------------------------------------------
 def existing_registry(azure: FakeAzure, name: str = REGISTRY) -> str:
     azure.add(group_id(GROUP), {"location": "westus3"})
     resource_id = registry_id(GROUP, name)
@@ -427,7 +427,7 @@ def test_a_registry_name_taken_elsewhere_is_a_clear_error(in_scratch_dir: Path) 
     assert azure.declared == []
 
 
-# -- the pull identity is adopted like the other resources (issue 11, point 6) ------------------------------------
+# -- the pull identity is adopted like the other resources ----------------------------------------------------------
 EXISTING_PRINCIPAL = "5c4b3a29-1807-4f6e-9d5c-4b3a29180706"
 
 
@@ -477,7 +477,7 @@ def test_an_existing_pull_identity_and_its_acr_pull_are_adopted(in_scratch_dir: 
     role = azure.one(ROLE_ASSIGNMENT_TYPE)
     assert role.import_id == assignment  # not a second one, which ARM refuses (RoleAssignmentExists)
     assert azure.by_type(SLEEP_TYPE) == []  # in effect already: no wait
-    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [authorization.RoleAssignment]
+    assert [type(d) for d in cast(list[Any], run.options[APP_TYPE].depends_on)] == [authorization.RoleAssignment]
     assert role.inputs["roleAssignmentName"] == "7c9e6679" and role.inputs["principalId"] == EXISTING_PRINCIPAL
     assert run.options[IDENTITY_TYPE].retain_on_delete is True
     assert {key: run.outputs["adoption"][key] for key in ("pullIdentity", "acrPullAssignment")} == {
@@ -503,7 +503,7 @@ def test_an_existing_pull_identity_without_acr_pull_gets_it(in_scratch_dir: Path
     assert role.import_id is None and "roleAssignmentName" not in role.inputs
     assert role.inputs["principalId"] == EXISTING_PRINCIPAL
     assert run.outputs["adoption"]["acrPullAssignment"]["status"] == "created"
-    assert [type(d) for d in run.options[APP_TYPE].depends_on] == [pulumiverse_time.Sleep]  # new: wait for it
+    assert [type(d) for d in cast(list[Any], run.options[APP_TYPE].depends_on)] == [pulumiverse_time.Sleep]  # new: wait
 
 
 def test_reference_mode_uses_the_existing_identity_and_assignment_as_they_are(in_scratch_dir: Path) -> None:

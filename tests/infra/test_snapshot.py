@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pulumi
 import pytest
@@ -99,7 +99,7 @@ def snapshot(run: ProgramRun) -> dict[str, Any]:
                 "import": inputs.import_id,
                 "retainOnDelete": bool(options.retain_on_delete),
                 "protect": bool(options.protect),
-                "dependsOn": sorted(plain(list(options.depends_on or []))),
+                "dependsOn": sorted(plain(list(cast(list[Any], options.depends_on or [])))),
                 "aliases": [alias for alias in map(_alias, options.aliases or []) if alias],
             }
         )

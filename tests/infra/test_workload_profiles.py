@@ -1,4 +1,4 @@
-"""Issue 11, points 2 and 3: an existing environment's GPU workload profile. A dedicated GPU profile can only be
+"""An existing environment's GPU workload profile. A dedicated GPU profile can only be
 configured when an environment is created, serverless ones can be added later (except serverless T4 in West
 Europe); the configured instance counts apply to the profile this stack created or adopted, and `maxReplicas` is
 checked against the maximum the profile keeps. All decided before anything is declared."""

@@ -17,7 +17,7 @@ from tests.app.browser_harness import bot_messages, choose_greedy_decoding, mess
 from tests.app.server_harness import RunningServer, engine_is_idle, running_server
 from tests.server_process import wait_for
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 # A prompt whose greedy reply from the tiny model is longer than LONG_REPLY_TOKENS (see test_http_api.py).
 LONG_PROMPT = "Hello, world!"
 LONG_REPLY_TOKENS = 200

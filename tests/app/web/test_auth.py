@@ -318,7 +318,7 @@ def test_non_ascii_passwords_and_trimmed_usernames_on_every_path(
     non_ascii_server: RunningServer, authorization: bytes, accepted: bool
 ) -> None:
     non_ascii_server.app.state.guessing_brake.record_success("127.0.0.1")
-    response = httpx.get(f"{non_ascii_server.url}/v1/models", headers={"Authorization": authorization}, timeout=10)
+    response = httpx.get(f"{non_ascii_server.url}/v1/models", headers=[(b"Authorization", authorization)], timeout=10)
     assert response.status_code == (200 if accepted else 401)
 
 

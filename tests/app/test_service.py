@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from inference_app.engine.model_loading import load_model
 from inference_app.service import (
     CapacityExceededError,
@@ -26,6 +24,7 @@ from inference_app.service import (
 )
 from inference_app.settings import Settings
 from tests.model_factory import SIZES, ModelFolders
+from tests.server_process import wait_for
 
 Reply = Callable[..., list[GenerationChunk]]
 StartService = Callable[..., ModelService]
@@ -44,13 +43,6 @@ def user(text: str) -> list[dict[str, str]]:
 
 def greedy(max_new_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 # ---- streaming and correctness ----
@@ -73,7 +65,7 @@ def test_greedy_reply_matches_transformers_generate(
 ) -> None:
     service = start_service()
     reference = load_model(tiny_settings)
-    inputs = reference.tokenizer.apply_chat_template(
+    inputs: Any = reference.tokenizer.apply_chat_template(
         user(PROMPT), add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
     output = reference.model.generate(**inputs, max_new_tokens=30, do_sample=False)
@@ -90,7 +82,7 @@ def test_whole_conversation_goes_through_the_chat_template(start_service: StartS
         {"role": "user", "content": "What is the capital of France?"},
     ]
     tokenizer = AutoTokenizer.from_pretrained(service.settings.model_path)
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    text = str(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
     assert text.startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>")
     assert service.count_prompt_tokens(conversation) == len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -119,7 +111,14 @@ def test_bad_messages_are_refused(start_service: StartService) -> None:
 
 
 def test_sampling_parameters_are_validated() -> None:
-    for bad in ({"max_new_tokens": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0}):
+    bad_settings: list[dict[str, Any]] = [
+        {"max_new_tokens": 0},
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": 0},
+    ]
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             SamplingParams(**{"max_new_tokens": 5, **bad})
 
@@ -158,7 +157,7 @@ def test_each_request_samples_with_its_own_settings_in_a_shared_batch(
     start_service: StartService, reply: Reply
 ) -> None:
     service = start_service(max_batch_size=4)
-    settings = [
+    settings: list[dict[str, Any]] = [
         {"temperature": 0.0},
         {"temperature": 1.0, "seed": 7},
         {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 11},
@@ -211,7 +210,7 @@ def test_end_of_reply_token_finishes_with_stop(model_folders: ModelFolders, tmp_
     model_path = Path(shutil.copytree(model_folders.model_path, tmp_path / "Phi-3-mini-4k-instruct"))
     settings = Settings(model_path=model_path, adapter_path=model_folders.adapter_path, base_only=True)
     loaded = load_model(settings)
-    inputs = loaded.tokenizer.apply_chat_template(
+    inputs: Any = loaded.tokenizer.apply_chat_template(
         user(PROMPT), add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
     generated = loaded.model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1] :]
@@ -230,18 +229,6 @@ def test_end_of_reply_token_finishes_with_stop(model_folders: ModelFolders, tmp_
     assert chunks[-1].finish_reason == "stop"
     assert chunks[-1].completion_tokens == first_end
     assert text_of(chunks) == loaded.tokenizer.decode(generated[:first_end], skip_special_tokens=True)
-
-
-def test_stop_matcher_holds_back_partial_stops() -> None:
-    matcher = StopMatcher(("END", "</s>"))
-    assert matcher.push("Hello E") == ("Hello ", False)
-    assert matcher.push("N") == ("", False)
-    assert matcher.push("X <") == ("ENX ", False)
-    assert matcher.push("/s") == ("", False)
-    assert matcher.push("> after") == ("", True)
-    unfinished = StopMatcher(("END",))
-    assert unfinished.push("the EN") == ("the ", False)
-    assert unfinished.flush() == "EN"
 
 
 # ---- limits ----
@@ -277,35 +264,6 @@ def test_prompt_longer_than_the_context_is_refused(start_service: StartService, 
     service = start_service()
     with pytest.raises(PromptTooLongError, match="context holds 512"):
         reply(service, "one two three " * 300)
-
-
-# ---- incremental detokenization ----
-
-
-class _CountingTokenizer:
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.longest_decode = 0
-
-    def decode(self, ids: list[int], **options: Any) -> str:
-        self.longest_decode = max(self.longest_decode, len(ids))
-        return str(self.tokenizer.decode(ids, **options))
-
-
-def test_detokenizer_streams_exact_text_without_redecoding_the_reply(model_folders: ModelFolders) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(model_folders.model_path)
-    text = "Héllo wörld, 猫 and 🐱 — " * 20  # multi-byte characters split over several byte-level tokens
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    counting = _CountingTokenizer(tokenizer)
-    detokenizer = IncrementalDetokenizer(counting)
-    pieces = [detokenizer.push(token) for token in ids]
-    assert "".join(pieces) + detokenizer.flush() == text
-    assert "\ufffd" not in "".join(pieces)
-    assert len(ids) > 200
-    assert counting.longest_decode <= 5
-    # The tokenizer itself takes the fast path (its Rust decode directly): the same text.
-    direct = IncrementalDetokenizer(tokenizer)
-    assert "".join(direct.push(token) for token in ids) + direct.flush() == text
 
 
 # ---- concurrency ----
@@ -372,7 +330,7 @@ def test_closing_the_stream_stops_generation_and_frees_the_slot(start_service: S
         return await _collect(service, user("hi"), greedy(2), wait=False)
 
     assert asyncio.run(scenario())[-1].completion_tokens == 2
-    wait_for(lambda: service.generation_stats()["running"] == 0)
+    wait_for(lambda: service.generation_stats()["running"] == 0, 10, "the generation to stop")
     assert service.generation_stats()["decode_steps"] < 400
 
 
@@ -394,7 +352,7 @@ def test_cancelled_task_frees_the_slot(start_service: StartService) -> None:
         return await _collect(service, user("hi"), greedy(2), wait=False)
 
     assert asyncio.run(scenario())[-1].completion_tokens == 2
-    wait_for(lambda: service.generation_stats()["running"] == 0)
+    wait_for(lambda: service.generation_stats()["running"] == 0, 10, "the generation to stop")
 
 
 # ---- batching ----

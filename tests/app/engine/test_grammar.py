@@ -84,7 +84,7 @@ def test_constrained_and_free_rows_share_a_batch_each_with_its_own_mask(
         json.loads(text(replies[3]))  # the random model writes no JSON unconstrained
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_the_gpu_constrained_rows_decode_with_cuda_graphs(start_service: Callable[..., ModelService]) -> None:
     service = start_service(cuda_graphs=True)
     assert service.info()["device"] == "cuda"
