@@ -76,7 +76,7 @@ def new_schema() -> dict[str, Any]:
 
 async def throughput(base_url: str, args: argparse.Namespace, constrained: bool) -> tuple[float, list[RequestResult]]:
     """(tokens/s over the run's wall time, the results) of --clients clients with or without the schema."""
-    extra = {"response_format": response_format(SCHEMA)} if constrained else {}
+    extra: dict[str, Any] = {"response_format": response_format(SCHEMA)} if constrained else {}
     payload = chat_payload(args.max_tokens, stream=True, **extra)
     results: list[RequestResult] = []
 

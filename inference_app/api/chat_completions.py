@@ -224,7 +224,8 @@ async def _complete(
     )
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
-        await asyncio.wait({collecting, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {collecting, disconnected}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnected.cancel()
         if not collecting.done():

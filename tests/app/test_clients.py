@@ -182,12 +182,9 @@ def test_openai_streamed_json_mode_is_one_json_object(openai_client: openai.Open
 
 def test_openai_refuses_a_schema_feature_the_engine_cannot_enforce(openai_client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    response_format: Any = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema}}
     with pytest.raises(openai.BadRequestError) as raised:
-        openai_client.chat.completions.create(
-            model="adapter",
-            messages=USER,
-            response_format={"type": "json_schema", "json_schema": {"name": "tags", "schema": schema}},
-        )
+        openai_client.chat.completions.create(model="adapter", messages=USER, response_format=response_format)
     assert raised.value.param == "response_format.json_schema.schema"
     assert "uniqueItems" in str(raised.value.message)
 
@@ -224,6 +221,7 @@ def test_openai_streamed_tool_call_and_the_conversation_that_follows(
         model="adapter", messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8
     )
     assert reply.choices[0].message.tool_calls is None
+    assert call.function is not None and call.function.arguments is not None
     rendered = [
         {"role": "user", "content": "Hi"},
         {
@@ -307,5 +305,5 @@ def test_langchain_structured_output_json_mode(langchain_model: ChatOpenAI) -> N
 def test_langchain_bind_tools_with_a_forced_tool(langchain_model: ChatOpenAI) -> None:
     model = langchain_model.bind_tools([WEATHER_TOOL], tool_choice="get_weather").bind(max_tokens=60)
     message = model.invoke("What is the weather?")
-    [call] = message.tool_calls  # type: ignore[attr-defined]
+    [call] = message.tool_calls
     assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
