@@ -14,7 +14,13 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Literal
 
-from inference_app.engine.types import FinishReason, GenerationChunk, InvalidRequestError, SamplingParams
+from inference_app.engine.types import (
+    FinishReason,
+    GenerationChunk,
+    InvalidRequestError,
+    SamplingParams,
+    TokenLogprob,
+)
 from inference_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,6 +44,7 @@ __all__ = [
     "ModelService",
     "PromptTooLongError",
     "SamplingParams",
+    "TokenLogprob",
     "encode_prompt",
     "plain_template_prompt",
 ]
@@ -168,6 +175,10 @@ class ModelService:
         """The adapter's folder name, or the base model's in base-only mode (known before loading)."""
         return self.settings.served_model_id
 
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (what logit_bias may name)."""
+        return self._require_engine().vocab_size
+
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self._prompt_ids(messages))
 
@@ -198,6 +209,8 @@ class ModelService:
         # On a worker thread: a long prompt takes a while to template and tokenize, and the event loop serves /health.
         prompt_ids = await asyncio.to_thread(self._prompt_ids, messages)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_new_tokens)
+        # Compiled on a worker thread too (a new grammar takes milliseconds, a cached one microseconds).
+        grammar = None if params.grammar is None else await asyncio.to_thread(engine.grammar_matcher, params.grammar)
         if wait:
             await concurrency.acquire()
         elif not concurrency.try_acquire():
@@ -212,7 +225,7 @@ class ModelService:
                 except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
                     request.cancel()
 
-            request = engine.submit(prompt_ids, params, max_new_tokens, deliver)
+            request = engine.submit(prompt_ids, params, max_new_tokens, deliver, grammar)
             try:
                 while True:
                     item = await chunks.get()

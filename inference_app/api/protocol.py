@@ -3,9 +3,8 @@
 Only what this server honours is modelled. Types are strict, as OpenAI's are ("10" is not a number, true is not
 1); the sampling settings' ranges are checked by the service (inference_app.engine.types.SamplingParams, and
 ModelService for top_k), for the UI too. Unknown fields are ignored, as OpenAI ignores fields a model does not use;
-fields that would change the answer in a way we cannot honour (several choices, tools, JSON mode, log probabilities,
-logit bias, penalties) are accepted only with values that change nothing, and otherwise rejected with a 400 naming
-the field.
+fields that would change the answer in a way we cannot honour (legacy `functions`, content other than text) are
+rejected with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -14,12 +13,24 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from inference_app.engine.types import FinishReason
 from inference_app.service import MAX_MESSAGES
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_CHOICES = 8  # n: each choice takes a generation slot of its own
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+MAX_LOGIT_BIAS = 100.0  # as OpenAI: -100 bans a token, 100 all but forces it
 
 
 def _valid_text(text: str) -> str:
@@ -57,19 +68,43 @@ def _json_type(value: object) -> str:
     return {list: "array", dict: "object", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # "developer" is OpenAI's newer name for the system role; it is served as a system message.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    # "developer" is OpenAI's newer name for the system role; it is served as a system message. Tool calls and tool
+    # results are rendered into the prompt as text (inference_app.api.tool_calls).
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = Field(description="text; may be null only in an assistant message with tool_calls")
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     @field_validator("content", mode="before")
     @classmethod
-    def _flatten(cls, content: object) -> str:
-        return _valid_text(flatten_text_content(content))
+    def _flatten(cls, content: object) -> str | None:
+        return None if content is None else _valid_text(flatten_text_content(content))
 
-    def as_prompt_message(self) -> dict[str, str]:
-        """The {"role", "content"} dict ModelService templates."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    @model_validator(mode="after")
+    def _content_unless_tool_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        return self
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str
+    description: str | None = None
+    # "schema" would shadow BaseModel's attribute.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # enforced either way: the reply always follows the schema
 
 
 class StreamOptions(BaseModel):
@@ -79,14 +114,38 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, type: str) -> str:
-        if type != "text":
-            raise ValueError("only text responses are supported by this server (no JSON mode or structured outputs)")
-        return type
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a response_format of type 'json_schema' needs its 'json_schema' object")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments; None: no arguments
+    strict: bool | None = None  # enforced either way
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(BaseModel):
@@ -100,28 +159,21 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None  # not in OpenAI's API; vLLM and others accept it
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    # Accepted only with values that change nothing, so that clients sending their defaults still work.
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, naming the fix
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # at most one call per reply either way
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported: send one request per choice")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -132,47 +184,60 @@ class ChatCompletionRequest(BaseModel):
             _valid_text(sequence)
         return stop
 
-    @field_validator("logprobs")
+    @field_validator("functions")
     @classmethod
-    def _no_logprobs(cls, logprobs: bool | None) -> bool | None:
-        if logprobs:
-            raise ValueError("log probabilities are not supported by this server")
-        return logprobs
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, top_logprobs: int | None) -> int | None:
-        if top_logprobs:
-            raise ValueError("log probabilities are not supported by this server")
-        return top_logprobs
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise ValueError("tools (function calling) are not supported by this server")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, tool_choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if tool_choice not in (None, "none", "auto"):
-            raise ValueError("tools (function calling) are not supported by this server: use 'none' or 'auto'")
-        return tool_choice
+    def _no_functions(cls, functions: list[Any] | None) -> list[Any] | None:
+        if functions:
+            raise ValueError("the deprecated 'functions' are not supported: send them as 'tools'")
+        return functions
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
-        if logit_bias:
-            raise ValueError("logit bias is not supported by this server")
+    def _token_ids_and_bounded_biases(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (logit_bias or {}).items():
+            if not key.isdigit():  # named, never echoed in full (it may be huge)
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key[:40]!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
         return logit_bias
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    # Each check of one field against an earlier one runs as that field's validator, so the 400 names it.
+    @field_validator("stream_options")
     @classmethod
-    def _no_penalty(cls, penalty: float | None) -> float | None:
-        if penalty:
-            raise ValueError("presence and frequency penalties are not supported by this server: use 0")
-        return penalty
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return options
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _only_with_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top_logprobs
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_given_tool(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        tools: list[Tool] = info.data.get("tools") or []
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in [tool.function.name for tool in tools]:
+            raise ValueError(f"the function {choice.function.name!r} is not in tools")
+        if choice == "required" and not tools:
+            raise ValueError("'required' needs tools")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _not_with_a_tool_call(cls, reply_format: ResponseFormat | None, info: ValidationInfo) -> ResponseFormat | None:
+        calls_tools = bool(info.data.get("tools")) and info.data.get("tool_choice") != "none"
+        if calls_tools and reply_format is not None and reply_format.type != "text":
+            raise ValueError("a JSON response_format and tools (unless tool_choice is 'none') cannot both be used")
+        return reply_format
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may be a tool call (tools given and tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -187,6 +252,10 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+# A choice also ends in a tool call (the engine's reasons are the text's).
+ChoiceFinishReason = FinishReason | Literal["tool_calls"]
 
 
 class Usage(BaseModel):
@@ -205,14 +274,36 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tool_calls(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        message: dict[str, Any] = serialize(self)
+        if message["tool_calls"] is None:
+            del message["tool_calls"]
+        return message
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: None = None
+    finish_reason: ChoiceFinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -224,9 +315,14 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    index: int = 0
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_empty_fields(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -237,8 +333,8 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
+    finish_reason: ChoiceFinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -78,8 +78,7 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     router = APIRouter()
     started_at = now()
 
-    @router.api_route("/v1/models", methods=READ, tags=["openai"])
-    def list_models() -> ModelList:
+    def served_model() -> ModelCard:
         if service.status == "failed":  # nothing is served
             raise ApiError(
                 503,
@@ -87,7 +86,18 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
                 type="service_unavailable",
                 code="model_failed",
             )
-        return ModelList(data=[ModelCard(id=service.served_model_id(), created=started_at)])
+        return ModelCard(id=service.served_model_id(), created=started_at)
+
+    @router.api_route("/v1/models", methods=READ, tags=["openai"])
+    def list_models() -> ModelList:
+        return ModelList(data=[served_model()])
+
+    @router.api_route("/v1/models/{model_id:path}", methods=READ, tags=["openai"])
+    def retrieve_model(model_id: str) -> ModelCard:
+        if model_id != service.served_model_id():
+            message = f"the model '{model_id}' does not exist: this server serves '{service.served_model_id()}'"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return served_model()
 
     @router.post(
         "/v1/chat/completions",

@@ -30,6 +30,10 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(emitted) :]
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (log probabilities name tokens by it)."""
+        return self._decode([token_id])
+
     def flush(self) -> str:
         """Whatever is left (possibly an incomplete character) at the end of the reply."""
         emitted = self._decode(self._ids[self._prefix : self._read])

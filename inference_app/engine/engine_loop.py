@@ -26,13 +26,14 @@ import torch
 
 from inference_app.engine.block_manager import BlockManager
 from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from inference_app.engine.grammar import GrammarMatcher, Grammars
 from inference_app.engine.kv_cache import allocate_kv_cache
 from inference_app.engine.model_loading import LoadedModel
-from inference_app.engine.model_runner import ModelRunner, default_prefill_chunk_tokens
+from inference_app.engine.model_runner import ModelRunner, StepTokens, default_prefill_chunk_tokens
 from inference_app.engine.output_processor import OutputProcessor
 from inference_app.engine.request import EngineRequest, TokenEvent
 from inference_app.engine.scheduler import PrefillChunk, Scheduler
-from inference_app.engine.types import GenerationChunk, SamplingParams
+from inference_app.engine.types import GenerationChunk, SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class BatchingEngine:
         # The engine streams text on its own thread: a private copy avoids sharing the Rust tokenizer across threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._eos_ids = frozenset(_eos_token_ids(loaded))
+        self.vocab_size = int(self._model.config.vocab_size)
+        self._grammars = Grammars(self._tokenizer, self.vocab_size, self._eos_ids)
         self._options = options
         # A KV-cache row holds a whole sequence (prompt + reply): by default the model's context.
         self.sequence_tokens = min(loaded.context_length, options.max_sequence_tokens or loaded.context_length)
@@ -136,15 +139,24 @@ class BatchingEngine:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
 
+    def grammar_matcher(self, grammar: str) -> GrammarMatcher:
+        """A matcher for `grammar` to submit with (compiled on the caller's thread, or taken from the cache);
+        raises GrammarError (a ValueError) naming what cannot be built."""
+        return self._grammars.matcher(grammar)
+
     def submit(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
         max_new_tokens: int,
         deliver: Callable[[GenerationChunk | BaseException], None],
+        grammar: GrammarMatcher | None = None,
     ) -> EngineRequest:
         """Queues a generation; `deliver` gets its chunks (and an error, if any) on the output thread. The caller
-        keeps prompt + max_new_tokens within `sequence_tokens` (ModelService refuses longer prompts with the fix)."""
+        keeps prompt + max_new_tokens within `sequence_tokens` (ModelService refuses longer prompts with the fix),
+        and passes grammar_matcher(params.grammar) when the request has a grammar."""
+        if (grammar is None) != (params.grammar is None):
+            raise ValueError("a request with a grammar needs its matcher (grammar_matcher), and only such a request")
         if len(prompt_ids) + max_new_tokens > self.sequence_tokens:
             # Such a request would never get its blocks (or would run past its row): refuse it, never queue it.
             raise ValueError(
@@ -159,6 +171,7 @@ class BatchingEngine:
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stop_matcher=StopMatcher(params.stop),
             seed=random.getrandbits(63) if params.seed is None else params.seed % 2**63,
+            grammar=grammar,
         )
         self._scheduler.add(request)
         return request
@@ -205,38 +218,45 @@ class BatchingEngine:
         self._accept(requests, first_tokens)
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> None:
-        first_token = self._runner.prefill_chunk(chunk.request, chunk.start, chunk.length)
+        first = self._runner.prefill_chunk(chunk.request, chunk.start, chunk.length)
         self._prefill_chunks += 1
-        if first_token is not None:
-            self._accept([chunk.request], [first_token])
+        if first is not None:
+            self._accept([chunk.request], first)
 
     def _decode(self, requests: list[EngineRequest]) -> None:
-        tokens = self._runner.decode()
+        tokens, logprobs = self._runner.decode()
         self._decode_steps += 1
         self._largest_batch = max(self._largest_batch, len(requests))
-        self._accept(requests, [tokens[_slot(request)] for request in requests])
+        slots = [_slot(request) for request in requests]
+        self._accept(requests, ([tokens[slot] for slot in slots], logprobs and [logprobs[slot] for slot in slots]))
 
-    def _accept(self, requests: list[EngineRequest], tokens: list[int]) -> None:
+    def _accept(self, requests: list[EngineRequest], step: StepTokens) -> None:
         """Hands each request's new token to the output thread; the requests it ends leave the batch."""
+        tokens, logprobs = step
         events: list[TokenEvent] = []
         finished = [
             request
-            for request, token in zip(requests, tokens, strict=True)
-            if self._accept_token(request, token, events)
+            for request, token, token_logprobs in zip(requests, tokens, logprobs or [None] * len(tokens), strict=True)
+            if self._accept_token(request, token, token_logprobs, events)
         ]
         self._output.put(events)
         self._release(finished)
 
-    def _accept_token(self, request: EngineRequest, token: int, events: list[TokenEvent]) -> bool:
-        """Adds the token's event for the output thread; True when the request is finished (end-of-reply token or
-        token budget)."""
+    def _accept_token(
+        self, request: EngineRequest, token: int, logprobs: TokenLogprobs | None, events: list[TokenEvent]
+    ) -> bool:
+        """Adds the token's event for the output thread; True when the request is finished (end-of-reply token,
+        token budget, or the end of its grammar)."""
         if token in self._eos_ids:
-            events.append((request, None, "stop"))
+            events.append((request, None, "stop", None))
             return True
         request.generated += 1
-        finished = request.generated >= request.max_new_tokens
-        events.append((request, token, "length" if finished else None))
-        return finished
+        grammar_ended = request.grammar is not None and not request.grammar.accept(token)
+        if grammar_ended or request.generated >= request.max_new_tokens:
+            events.append((request, token, "stop" if grammar_ended else "length", logprobs))
+            return True
+        events.append((request, token, None, logprobs))
+        return False
 
     def _release(self, requests: list[EngineRequest]) -> None:
         self._runner.remove(self._scheduler.finish(requests))

@@ -18,7 +18,11 @@ import torch
 from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.request import EngineRequest
-from inference_app.engine.sampler import BatchSampler
+from inference_app.engine.sampler import BatchSampler, SampledTokens
+from inference_app.engine.types import TokenLogprobs
+
+# A step's new tokens, and their log probabilities (None for rows that did not ask; None: no row asked).
+StepTokens = tuple[list[int], list[TokenLogprobs | None] | None]
 
 CPU_PREFILL_CHUNK_TOKENS = 256
 GPU_PREFILL_CHUNK_TOKENS = 2048
@@ -98,18 +102,19 @@ class ModelRunner:
         with torch.inference_mode():
             self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device))
 
-    def prefill(self, requests: list[EngineRequest]) -> list[int]:
+    def prefill(self, requests: list[EngineRequest]) -> StepTokens:
         """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
-        decode batch. Returns the first tokens."""
+        decode batch. Returns the first tokens (and log probabilities, for the rows that asked)."""
         slots = [_slot(request) for request in requests]
         self._take_slots(slots, requests)
-        first_tokens = self._prefill_forward(slots, requests)
-        self._join_batch(slots, requests, first_tokens)
-        return list(first_tokens.tolist())
+        first = self._prefill_forward(slots, requests)
+        self._join_batch(slots, requests, first.tokens)
+        return list(first.tokens.tolist()), first.logprobs
 
-    def prefill_chunk(self, request: EngineRequest, start: int, length: int) -> int | None:
+    def prefill_chunk(self, request: EngineRequest, start: int, length: int) -> StepTokens | None:
         """Runs prompt positions start..start+length-1 of one request into its slot, attending to the earlier ones
-        there. The last chunk samples the first token (returned) and the row joins the decode batch; else None."""
+        there. The last chunk samples the first token (returned, as prefill's) and the row joins the decode batch;
+        else None."""
         slot = _slot(request)
         if start == 0:
             self._take_slots([slot], [request])
@@ -126,11 +131,11 @@ class ModelRunner:
         if end < len(request.prompt_ids):
             return None
         positions = torch.tensor([end - 1], device=self._device)
-        first_token = self._sampler.sample(
-            logits, self._slot_index[slot : slot + 1], positions, not request.params.greedy
+        first = self._sampler.sample(
+            logits, self._slot_index[slot : slot + 1], positions, not request.params.greedy, [slot]
         )
-        self._join_batch([slot], [request], first_token)
-        return int(first_token.item())
+        self._join_batch([slot], [request], first.tokens)
+        return list(first.tokens.tolist()), first.logprobs
 
     def _take_slots(self, slots: list[int], requests: list[EngineRequest]) -> None:
         """Before a request's first prefill: its slot's blocks and sampling settings."""
@@ -138,29 +143,32 @@ class ModelRunner:
             self.cache.set_blocks(slot, request.blocks)
         self._sampler.set_rows(
             slots,
-            [request.params.temperature for request in requests],
-            [request.params.top_k for request in requests],
-            [request.params.top_p for request in requests],
+            [request.params for request in requests],
             [request.seed for request in requests],
+            [request.grammar for request in requests],
         )
 
     def _join_batch(self, slots: list[int], requests: list[EngineRequest], first_tokens: torch.Tensor) -> None:
         sampled = [not request.params.greedy for request in requests]
         self.batch.add(slots, first_tokens, [len(request.prompt_ids) for request in requests], sampled)
 
-    def decode(self) -> list[int]:
-        """One decode step over the batch; returns the new tokens by slot (up to the batch's width)."""
+    def decode(self) -> StepTokens:
+        """One decode step over the batch; returns the new tokens (and log probabilities, for the rows that asked)
+        by slot (up to the batch's width)."""
         # A row keeps slot_tokens places (fewer than its positions in a sliding window's ring buffer).
         width, length = self.batch.width, min(self.batch.length, self.cache.plan.slot_tokens)
         logits = self.decoder.run(width, length)[:width]
         positions = self.batch.positions[:width]
-        new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self.batch.any_sampled)
-        self.batch.advance(new_tokens, width)
-        return list(new_tokens.tolist())  # the step's one device-to-host copy
+        new = self._sampler.sample(
+            logits, self._slot_index[:width], positions, self.batch.any_sampled, list(range(width))
+        )
+        self.batch.advance(new.tokens, width)
+        return list(new.tokens.tolist()), new.logprobs  # the step's one device-to-host copy (with its logprobs)
 
     def remove(self, slots: list[int]) -> None:
         """The rows of finished requests leave the batch; a paged slot's table points at scratch again."""
         self.batch.remove(slots)
+        self._sampler.remove_rows(slots)
         for slot in slots:
             self.cache.clear_blocks(slot)
 
@@ -175,7 +183,7 @@ class ModelRunner:
             use_cache=True,
         ).logits[:, -1]
 
-    def _prefill_forward(self, slots: list[int], requests: list[EngineRequest]) -> torch.Tensor:
+    def _prefill_forward(self, slots: list[int], requests: list[EngineRequest]) -> SampledTokens:
         lengths = [len(request.prompt_ids) for request in requests]
         longest = max(lengths)
         input_ids = torch.tensor(
@@ -199,7 +207,7 @@ class ModelRunner:
         column = torch.tensor([last_positions.index(length) for length in lengths], device=self._device)
         row_logits = logits[torch.arange(len(requests), device=self._device), column]
         any_sampled = any(not request.params.greedy for request in requests)
-        return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
+        return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled, slots)
 
     def _make_decoder(self, use_graphs: bool) -> DecodeRunner:
         slots, slot_tokens = self.cache.plan.slots, self.cache.plan.slot_tokens

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from inference_app.engine.request import EngineRequest, ErrorEvent, TokenEvent
-from inference_app.engine.types import FinishReason
+from inference_app.engine.types import FinishReason, TokenLogprob, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +54,25 @@ class OutputProcessor:
             request.done.set()
             request.deliver(error)
 
-    def _advance(self, request: EngineRequest, token: int | None, finish_reason: FinishReason | None) -> None:
+    def _advance(
+        self,
+        request: EngineRequest,
+        token: int | None,
+        finish_reason: FinishReason | None,
+        logprobs: TokenLogprobs | None,
+    ) -> None:
         if request.done.is_set():  # cancelled, or stopped on a stop string: later tokens are dropped
             return
         text = ""
+        if logprobs is not None:
+            request.logprobs_held.append(_as_text(request, logprobs))
         if token is not None:
             request.completion_tokens += 1
             text, stopped = request.stop_matcher.push(request.detokenizer.push(token))
             if stopped:
                 self._finish(request, text, "stop")
                 return
-        if finish_reason == "stop":  # an end-of-reply token
+        if finish_reason == "stop":  # an end-of-reply token, or the end of the request's grammar
             self._finish(request, text + request.stop_matcher.flush() + request.detokenizer.flush(), "stop")
         elif finish_reason == "length":
             tail, _ = request.stop_matcher.push(request.detokenizer.flush())
@@ -75,3 +83,10 @@ class OutputProcessor:
     def _finish(self, request: EngineRequest, text: str, finish_reason: FinishReason) -> None:
         request.done.set()
         request.deliver(request.chunk(text, finish_reason))
+
+
+def _as_text(request: EngineRequest, logprobs: TokenLogprobs) -> TokenLogprob:
+    text = request.detokenizer.token_text
+    return TokenLogprob(
+        text(logprobs.token), logprobs.logprob, tuple((text(token), logprob) for token, logprob in logprobs.top)
+    )

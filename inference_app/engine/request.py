@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inference_app.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from inference_app.engine.types import FinishReason, GenerationChunk, SamplingParams
+from inference_app.engine.grammar import GrammarMatcher
+from inference_app.engine.types import FinishReason, GenerationChunk, SamplingParams, TokenLogprob, TokenLogprobs
 
 
 @dataclass(eq=False)
@@ -22,8 +23,10 @@ class EngineRequest:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopMatcher
     seed: int  # the sampling noise's seed (random when the caller gave none)
+    grammar: GrammarMatcher | None = None  # where the reply is in params.grammar (engine thread)
     generated: int = 0  # tokens the engine sampled, end-of-reply token excluded (engine thread)
     completion_tokens: int = 0  # tokens turned into text (text thread)
+    logprobs_held: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not delivered yet
     # Held while it runs (set by the scheduler when it joins, None before and after): its KV-cache slot, and in a
     # paged cache the blocks that slot's table points at.
     slot: int | None = None
@@ -40,10 +43,12 @@ class EngineRequest:
         return len(self.prompt_ids) + self.max_new_tokens
 
     def chunk(self, text: str, finish_reason: FinishReason | None) -> GenerationChunk:
-        return GenerationChunk(text, finish_reason, len(self.prompt_ids), self.completion_tokens)
+        """The next chunk, with the log probabilities of the tokens held since the previous one."""
+        logprobs, self.logprobs_held = tuple(self.logprobs_held), []
+        return GenerationChunk(text, finish_reason, len(self.prompt_ids), self.completion_tokens, logprobs)
 
 
-# One step's news for one request: a new token (None: none, the reply ended on an end-of-reply token) and the
-# finish reason when the engine ended the reply; or an error.
-TokenEvent = tuple[EngineRequest, int | None, FinishReason | None]
+# One step's news for one request: a new token (None: none, the reply ended on an end-of-reply token), the finish
+# reason when the engine ended the reply and the token's log probabilities when the request asked; or an error.
+TokenEvent = tuple[EngineRequest, int | None, FinishReason | None, TokenLogprobs | None]
 ErrorEvent = tuple[EngineRequest, BaseException]

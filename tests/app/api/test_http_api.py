@@ -288,7 +288,7 @@ INVALID_REQUESTS = {
     "no-messages": ({"max_tokens": 5}, "messages", "missing_required_parameter"),
     "empty-messages": ({"messages": []}, "messages", "invalid_value"),
     "messages-not-a-list": ({"messages": "Hello"}, "messages", "invalid_value"),
-    "tool-role": ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
+    "null-content": ({"messages": [{"role": "user", "content": None}]}, "messages[0]", "invalid_value"),
     "unknown-role": ({"messages": [*USER, {"role": "robot", "content": "x"}]}, "messages[1].role", "invalid_value"),
     "no-content": ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
     "image-content": (
@@ -322,10 +322,15 @@ INVALID_REQUESTS = {
         "top_p",
         "invalid_value",
     ),
-    "several-choices": ({"messages": USER, "n": 2}, "n", "invalid_value"),
+    "too-many-choices": ({"messages": USER, "n": 9}, "n", "invalid_value"),
+    "no-choices": ({"messages": USER, "n": 0}, "n", "invalid_value"),
     "five-stops": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
-    "tools": ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
-    "logprobs": ({"messages": USER, "logprobs": True}, "logprobs", "invalid_value"),
+    "tool-without-function": (
+        {"messages": USER, "tools": [{"type": "function"}]},
+        "tools[0].function",
+        "missing_required_parameter",
+    ),
+    "functions": ({"messages": USER, "functions": [{"name": "f"}]}, "functions", "invalid_value"),
     # strict types, as OpenAI: nothing is coerced
     "stream-string": ({"messages": USER, "stream": "yes"}, "stream", "invalid_value"),
     "max-tokens-string": ({"messages": USER, "max_tokens": "10"}, "max_tokens", "invalid_value"),
@@ -342,31 +347,80 @@ INVALID_REQUESTS = {
         "stream_options.include_usage",
         "invalid_value",
     ),
-    "seed-above-64-bits": ({"messages": USER, "seed": 2**64}, "seed", "invalid_value"),
+    "seed-above-signed-64-bits": ({"messages": USER, "seed": 2**63}, "seed", "invalid_value"),
     "seed-below-64-bits": ({"messages": USER, "seed": -(2**63) - 1}, "seed", "invalid_value"),
     "seed-string": ({"messages": USER, "seed": "7"}, "seed", "invalid_value"),
     # what this server cannot honour is refused, not ignored
-    "json-mode": (
-        {"messages": USER, "response_format": {"type": "json_object"}},
+    "unknown-response-format": (
+        {"messages": USER, "response_format": {"type": "xml"}},
         "response_format.type",
         "invalid_value",
     ),
-    "json-schema": (
-        {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-        "response_format.type",
+    "json-schema-without-schema": (
+        {"messages": USER, "response_format": {"type": "json_schema"}},
+        "response_format",
         "invalid_value",
     ),
-    "tool-choice-required": ({"messages": USER, "tool_choice": "required"}, "tool_choice", "invalid_value"),
-    "tool-choice-function": (
+    "schema-feature-not-enforced": (
+        {
+            "messages": USER,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+        },
+        "response_format.json_schema.schema",
+        "unsupported_schema",
+    ),
+    "tool-schema-feature-not-enforced": (
+        {
+            "messages": USER,
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "dependentSchemas": {"a": {}}}},
+                }
+            ],
+        },
+        "tools",
+        "unsupported_schema",
+    ),
+    "tool-choice-required-without-tools": (
+        {"messages": USER, "tool_choice": "required"},
+        "tool_choice",
+        "invalid_value",
+    ),
+    "tool-choice-unknown-function": (
         {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
         "tool_choice",
         "invalid_value",
     ),
-    "logit-bias": ({"messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", "invalid_value"),
-    "presence-penalty": ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
-    "frequency-penalty": ({"messages": USER, "frequency_penalty": -1}, "frequency_penalty", "invalid_value"),
+    "json-mode-with-tools": (
+        {
+            "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "json_object"},
+        },
+        "response_format",
+        "invalid_value",
+    ),
+    "logit-bias-not-a-token-id": ({"messages": USER, "logit_bias": {"hello": 1}}, "logit_bias", "invalid_value"),
+    "logit-bias-out-of-range": ({"messages": USER, "logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
+    "logit-bias-beyond-the-vocabulary": (
+        {"messages": USER, "logit_bias": {"50256": -100}},
+        "logit_bias",
+        "invalid_value",
+    ),
     "penalty-out-of-range": ({"messages": USER, "presence_penalty": 3}, "presence_penalty", "invalid_value"),
-    "top-logprobs": ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    "frequency-penalty-out-of-range": (
+        {"messages": USER, "frequency_penalty": -2.5},
+        "frequency_penalty",
+        "invalid_value",
+    ),
+    "top-logprobs-without-logprobs": ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    "top-logprobs-over-20": ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    "stream-options-without-stream": (
+        {"messages": USER, "stream_options": {"include_usage": True}},
+        "stream_options",
+        "invalid_value",
+    ),
     # malformed input never reaches the engine as a 500
     "lone-surrogate": (
         '{"messages": [{"role": "user", "content": "hi \\ud800"}]}',

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from inference_app.engine.sampler import BatchSampler, uniform_noise
+from inference_app.engine.types import SamplingParams
 
 
 def test_noise_is_uniform_and_a_function_of_seed_position_and_token() -> None:
@@ -22,10 +23,12 @@ def _sampler(rows: list[dict[str, Any]], vocab: int) -> BatchSampler:
     sampler = BatchSampler(len(rows), vocab, torch.device("cpu"))
     sampler.set_rows(
         list(range(len(rows))),
-        [row.get("temperature", 1.0) for row in rows],
-        [row.get("top_k") for row in rows],
-        [row.get("top_p", 1.0) for row in rows],
+        [
+            SamplingParams(max_new_tokens=1, **{name: value for name, value in row.items() if name != "seed"})
+            for row in rows
+        ],
         [row.get("seed", 0) for row in rows],
+        [None] * len(rows),
     )
     return sampler
 
@@ -44,7 +47,7 @@ def test_each_row_samples_with_its_own_settings() -> None:
     draws = 4000  # per row: one batch holds every row at positions 0..draws-1
     slots = torch.arange(len(rows)).repeat_interleave(draws)
     positions = torch.arange(draws).repeat(len(rows))
-    tokens = sampler.sample(logits.expand(len(slots), 4), slots, positions, True).view(len(rows), draws)
+    tokens = sampler.sample(logits.expand(len(slots), 4), slots, positions, True).tokens.view(len(rows), draws)
     frequencies = torch.stack([torch.bincount(row, minlength=4) for row in tokens]) / draws
     assert frequencies[0].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert frequencies[1].tolist() == [1.0, 0.0, 0.0, 0.0]
@@ -61,6 +64,6 @@ def test_a_seeded_row_draws_the_same_whatever_else_is_in_the_batch() -> None:
     crowded = _sampler([{"temperature": 0.0}, {"seed": 9}, {"seed": 5, "top_k": 3}, seeded], 50)
     for position in range(30):
         positions = torch.full((4,), position)
-        first = alone.sample(logits[3:4], torch.tensor([0]), positions[:1], True)
-        among_others = crowded.sample(logits[:4], torch.arange(4), positions, True)
+        first = alone.sample(logits[3:4], torch.tensor([0]), positions[:1], True).tokens
+        among_others = crowded.sample(logits[:4], torch.arange(4), positions, True).tokens
         assert int(first[0]) == int(among_others[3])
