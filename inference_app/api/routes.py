@@ -4,9 +4,12 @@ inference_app.api.errors' ApiError, credentials are checked by inference_app.web
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from inference_app.api.chat_completions import ChatCompletionServing
 from inference_app.api.errors import ApiError, add_api_error_handlers
@@ -89,8 +92,14 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     return router
 
 
+# Swagger UI's files, from the fastapi-offline package: FastAPI's default page loads them from a CDN, which leaves
+# /docs blank offline.
+_DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
+_DOCS_ASSET_NAMES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+
+
 def _docs_router(app: FastAPI) -> APIRouter:
-    """The OpenAPI schema and its Swagger UI page, as FastAPI serves them by default."""
+    """The OpenAPI schema and its Swagger UI page, with the page's scripts and styles served by the app itself."""
     router = APIRouter(include_in_schema=False)
 
     @router.get("/openapi.json")
@@ -99,6 +108,18 @@ def _docs_router(app: FastAPI) -> APIRouter:
 
     @router.get("/docs")
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
+
+    @router.get("/docs/assets/{name}")
+    def docs_asset(name: str) -> Response:
+        if name not in _DOCS_ASSET_NAMES:
+            return ApiError(404, f"no docs asset {name!r}", code="unknown_url").response()
+        return FileResponse(_DOCS_ASSETS / name)
 
     return router

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,19 @@ def test_models_lists_the_adapter_as_the_served_model(client: httpx.Client) -> N
     assert models["object"] == "list"
     assert [(model["id"], model["object"]) for model in models["data"]] == [("adapter", "model")]
     assert isinstance(models["data"][0]["created"], int)
+
+
+def test_docs_page_loads_swagger_ui_from_the_app_itself(client: httpx.Client) -> None:
+    """Offline, a page whose scripts come from a CDN is blank: every asset the page names is served here."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(assets) == 3, assets
+    for asset in assets:
+        assert asset.startswith("/docs/assets/"), f"{asset} is not served by the app"
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert client.get("/docs/assets/other.js").status_code == 404
 
 
 # ---- completions ----
