@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from inference_app.api.routes import add_api_routes
 from inference_app.service import ModelService
 from inference_app.settings import Settings
-from inference_app.web.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
+from inference_app.web.auth import Authenticator, GuessingBrake, PasswordCheck, authentication_mode, login_message
 from inference_app.web.security import add_web_security
 from inference_app.web.sign_in import LoginBrake, add_sign_out_routes
 from inference_app.web.ui import build_ui
@@ -51,7 +51,7 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
         path="/",
         ssr_mode=False,
         auth=None if check is None else check.accepts_login,
-        auth_message=None if check is None else LOGIN_MESSAGE,
+        auth_message=None if check is None else login_message(settings),
     )
 
 

@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, Page, expect
 from inference_app.server import build_app
 from inference_app.service import ModelService
 from inference_app.settings import Settings
-from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
+from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake, login_message
 from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server
@@ -292,6 +292,16 @@ def test_the_brake_forgets_idle_addresses_beyond_its_bound() -> None:
     assert len(brake._failures) == 1
 
 
+def test_the_login_message_says_where_the_credentials_come_from(auth_settings: Settings) -> None:
+    local = login_message(auth_settings, environ={})
+    assert "--auth-password / INFERENCE_AUTH_PASSWORD" in local and "pulumi" not in local
+    assert "The username is <code>admin</code>" in local
+    deployed = login_message(auth_settings, environ={"CONTAINER_APP_NAME": "ca-phi3"})
+    assert "pulumi stack output --show-secrets accessPassword" in deployed
+    chosen_name = login_message(dataclasses.replace(auth_settings, auth_username="maria"), environ={})
+    assert "maria" not in chosen_name and "The username is" not in chosen_name
+
+
 # --- the same rules on every path ----------------------------------------------------------------------------------
 
 NON_ASCII_PASSWORD = "pässwörd-Ωmega-🐎"
@@ -477,7 +487,8 @@ def log_in(page: Page, username: str, password: str) -> None:
 @pytest.mark.browser
 def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
     chat_heading = page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")
-    expect(page.get_by_text("pulumi stack output --show-secrets accessPassword")).to_be_visible()  # auth_message
+    expect(page.get_by_text("--auth-password / INFERENCE_AUTH_PASSWORD")).to_be_visible()  # auth_message, local
+    expect(page.get_by_text("The username is admin")).to_be_visible()
     expect(page.get_by_role("button", name="Login")).to_be_visible()
     expect(chat_heading).to_have_count(0)
 
