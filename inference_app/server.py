@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import gradio as gr
@@ -15,7 +17,7 @@ from inference_app.settings import Settings
 from inference_app.web.auth import Authenticator, GuessingBrake, PasswordCheck, authentication_mode, login_message
 from inference_app.web.security import add_web_security
 from inference_app.web.sign_in import LoginBrake, add_sign_out_routes
-from inference_app.web.ui import build_ui
+from inference_app.web.ui import THEME, build_ui
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
         build_ui(settings, service, sign_out=check is not None),
         path="/",
         ssr_mode=False,
+        theme=THEME,
         auth=None if check is None else check.accepts_login,
         auth_message=None if check is None else login_message(settings),
     )
@@ -68,5 +71,17 @@ def uvicorn_config(settings: Settings, service: ModelService, **options: Any) ->
 
 
 def serve(settings: Settings, service: ModelService) -> None:
-    """Serves until interrupted."""
-    uvicorn.Server(uvicorn_config(settings, service, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
+    """Serves until interrupted; the service starts loading once the port listens."""
+    server = uvicorn.Server(uvicorn_config(settings, service, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    threading.Thread(
+        target=_load_once_listening, args=(server, service), name="load-once-listening", daemon=True
+    ).start()
+    server.run()
+
+
+def _load_once_listening(server: uvicorn.Server, service: ModelService) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    service.start_loading()

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from inference_app.engine.types import GenerationChunk, SamplingParams
@@ -57,8 +57,10 @@ class ModelNotReadyError(RuntimeError):
 class ModelService:
     """Owns loading in the background and generation; the only object the web layers talk to."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, prepare: Callable[[], None] | None = None) -> None:
+        """`prepare` runs first on the loading thread (the demo builds its model there)."""
         self.settings = settings
+        self._prepare = prepare
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.failure_reason: str | None = None
         self.load_timings: dict[str, float] = {}  # seconds per loading phase, for logs and the cold-start bench
@@ -83,6 +85,8 @@ class ModelService:
         from inference_app.engine.model_loading import ModelLoadError, load_model
 
         try:
+            if self._prepare is not None:
+                self._prepare()
             loaded = load_model(self.settings)
             started = time.perf_counter()
             engine = BatchingEngine(

@@ -30,6 +30,16 @@ DEFAULT_TOP_P = 0.95
 NOT_ANSWERED = "⚠️ Not answered: "
 STATUS_REFRESH_S = 2.0  # how often the page asks for the model's status until it is ready or failed
 TRIM_BUTTON = "Drop the oldest exchange"
+DEMO_NOTICE = (
+    "**This is a demo** (`--demo`): a small model with random weights and a random LoRA adapter, so the replies"
+    " are gibberish. It shows the app, not a model; serve your own with `--model` and `--adapter`."
+)
+# The page's theme (given where the page is mounted): the system's own fonts only. Gradio's default theme loads its
+# fonts from Google, and offline the fallback drew "LoRA" with a small-capital A.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+)
 SIGN_OUT_BUTTON = "Sign out"
 # POST, from this page only: a link on another site cannot sign anyone out (see inference_app.web.sign_in).
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
@@ -70,6 +80,8 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
 
     title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
     with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
+        if settings.demo:
+            gr.Markdown(DEMO_NOTICE)
         status = gr.Markdown(_status_notice(service))
         chat = gr.ChatInterface(
             respond,
@@ -100,11 +112,18 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
             analytics_enabled=False,
         )
         with gr.Row():
-            trim = gr.Button(TRIM_BUTTON, size="sm", variant="secondary")
+            trim = gr.Button(TRIM_BUTTON, size="sm", variant="secondary", visible=False)  # shown once there is one
             if sign_out:
                 gr.Button(SIGN_OUT_BUTTON, size="sm", variant="secondary").click(None, js=_SIGN_OUT_JS)
         # Through the chat's own value: the chat then hands the shortened history to the next reply.
         trim.click(drop_oldest_exchange, chat.chatbot, chat.chatbot_value, api_visibility="undocumented")
+        chat.chatbot.change(
+            lambda history: gr.Button(visible=bool(history)),
+            chat.chatbot,
+            trim,
+            api_visibility="undocumented",
+            queue=False,
+        )
 
         timer = gr.Timer(STATUS_REFRESH_S, active=service.status == "loading")
 
@@ -146,7 +165,8 @@ def _status_notice(service: ModelService) -> str:
 
 
 def _header(settings: Settings) -> str:
+    """What is served, by name: folder paths say nothing to a visitor and tell too much about the server."""
     served = f"API model id `{settings.served_model_id}` at `/v1/chat/completions`."
     if settings.adapter_id is None:
-        return f"Base model `{settings.model_path}` without an adapter (`--base-only`). {served}"
-    return f"Base model `{settings.model_path}` with the LoRA adapter `{settings.adapter_path}`. {served}"
+        return f"Base model `{settings.model_id}` without an adapter (`--base-only`). {served}"
+    return f"Base model `{settings.model_id}` with the LoRA adapter `{settings.adapter_id}`. {served}"

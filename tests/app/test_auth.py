@@ -25,7 +25,7 @@ from inference_app.server import build_app
 from inference_app.service import ModelService
 from inference_app.settings import Settings
 from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake, login_message
-from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
+from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server
 from tests.model_factory import ModelFolders
@@ -515,5 +515,5 @@ def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
 @pytest.mark.browser
 def test_the_ui_has_no_sign_out_without_password_mode(tiny_settings: Settings, browser: Browser) -> None:
     with running_server(tiny_settings, start_loading=False) as open_server, open_page(browser, open_server.url) as page:
-        expect(page.get_by_role("button", name=TRIM_BUTTON)).to_be_visible()
+        expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
         expect(page.get_by_role("button", name=SIGN_OUT_BUTTON)).to_have_count(0)

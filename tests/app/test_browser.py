@@ -115,6 +115,7 @@ def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> 
 @pytest.mark.slow
 @pytest.mark.browser
 def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page: Page) -> None:
+    expect(page.get_by_role("button", name=TRIM_BUTTON)).to_have_count(0)  # nothing to drop in an empty chat
     send(page, "Hello")
     expect(bot_messages(page)).to_have_count(1)
     expect(message_box(page)).to_be_editable()
@@ -132,6 +133,7 @@ def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page
     expect(bot_messages(page).first).to_contain_text(NOT_ANSWERED.strip())
     page.get_by_role("button", name=TRIM_BUTTON).click()
     expect(bot_messages(page)).to_have_count(0)
+    expect(page.get_by_role("button", name=TRIM_BUTTON)).to_have_count(0)
 
     send(page, "Tell me a story about a cat.")
     expect(bot_messages(page)).to_have_count(1)
