@@ -34,6 +34,7 @@ __all__ = [
     "ModelService",
     "PromptTooLongError",
     "SamplingParams",
+    "UnknownModelError",
     "encode_prompt",
     "plain_template_prompt",
 ]
@@ -48,6 +49,10 @@ class PromptTooLongError(ValueError):
 
 class CapacityExceededError(RuntimeError):
     """All generation slots are busy (the API answers 429 with Retry-After)."""
+
+
+class UnknownModelError(LookupError):
+    """The request names a model this server does not serve (the API answers 404 model_not_found)."""
 
 
 class ModelNotReadyError(RuntimeError):
@@ -139,16 +144,33 @@ class ModelService:
     def info(self) -> dict[str, Any]:
         loaded = self._require_loaded()
         return {
-            "model_id": loaded.model_id,
-            "adapter_id": loaded.adapter_id,
+            "model_id": loaded.model_ids[0],
+            "adapter_ids": list(loaded.model_ids[1:]),
             "device": loaded.device,
             "dtype": loaded.dtype,
             "context_length": loaded.context_length,
         }
 
     def served_model_id(self) -> str:
-        """The adapter's folder name, or the base model's in base-only mode (known before loading)."""
+        """The model of a request that names none: the first adapter, or the base model in base-only mode (known
+        before loading, as are the others)."""
         return self.settings.served_model_id
+
+    def model_ids(self) -> tuple[str, ...]:
+        """Every model served: the base model, then each adapter."""
+        return self.settings.model_ids
+
+    def resolve_model(self, model_id: str | None) -> str:
+        """The served model a request runs: the one it names, or the default; UnknownModelError naming the
+        choices for a name not served."""
+        if model_id is None:
+            return self.served_model_id()
+        if model_id not in self.model_ids():
+            raise UnknownModelError(
+                f"the model {model_id!r} does not exist here: choose one of {', '.join(self.model_ids())} "
+                f"(GET /v1/models lists them)"
+            )
+        return model_id
 
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self._prompt_ids(messages))
@@ -160,14 +182,17 @@ class ModelService:
     # ---- generation ----
 
     async def stream_chat(
-        self, messages: list[Message], params: SamplingParams, *, wait: bool
+        self, messages: list[Message], params: SamplingParams, *, wait: bool, model: str | None = None
     ) -> AsyncGenerator[GenerationChunk, None]:
-        """Streams the reply to `messages`; the last chunk has a finish_reason.
+        """Streams the reply of `model` (a served model's id; None: the default) to `messages`; the last chunk has a
+        finish_reason.
 
-        Raises (at the first iteration, before generating) ModelNotReadyError, ValueError for a bad message,
+        Raises (at the first iteration, before generating) UnknownModelError, ModelNotReadyError, ValueError for a bad
+        message,
         PromptTooLongError, and CapacityExceededError when all slots are busy and wait is False. Closing the
         iterator (client gone, task cancelled) stops the generation and frees its slot.
         """
+        model_index = self.model_ids().index(self.resolve_model(model))
         engine = self._require_engine()
         concurrency = self._concurrency
         assert concurrency is not None  # set with the engine
@@ -188,7 +213,7 @@ class ModelService:
                 except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
                     request.cancel()
 
-            request = engine.submit(prompt_ids, params, max_new_tokens, deliver)
+            request = engine.submit(prompt_ids, params, max_new_tokens, deliver, model=model_index)
             try:
                 while True:
                     item = await chunks.get()

@@ -4,6 +4,7 @@ share's layout; `python -m inference_app --demo` uses it too."""
 from inference_app.demo.random_model import (
     LORA_TARGET_MODULES,
     SIZES,
+    build_adapter,
     build_base_model,
     build_model_folders,
     build_tokenizer,
@@ -18,6 +19,7 @@ __all__ = [
     "SIZES",
     "ModelFolders",
     "adapter_folder",
+    "build_adapter",
     "build_base_model",
     "build_model_folders",
     "build_tokenizer",

@@ -45,6 +45,7 @@ from inference_app.service import (
     ModelService,
     PromptTooLongError,
     SamplingParams,
+    UnknownModelError,
 )
 from inference_app.settings import Settings
 
@@ -68,18 +69,28 @@ class ChatCompletionServing:
         try:
             # Parsed on a worker thread: a large body does not hold up the event loop.
             completion_request = await asyncio.to_thread(_parse_request, await request.body())
+            model = resolve_model(service, completion_request.model)
             _require_ready(service)
             messages = [message.as_prompt_message() for message in completion_request.messages]
             with _engine_errors_as_api_errors():
                 refuse_overlong_prompt(service, messages)
-                chunks = service.stream_chat(messages, _sampling_params(completion_request, self._settings), wait=False)
+                params = _sampling_params(completion_request, self._settings)
+                chunks = service.stream_chat(messages, params, wait=False, model=model)
                 first = await anext(chunks)  # ModelService raises its request errors here, before generating
         except ApiError as error:
             return error.response()
         if completion_request.stream:
-            events = _stream_events(completion_request, service.served_model_id(), first, chunks)
+            events = _stream_events(completion_request, model, first, chunks)
             return _ClosingStreamingResponse(events, chunks)
-        return await _complete(request, service.served_model_id(), first, chunks)
+        return await _complete(request, model, first, chunks)
+
+
+def resolve_model(service: ModelService, model_id: str | None) -> str:
+    """The served model a request runs; 404 model_not_found (as OpenAI answers) listing the served ones."""
+    try:
+        return service.resolve_model(model_id)
+    except UnknownModelError as error:
+        raise ApiError(404, str(error), param="model", code="model_not_found") from error
 
 
 def _parse_request(body: bytes) -> ChatCompletionRequest:

@@ -63,7 +63,10 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
 
     @router.get("/v1/models", tags=["openai"])
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=service.served_model_id(), created=started_at)])
+        # The default model (a request naming none runs it) first: clients that take the first id get it.
+        default = service.served_model_id()
+        ids = [default, *(model_id for model_id in service.model_ids() if model_id != default)]
+        return ModelList(data=[ModelCard(id=model_id, created=started_at) for model_id in ids])
 
     @router.post(
         "/v1/chat/completions",

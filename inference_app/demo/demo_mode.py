@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from inference_app.demo.share_layout import ModelFolders
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def demo_settings(settings: Settings, folders: ModelFolders) -> Settings:
     return dataclasses.replace(
         settings,
         model_path=folders.model_path,
-        adapter_path=folders.adapter_path,
+        adapters=(AdapterOption(None, folders.adapter_path),),
         base_only=False,
         host=DEMO_HOST,
         max_new_tokens_cap=reply_tokens or settings.max_new_tokens_cap,

@@ -17,6 +17,7 @@ import torch
 from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.request import EngineRequest
+from inference_app.engine.row_adapters import RowModels
 from inference_app.engine.sampler import BatchSampler
 
 
@@ -82,7 +83,15 @@ class DecodeBatch:
 class ModelRunner:
     """Runs the model for the engine loop: prefill of joining requests, one decode step over the batch."""
 
-    def __init__(self, model: Any, cache: KVCache, device: torch.device, sequence_tokens: int, cuda_graphs: bool):
+    def __init__(
+        self,
+        model: Any,
+        cache: KVCache,
+        device: torch.device,
+        sequence_tokens: int,
+        cuda_graphs: bool,
+        row_models: RowModels | None = None,
+    ):
         self._model = model
         self.cache = cache
         self._device = device
@@ -90,8 +99,17 @@ class ModelRunner:
         self.batch = DecodeBatch(slots, device)
         self._sampler = BatchSampler(slots, int(model.config.vocab_size), device)
         self._slot_index = torch.arange(slots, device=device)  # 0..slots-1
+        # Several served models: which one each row runs (row_adapters); decode steps whose rows all run the merged
+        # weights take `decoder`, the others `correcting_decoder`, which computes the per-row LoRA corrections.
+        self._row_models = row_models
+        if row_models is not None:
+            row_models.allocate(slots, device, model.dtype)
+        use_graphs = cuda_graphs and cuda_graphs_supported(device)
         with torch.inference_mode():
-            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device), sequence_tokens)
+            self.decoder = self._make_decoder(use_graphs, sequence_tokens, correcting=False)
+            self.correcting_decoder = (
+                None if row_models is None else self._make_decoder(use_graphs, sequence_tokens, correcting=True)
+            )
 
     def prefill(self, requests: list[EngineRequest]) -> list[int]:
         """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
@@ -106,6 +124,8 @@ class ModelRunner:
             [request.params.top_p for request in requests],
             [request.seed for request in requests],
         )
+        if self._row_models is not None:
+            self._row_models.for_prefill(slots, [request.model for request in requests])
         first_tokens = self._prefill_forward(slots, requests)
         sampled = [not request.params.greedy for request in requests]
         self.batch.add(slots, first_tokens, [len(request.prompt_ids) for request in requests], sampled)
@@ -114,7 +134,13 @@ class ModelRunner:
     def decode(self) -> list[int]:
         """One decode step over the batch; returns the new tokens by slot (up to the batch's width)."""
         width, length = self.batch.width, self.batch.length
-        logits = self.decoder.run(width, length)[:width]
+        decoder = self.decoder
+        if self._row_models is not None:
+            self._row_models.for_decode()
+            if self._row_models.correcting:
+                assert self.correcting_decoder is not None  # made with the row models
+                decoder = self.correcting_decoder
+        logits = decoder.run(width, length)[:width]
         positions = self.batch.positions[:width]
         new_tokens = self._sampler.sample(logits, self._slot_index[:width], positions, self.batch.any_sampled)
         self.batch.advance(new_tokens, width)
@@ -123,6 +149,8 @@ class ModelRunner:
     def remove(self, slots: list[int]) -> None:
         """The rows of finished requests leave the batch; a paged slot's table points at scratch again."""
         self.batch.remove(slots)
+        if self._row_models is not None:
+            self._row_models.release(slots)
         for slot in slots:
             self.cache.clear_blocks(slot)
 
@@ -163,8 +191,12 @@ class ModelRunner:
         any_sampled = any(not request.params.greedy for request in requests)
         return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled)
 
-    def _make_decoder(self, use_graphs: bool, sequence_tokens: int) -> DecodeRunner:
+    def _make_decoder(self, use_graphs: bool, sequence_tokens: int, correcting: bool) -> DecodeRunner:
+        """The decode step's runner; `correcting`: with the per-row LoRA corrections (captured with them on)."""
         slots = self.cache.plan.slots
+        if self._row_models is not None:
+            self._row_models.for_decode()
+            self._row_models.correcting = correcting
         # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
         # the positions within the shortest attention length the check uses.
         self.batch.tokens.copy_(torch.arange(slots) % int(self._model.config.vocab_size))

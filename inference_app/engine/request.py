@@ -25,6 +25,7 @@ class EngineRequest:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopMatcher
     seed: int  # the sampling noise's seed (random when the caller gave none)
+    model: int = 0  # the served model it runs (LoadedModel.model_ids' index)
     generated: int = 0  # tokens the engine sampled, end-of-reply token excluded (engine thread)
     completion_tokens: int = 0  # tokens turned into text (text thread)
     # Held while it runs (set by the scheduler when it joins, None before and after): its KV-cache slot, and in a

@@ -41,6 +41,7 @@ THEME = gr.themes.Default(
     font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
 )
 SIGN_OUT_BUTTON = "Sign out"
+_SHOW_WHEN_NOT_EMPTY_JS = "(history) => ({__type__: 'update', visible: history.length > 0})"
 # POST, from this page only: a link on another site cannot sign anyone out (see inference_app.web.sign_in).
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
 
@@ -78,7 +79,7 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
         except ModelNotReadyError as error:
             yield f"{NOT_ANSWERED}the model is not ready: {error}."
 
-    title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
+    title = f"Chat with {settings.model_id}" + (" + LoRA adapter" if settings.served_adapters else "")
     with gr.Blocks(title=title, analytics_enabled=False) as page:  # analytics off: offline in tests, never phones home
         if settings.demo:
             gr.Markdown(DEMO_NOTICE)
@@ -117,13 +118,8 @@ def build_ui(settings: Settings, service: ModelService, *, sign_out: bool = Fals
                 gr.Button(SIGN_OUT_BUTTON, size="sm", variant="secondary").click(None, js=_SIGN_OUT_JS)
         # Through the chat's own value: the chat then hands the shortened history to the next reply.
         trim.click(drop_oldest_exchange, chat.chatbot, chat.chatbot_value, api_visibility="undocumented")
-        chat.chatbot.change(
-            lambda history: gr.Button(visible=bool(history)),
-            chat.chatbot,
-            trim,
-            api_visibility="undocumented",
-            queue=False,
-        )
+        # In the browser alone (no request per streamed token): the button shows once the chat has a message.
+        chat.chatbot.change(None, chat.chatbot, trim, js=_SHOW_WHEN_NOT_EMPTY_JS)
 
         timer = gr.Timer(STATUS_REFRESH_S, active=service.status == "loading")
 
@@ -167,6 +163,10 @@ def _status_notice(service: ModelService) -> str:
 def _header(settings: Settings) -> str:
     """What is served, by name: folder paths say nothing to a visitor and tell too much about the server."""
     served = f"API model id `{settings.served_model_id}` at `/v1/chat/completions`."
-    if settings.adapter_id is None:
+    if not settings.served_adapters:
         return f"Base model `{settings.model_id}` without an adapter (`--base-only`). {served}"
-    return f"Base model `{settings.model_id}` with the LoRA adapter `{settings.adapter_id}`. {served}"
+    others = [f"`{model_id}`" for model_id in settings.model_ids if model_id != settings.served_model_id]
+    return (
+        f"Base model `{settings.model_id}` with the LoRA adapter `{settings.served_model_id}`. {served}"
+        f" Also served: {', '.join(others)}."
+    )

@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from inference_app.server import build_app
 from inference_app.service import ModelService
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake, login_message
 from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
@@ -101,7 +101,7 @@ def test_openai_client_without_the_password_is_refused(
     with openai_client(server, api_key) as client:
         with pytest.raises(openai.AuthenticationError) as error_info:
             client.chat.completions.create(
-                model="adapter", messages=MESSAGES, max_tokens=4, extra_headers=request_headers
+                model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=4, extra_headers=request_headers
             )
         with pytest.raises(openai.AuthenticationError):
             client.models.list(extra_headers=request_headers)
@@ -112,13 +112,15 @@ def test_openai_client_without_the_password_is_refused(
 
 def test_openai_client_with_the_password_chats(server: RunningServer) -> None:
     with openai_client(server, PASSWORD) as client:
-        assert [model.id for model in client.models.list()] == ["adapter"]
-        completion = client.chat.completions.create(model="adapter", messages=MESSAGES, max_tokens=8, temperature=0)
+        assert [model.id for model in client.models.list()] == ["Phi-3-mini-4k-instruct-ft", "Phi-3-mini-4k-instruct"]
+        completion = client.chat.completions.create(
+            model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=8, temperature=0
+        )
         assert completion.choices[0].message.content
         assert completion.usage is not None and completion.usage.completion_tokens == 8
 
         stream = client.chat.completions.create(
-            model="adapter", messages=MESSAGES, max_tokens=8, temperature=0, stream=True
+            model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=8, temperature=0, stream=True
         )
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == completion.choices[0].message.content
@@ -168,7 +170,7 @@ def test_bearer_and_basic_credentials_open_the_api_and_its_docs(server: RunningS
     headers = {"Authorization": authorization}
     models = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
     assert models.status_code == 200
-    assert [model["id"] for model in models.json()["data"]] == ["adapter"]
+    assert [model["id"] for model in models.json()["data"]] == ["Phi-3-mini-4k-instruct-ft", "Phi-3-mini-4k-instruct"]
     reply = httpx.post(
         f"{server.url}/v1/chat/completions",
         headers=headers,
@@ -204,7 +206,7 @@ def test_a_failed_load_is_explained_to_authenticated_callers_and_the_log_only(
     auth_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing_adapter = tmp_path / "no-such-adapter"
-    failing_settings = dataclasses.replace(auth_settings, adapter_path=missing_adapter)
+    failing_settings = dataclasses.replace(auth_settings, adapters=(AdapterOption(None, missing_adapter),))
     with running_server(failing_settings, start_loading=False) as failing:
         loading = httpx.get(f"{failing.url}/ready", timeout=10)
         assert (loading.status_code, loading.json()) == (503, {"status": "loading"})

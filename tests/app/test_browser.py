@@ -11,7 +11,7 @@ import gradio as gr
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from inference_app.web.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send, stop_button
 from tests.app.server_harness import RunningServer, engine_is_idle, running_server
@@ -185,7 +185,7 @@ def test_the_page_says_while_the_model_loads_and_answers_once_it_is_ready(
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_page_says_when_the_model_failed_to_load(tiny_settings: Settings, browser: Browser, tmp_path: Path) -> None:
-    settings = dataclasses.replace(tiny_settings, adapter_path=tmp_path / "no-such-adapter")
+    settings = dataclasses.replace(tiny_settings, adapters=(AdapterOption(None, tmp_path / "no-such-adapter"),))
     with running_server(settings, start_loading=False) as failing:
         failing.service.start_loading()
         wait_for(lambda: failing.service.status == "failed", 30, "loading to fail")

@@ -38,7 +38,7 @@ def test_demo_builds_its_model_once_and_serves_it_on_localhost(tmp_path: Path) -
         wait_for_status(first_run, "/ready", PROCESS_READY_TIMEOUT_S)
         url = first_run.url
         models = httpx.get(f"{url}/v1/models", timeout=10).json()
-        assert [model["id"] for model in models["data"]] == ["adapter"]
+        assert [model["id"] for model in models["data"]] == ["Phi-3-mini-4k-instruct-ft", "Phi-3-mini-4k-instruct"]
         completion = httpx.post(
             f"{url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0},

@@ -153,7 +153,7 @@ def test_sliding_window_models_match_generate(tmp_path: Path, layout: str) -> No
     torch.manual_seed(0)
     model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     model.generation_config = generation_config(tokenizer, config)
-    windowed = LoadedModel(model, tokenizer, "windowed", None, "cpu", "float32", SIZES["tiny"].context_length, {})
+    windowed = LoadedModel(model, tokenizer, ("windowed",), 0, None, "cpu", "float32", SIZES["tiny"].context_length, {})
     engine = BatchingEngine(windowed, EngineOptions(max_batch_size=4, **LAYOUTS[layout]))
     prompts = [prompt_ids(windowed, text) for text in PROMPTS[:4]]
     replies = [Reply() for _ in prompts]

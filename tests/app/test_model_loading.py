@@ -13,7 +13,7 @@ import torch
 
 from inference_app.engine.model_loading import ModelLoadError, load_model
 from inference_app.service import GenerationChunk, ModelNotReadyError, ModelService
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from tests.model_factory import (
     LORA_TARGET_MODULES,
     SIZES,
@@ -54,12 +54,12 @@ def test_loads_model_and_adapter_with_info(start_service: Callable[..., ModelSer
     assert service.status == "ready" and service.failure_reason is None
     assert service.info() == {
         "model_id": "Phi-3-mini-4k-instruct",
-        "adapter_id": "adapter",
+        "adapter_ids": ["Phi-3-mini-4k-instruct-ft"],
         "device": "cpu",
         "dtype": "float32",
         "context_length": SIZES["tiny"].context_length,
     }
-    assert service.served_model_id() == "adapter"
+    assert service.served_model_id() == "Phi-3-mini-4k-instruct-ft"
     assert set(service.load_timings) == {"weights", "adapter", "merge", "kv_cache_and_graphs", "warmup"}
 
 
@@ -75,7 +75,7 @@ def test_merged_and_unmerged_adapter_give_the_same_greedy_reply(
 def test_base_only_differs_from_adapted(start_service: Callable[..., ModelService], reply: Reply) -> None:
     base = start_service(base_only=True)
     assert base.served_model_id() == "Phi-3-mini-4k-instruct"
-    assert base.info()["adapter_id"] is None
+    assert base.info()["adapter_ids"] == []
     assert text_of(reply(base, PROMPT, max_new_tokens=30)) != text_of(reply(start_service(), PROMPT, max_new_tokens=30))
 
 
@@ -128,7 +128,7 @@ def test_bad_model_path_names_path_and_option(
     case: str, message: str, model_folders: ModelFolders, tmp_path: Path
 ) -> None:
     path = _bad_model_folder(case, model_folders, tmp_path)
-    settings = Settings(model_path=path, adapter_path=model_folders.adapter_path)
+    settings = Settings(model_path=path, adapters=(AdapterOption(None, model_folders.adapter_path),))
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
     _assert_one_clear_line(str(error.value), str(path), message, "--model / INFERENCE_MODEL")
@@ -151,10 +151,10 @@ def test_bad_adapter_path_names_path_and_option(
         (path / "adapter_config.json").unlink()
     else:
         path = _bad_model_folder(case, model_folders, tmp_path)
-    settings = Settings(model_path=model_folders.model_path, adapter_path=path)
+    settings = Settings(model_path=model_folders.model_path, adapters=(AdapterOption(None, path),))
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
-    _assert_one_clear_line(str(error.value), str(path), message, "--adapter / INFERENCE_ADAPTER")
+    _assert_one_clear_line(str(error.value), str(path), message, "--adapter / INFERENCE_ADAPTERS")
 
 
 def test_adapter_for_another_base_model_is_refused(model_folders: ModelFolders, tmp_path: Path) -> None:
@@ -164,7 +164,7 @@ def test_adapter_for_another_base_model_is_refused(model_folders: ModelFolders, 
     config["base_model_name_or_path"] = "microsoft/Phi-3-medium-4k-instruct"
     config_file.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError) as error:
-        load_model(Settings(model_path=model_folders.model_path, adapter_path=adapter))
+        load_model(Settings(model_path=model_folders.model_path, adapters=(AdapterOption(None, adapter),)))
     _assert_one_clear_line(str(error.value), str(adapter), "'microsoft/Phi-3-medium-4k-instruct'", "--model")
 
 
@@ -173,21 +173,27 @@ def test_adapter_whose_shapes_do_not_fit_is_refused(model_folders: ModelFolders,
     wider_base = model_folder(tmp_path)
     build_base_model(wider_base, size=dataclasses.replace(SIZES["tiny"], hidden_size=96))
     with pytest.raises(ModelLoadError) as error:
-        load_model(Settings(model_path=wider_base, adapter_path=model_folders.adapter_path))
+        load_model(Settings(model_path=wider_base, adapters=(AdapterOption(None, model_folders.adapter_path),)))
     _assert_one_clear_line(
-        str(error.value), str(model_folders.adapter_path), "size mismatch", "--adapter / INFERENCE_ADAPTER"
+        str(error.value), str(model_folders.adapter_path), "size mismatch", "--adapter / INFERENCE_ADAPTERS"
     )
 
 
 def test_base_only_does_not_need_an_adapter(model_folders: ModelFolders, tmp_path: Path) -> None:
-    loaded = load_model(Settings(model_path=model_folders.model_path, adapter_path=tmp_path / "none", base_only=True))
-    assert loaded.adapter_id is None
+    loaded = load_model(
+        Settings(
+            model_path=model_folders.model_path, adapters=(AdapterOption(None, tmp_path / "none"),), base_only=True
+        )
+    )
+    assert loaded.model_ids == ("Phi-3-mini-4k-instruct",) and loaded.row_models is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_four_bit_without_cuda_is_refused(model_folders: ModelFolders) -> None:
     settings = Settings(
-        model_path=model_folders.model_path, adapter_path=model_folders.adapter_path, quantize_4bit=True
+        model_path=model_folders.model_path,
+        adapters=(AdapterOption(None, model_folders.adapter_path),),
+        quantize_4bit=True,
     )
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
@@ -196,7 +202,7 @@ def test_four_bit_without_cuda_is_refused(model_folders: ModelFolders) -> None:
 
 def test_service_reports_the_failure_and_never_becomes_ready(tmp_path: Path, model_folders: ModelFolders) -> None:
     missing = tmp_path / "not-mounted"
-    service = ModelService(Settings(model_path=missing, adapter_path=model_folders.adapter_path))
+    service = ModelService(Settings(model_path=missing, adapters=(AdapterOption(None, model_folders.adapter_path),)))
     assert service.status == "loading"
     with pytest.raises(ModelNotReadyError, match="still loading"):
         service.info()
@@ -206,7 +212,7 @@ def test_service_reports_the_failure_and_never_becomes_ready(tmp_path: Path, mod
     _assert_one_clear_line(service.failure_reason, str(missing), "does not exist", "INFERENCE_MODEL")
     with pytest.raises(ModelNotReadyError, match="does not exist"):
         service.info()
-    assert service.served_model_id() == "adapter"
+    assert service.served_model_id() == "not-mounted-ft"  # known before loading: named after the base's folder
 
 
 def _assert_one_clear_line(message: str, path: str, problem: str, option: str) -> None:
