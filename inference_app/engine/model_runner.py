@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
+from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, GraphDecoder, make_decoder
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.request import EngineRequest
 from inference_app.engine.row_adapters import RowModels
@@ -107,8 +107,10 @@ class ModelRunner:
         use_graphs = cuda_graphs and cuda_graphs_supported(device)
         with torch.inference_mode():
             self.decoder = self._make_decoder(use_graphs, sequence_tokens, correcting=False)
+            # Graphs for the corrections only when the plain step's were captured (one fallback, one log line).
+            graphs_captured = isinstance(self.decoder, GraphDecoder)
             self.correcting_decoder = (
-                None if row_models is None else self._make_decoder(use_graphs, sequence_tokens, correcting=True)
+                None if row_models is None else self._make_decoder(graphs_captured, sequence_tokens, correcting=True)
             )
 
     def prefill(self, requests: list[EngineRequest]) -> list[int]:

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from inference_app.service import ModelService, SamplingParams, UnknownModelError, encode_prompt
 from inference_app.settings import AdapterOption
+from tests.app.test_engine import _CAPTURE_BREAKERS, _OpRecorder
 from tests.model_factory import ModelFolders, build_adapter
 
 BASE = "Phi-3-mini-4k-instruct"
@@ -92,3 +94,16 @@ def test_a_request_for_a_model_not_served_names_the_served_ones(start_service: C
     service = start_service()
     with pytest.raises(UnknownModelError, match=f"choose one of {BASE}, {BASE}-ft"):
         replies_at_once(service, [("Hello", "gpt-4o")])
+
+
+def test_the_correcting_decode_step_has_nothing_a_cuda_graph_cannot_hold(
+    start_service: Callable[..., ModelService],
+) -> None:
+    """The per-row corrections are captured with the decode step (static index tensors, no host reads)."""
+    runner = start_service(max_batch_size=4)._require_engine()._runner
+    assert runner._row_models is not None
+    runner._row_models.correcting = True
+    with torch.inference_mode(), _OpRecorder() as recorder:
+        runner.forward_decode(4, 256)
+    assert "aten.matmul.default" in recorder.ops  # the corrections ran (the model itself uses linear and sdpa)
+    assert recorder.ops & _CAPTURE_BREAKERS == set()

@@ -64,7 +64,7 @@ def server(tiny_settings: Settings) -> Iterator[RunningServer]:
 @pytest.mark.browser
 def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
     expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
-    expect(page.get_by_text("/models/qlora/qlora/gpu_model/adapter")).to_be_visible()
+    expect(page.get_by_text("with the LoRA adapter Phi-3-mini-4k-instruct-ft")).to_be_visible()
     expect(page.get_by_text("Write a haiku about the sea.")).to_be_visible()  # an example
     choose_greedy_decoding(page)
     page.get_by_label("number input for Max new tokens").fill("200")
