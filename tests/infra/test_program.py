@@ -447,6 +447,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
         "registrySku",
         "modelPath",
         "adapterPath",
+        "adapters",
         "baseOnly",
         "quantize4bit",
         "maxConcurrentGenerations",
