@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, format_table, machine_facts, ratio, write_results
-from bench.engine import EngineWay, Run, build_models, loaded_model, summarize
+from bench.engine import EngineWay, Run, add_engine_arguments, build_models, loaded_model, summarize
 
 WAYS = ("merged alone", "adapter, base served too", "base + adapter mixed")
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "mini"), help="model shape")
-    parser.add_argument("--levels", default="1,8,64", help="concurrent requests, comma-separated")
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per level (best kept), after a warm-up")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
-    parser.add_argument("--kv-cache-tokens", type=int, help="the engine's KV cache size in tokens")
-    parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/adapters.json)")
+    add_engine_arguments(parser, levels="1,8,64")
     return parser.parse_args()
 
 

@@ -56,21 +56,26 @@ class Run:
         return self.tokens / self.seconds
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_arguments(parser: argparse.ArgumentParser, levels: str) -> None:
+    """The model, the levels and the engine's options (this script's and bench/adapters.py's)."""
     parser.add_argument("--size", default="tiny", choices=("tiny", "small", "mini"), help="model shape")
-    parser.add_argument("--levels", default="1,8,32,64", help="concurrent requests, comma-separated")
+    parser.add_argument("--levels", default=levels, help="concurrent requests, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per level (best kept), after a warm-up")
-    parser.add_argument("--toolkit-new-tokens", type=int, default=16, help="new tokens per toolkit request")
-    parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
     parser.add_argument(
         "--kv-cache-tokens",
         type=int,
         help="the engine's KV cache size in tokens (fewer than 64 whole sequences: paged)",
     )
-    parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/engine.json)")
+    parser.add_argument("--json", type=Path, help="where to write the JSON (default: bench/<script>.json)")
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser, levels="1,8,32,64")
+    parser.add_argument("--toolkit-new-tokens", type=int, default=16, help="new tokens per toolkit request")
+    parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     return parser.parse_args()
 
 
