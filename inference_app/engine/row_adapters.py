@@ -70,6 +70,10 @@ class RowModels:
 class RowLoraLinear(nn.Module):
     """A linear layer (the merged weights) plus, per row, the low-rank corrections of the models it does not hold."""
 
+    down: torch.Tensor
+    up: torch.Tensor
+    owner: torch.Tensor
+
     def __init__(
         self, base_layer: nn.Module, down: torch.Tensor, up: torch.Tensor, owner: torch.Tensor, rows: RowModels
     ):
@@ -101,11 +105,14 @@ def serve_adapters(peft_model: Any, names: list[str], merge_first: bool) -> tupl
             raise ValueError(f"{module_name}: DoRA and LoRA biases are not supported with several adapters")
         if merge_first and names[0] in module.lora_A:
             module.merge(adapter_names=[names[0]])  # peft's own merge: the same weights as merge_and_unload
-        held = [index for index, name in enumerate(names) if name in module.lora_A]
-        down = torch.cat([module.lora_A[names[index]].weight for index in held])
-        up = torch.cat([module.lora_B[names[index]].weight * module.scaling[names[index]] for index in held], dim=1)
+        # peft's ModuleDicts of each adapter's A and B (typed Any: nn.Module's attributes are Tensor | Module).
+        lora_a: Any = module.lora_A
+        lora_b: Any = module.lora_B
+        held = [index for index, name in enumerate(names) if name in lora_a]
+        down = torch.cat([lora_a[names[index]].weight for index in held])
+        up = torch.cat([lora_b[names[index]].weight * module.scaling[names[index]] for index in held], dim=1)
         owner = torch.cat(
-            [torch.full((module.lora_A[names[index]].weight.shape[0],), index, dtype=torch.long) for index in held]
+            [torch.full((lora_a[names[index]].weight.shape[0],), index, dtype=torch.long) for index in held]
         )
         replacement = RowLoraLinear(module.get_base_layer(), down.detach(), up.detach(), owner.to(down.device), rows)
         parent_name, _, child_name = module_name.rpartition(".")
