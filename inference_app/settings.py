@@ -329,6 +329,7 @@ _OPTIONS = (
     ),
 )
 
+_RENAMED_ADAPTER_VARIABLE = ENV_PREFIX + "ADAPTER"  # before several adapters were served
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -419,6 +420,8 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     """
     environ = os.environ if environ is None else environ
     parser = _build_parser(environ)
+    if _RENAMED_ADAPTER_VARIABLE in environ:  # silently ignored, it would serve the default folder instead
+        parser.error(f"{_RENAMED_ADAPTER_VARIABLE} is now {env_var('adapters')} (NAME=PATH or PATH, comma-separated)")
     namespace = parser.parse_args(argv)
     for option in _OPTIONS:
         if option.repeatable:

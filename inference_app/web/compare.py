@@ -69,6 +69,7 @@ def build_compare_tab(settings: Settings, service: ModelService) -> None:
     with gr.Row():
         choice_buttons = [gr.Button(label, size="sm") for label in CHOICES]
         download = gr.DownloadButton(DOWNLOAD_BUTTON, value=None, size="sm", visible=False)
+    marked = gr.Markdown()  # which reply was marked better, for the latest prompt
     session = gr.State([])  # one record per prompt sent
 
     async def compare(
@@ -110,11 +111,11 @@ def build_compare_tab(settings: Settings, service: ModelService) -> None:
         records = [*records, record]
         yield "", *_with_replies(shown, replies), records, _session_file(records)
 
-    def choose(records: list[dict[str, Any]], label: str) -> tuple[list[dict[str, Any]], Any]:
+    def choose(records: list[dict[str, Any]], label: str) -> tuple[list[dict[str, Any]], Any, str]:
         if not records:
-            return records, gr.DownloadButton()
+            return records, gr.DownloadButton(), "Send a prompt first."
         records = [*records[:-1], {**records[-1], "choice": CHOICES[label]}]
-        return records, _session_file(records)
+        return records, _session_file(records), f"Prompt {len(records)} marked: {label}."
 
     inputs = [
         prompt,
@@ -133,11 +134,11 @@ def build_compare_tab(settings: Settings, service: ModelService) -> None:
     for event in (send.click, prompt.submit):
         event(compare, inputs, outputs, api_visibility="undocumented")
     for button in choice_buttons:
-        button.click(choose, [session, button], [session, download], api_visibility="undocumented")
+        button.click(choose, [session, button], [session, download, marked], api_visibility="undocumented")
     clear.click(
-        lambda: ([], [], [], gr.DownloadButton(value=None, visible=False)),
+        lambda: ([], [], [], gr.DownloadButton(value=None, visible=False), ""),
         None,
-        [chat_a, chat_b, session, download],
+        [chat_a, chat_b, session, download, marked],
         api_visibility="undocumented",
     )
 

@@ -457,7 +457,7 @@ def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(
     uvicorn's access log on; refused and accepted requests of every kind leave no trace of the password."""
     environ = {
         "INFERENCE_MODEL": str(model_folders.model_path),
-        "INFERENCE_ADAPTER": str(model_folders.adapter_path),
+        "INFERENCE_ADAPTERS": str(model_folders.adapter_path),
         "INFERENCE_AUTH_USERNAME": USERNAME,
         "INFERENCE_AUTH_PASSWORD": PASSWORD,
     }

@@ -68,6 +68,7 @@ def test_compare_two_models_side_by_side_choose_and_download(page: Page, server:
     send_to_both(page, "Hello, world!", 0)
     assert shown_replies(page, 0) == {side: reply.strip() for side, reply in first.items()}
     page.get_by_role("button", name="B is better").click()
+    expect(page.get_by_text("Prompt 1 marked: B is better.")).to_be_visible()
 
     # Each column sends its own conversation as the history of the next prompt.
     cat = {"role": "user", "content": "Tell me a story about a cat."}
@@ -78,6 +79,7 @@ def test_compare_two_models_side_by_side_choose_and_download(page: Page, server:
     send_to_both(page, cat["content"], 1)
     assert shown_replies(page, 1) == {side: reply.strip() for side, reply in second.items()}
     page.get_by_role("button", name="Tie").click()
+    expect(page.get_by_text("Prompt 2 marked: Tie.")).to_be_visible()  # the session file now has the choice
     expect(page.locator(".toast-body")).to_have_count(0)  # no error popped up
 
     with page.expect_download() as download:

@@ -65,7 +65,7 @@ def test_demo_builds_its_model_once_and_serves_it_on_localhost(tmp_path: Path) -
     assert not built_now
     assert "This is a demo" in ui_config  # the page says so
     # The header names what is served, never where it lies on disk.
-    assert "with the LoRA adapter `adapter`" in ui_config
+    assert "with the LoRA adapter `Phi-3-mini-4k-instruct-ft`" in ui_config
     assert str(folders.root) not in ui_config
     built = weight_files(demo_dir)
     assert len(built) == 2  # the base model's weights and the adapter's

@@ -70,6 +70,12 @@ def test_several_adapters_by_name_from_the_command_line_or_the_environment() -> 
     assert parse_settings(["--base-only"], environ=environ).model_ids == ("base",)
 
 
+def test_the_old_adapter_variable_is_refused_with_its_new_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"INFERENCE_ADAPTER": "/share/adapter"})
+    assert "INFERENCE_ADAPTER is now INFERENCE_ADAPTERS" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
