@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The model loads once the port listens (serve starts it): /health answers during a long load (the platform's
     # startup probe), and loading's heavy imports do not slow the web stack's.
-    serve(settings, service)
+    serve(service.settings, service)  # the demo's settings (its model, 127.0.0.1) when --demo
 
 
 def _demo_service(settings: Settings) -> ModelService:

@@ -60,6 +60,7 @@ def test_demo_builds_its_model_once_and_serves_it_on_localhost(tmp_path: Path) -
     assert f"Chat UI:     {url}/" in first_log
     assert f"demo model built into {demo_dir}" in first_log
     assert url.startswith(f"http://{DEMO_HOST}:")
+    assert f"Uvicorn running on http://{DEMO_HOST}:" in first_log  # --host 0.0.0.0 was ignored
     # Served from the cache folder, by the settings every model is loaded with.
     folders, built_now = demo_model_folders(demo_dir)
     assert not built_now
