@@ -57,21 +57,26 @@ class Run:
         return self.tokens / self.seconds
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_arguments(parser: argparse.ArgumentParser, levels: str) -> None:
+    """The model, the levels and the engine's options (this script's and bench/adapters.py's)."""
     parser.add_argument("--size", default="tiny", choices=("tiny", "small", "mini"), help="model shape")
-    parser.add_argument("--levels", default="1,8,32,64", help="concurrent requests, comma-separated")
+    parser.add_argument("--levels", default=levels, help="concurrent requests, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per level (best kept), after a warm-up")
-    parser.add_argument("--toolkit-new-tokens", type=int, default=16, help="new tokens per toolkit request")
-    parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's decode step eager")
     parser.add_argument(
         "--kv-cache-tokens",
         type=int,
         help="the engine's KV cache size in tokens (fewer than 64 whole sequences: paged)",
     )
-    parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/engine.json)")
+    parser.add_argument("--json", type=Path, help="where to write the JSON (default: bench/<script>.json)")
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser, levels="1,8,32,64")
+    parser.add_argument("--toolkit-new-tokens", type=int, default=16, help="new tokens per toolkit request")
+    parser.add_argument("--no-toolkit", action="store_true", help="skip the toolkit's way")
     return parser.parse_args()
 
 
@@ -116,6 +121,23 @@ def build_models(size: str) -> BenchModels:
     return BenchModels(unmerged, tokenizer, device, time.perf_counter() - started)
 
 
+def loaded_model(model: Any, models: BenchModels, model_ids: tuple[str, ...], row_models: Any = None) -> Any:
+    """`model` as model_loading.load_model hands it to the engine (the default model: the last id)."""
+    from inference_app.engine.model_loading import LoadedModel
+
+    return LoadedModel(
+        model=model,
+        tokenizer=models.tokenizer,
+        model_ids=model_ids,
+        default_model=len(model_ids) - 1,
+        row_models=row_models,
+        device=models.device,
+        dtype=str(model.dtype).removeprefix("torch."),
+        context_length=int(model.config.max_position_embeddings),
+        timings={},
+    )
+
+
 # ---------------------------------------------------------------- the three ways
 
 
@@ -123,29 +145,27 @@ class EngineWay:
     """The app's engine as ModelService starts it, with the app's defaults (KV cache sized from memory, CUDA
     graphs, warm-up): levels beyond its slots wait in its queue, as they would in the app."""
 
-    def __init__(self, models: BenchModels, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        models: BenchModels,
+        args: argparse.Namespace,
+        loaded: Any = None,
+        request_models: tuple[int | None, ...] = (None,),
+    ) -> None:
+        """`loaded`: the LoadedModel to serve (default: the merged model alone); the requests of a run ask for the
+        served models in `request_models` in turn (None: the default model)."""
         from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
-        from inference_app.engine.model_loading import LoadedModel
         from inference_app.service import encode_prompt
 
-        loaded = LoadedModel(
-            model=models.model,
-            tokenizer=models.tokenizer,
-            model_id=f"bench-{args.size}",
-            adapter_id="random-lora",
-            device=models.device,
-            dtype=str(models.model.dtype).removeprefix("torch."),
-            context_length=int(models.model.config.max_position_embeddings),
-            timings={},
-        )
         self.prompt_ids = encode_prompt(models.tokenizer, BENCH_MESSAGES, None)
         started = time.perf_counter()
         options = EngineOptions(cuda_graphs=not args.no_cuda_graphs, kv_cache_tokens=args.kv_cache_tokens)
-        self.engine = BatchingEngine(loaded, options)
+        self.engine = BatchingEngine(loaded or loaded_model(models.model, models, (f"bench-{args.size}",)), options)
         self.engine.start()
         self.engine.warm_up(self.prompt_ids)
         self.start_s = time.perf_counter() - started
         self.new_tokens = args.new_tokens
+        self.request_models = request_models
 
     def run(self, clients: int) -> Run:
         from inference_app.engine.types import GenerationChunk, SamplingParams
@@ -172,9 +192,12 @@ class EngineWay:
                     done.release()
 
         started = time.perf_counter()
-        for _ in range(clients):
+        for client in range(clients):
             state = {"started": False}
-            self.engine.submit(self.prompt_ids, params, self.new_tokens, functools.partial(deliver, state=state))
+            model = self.request_models[client % len(self.request_models)]
+            self.engine.submit(
+                self.prompt_ids, params, self.new_tokens, functools.partial(deliver, state=state), model=model
+            )
         for _ in range(clients):
             if not done.acquire(timeout=RUN_TIMEOUT_S):
                 raise TimeoutError(f"the engine did not finish {clients} requests in {RUN_TIMEOUT_S} s")

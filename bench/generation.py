@@ -59,9 +59,9 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def settings_for(model: BenchModel, args: argparse.Namespace, variant: str) -> Any:
-    from inference_app.settings import Settings
+    from inference_app.settings import AdapterOption, Settings
 
-    base = Settings(model_path=model.model_path, adapter_path=model.adapter_path, dtype=args.dtype)
+    base = Settings(model_path=model.model_path, adapters=(AdapterOption(None, model.adapter_path),), dtype=args.dtype)
     return replace(base, **VARIANTS[variant])
 
 

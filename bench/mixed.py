@@ -108,12 +108,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         from inference_app.engine.engine_loop import BatchingEngine, EngineOptions
         from inference_app.engine.model_loading import load_model
-        from inference_app.settings import Settings
+        from inference_app.settings import AdapterOption, Settings
 
         model = prepare_model(args)
         settings = Settings(
             model_path=model.model_path,
-            adapter_path=model.adapter_path,
+            adapters=(AdapterOption(None, model.adapter_path),),
             dtype=args.dtype,
             quantize_4bit=args.quantize_4bit,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from types import FrameType
 from typing import Any
@@ -25,10 +26,10 @@ from inference_app.api.routes import add_api_routes
 from inference_app.client_limit import PerClientLimit
 from inference_app.service import ModelService
 from inference_app.settings import CONTAINER_TERMINATION_GRACE_S, Settings
-from inference_app.web.auth import LOGIN_MESSAGE, Authenticator, GuessingBrake, PasswordCheck, authentication_mode
+from inference_app.web.auth import Authenticator, GuessingBrake, PasswordCheck, authentication_mode, login_message
 from inference_app.web.security import add_web_security
 from inference_app.web.sign_in import HeartbeatNeedsSession, LoginBrake, add_sign_out_routes
-from inference_app.web.ui import build_ui
+from inference_app.web.ui import THEME, build_ui
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def build_app(settings: Settings, service: ModelService) -> FastAPI:
         build_ui(settings, service, client_limit, sign_out=check is not None),
         path="/",
         ssr_mode=False,
+        theme=THEME,
         auth=None if check is None else check.accepts_login,
-        auth_message=None if check is None else LOGIN_MESSAGE,
+        auth_message=None if check is None else login_message(settings),
     )
 
 
@@ -112,8 +114,20 @@ ACCESS_LOG_FILTER = AccessLogFilter()
 
 
 def serve(settings: Settings, service: ModelService) -> None:
-    """Serves until interrupted."""
-    uvicorn_server(settings, service).run()
+    """Serves until interrupted; the service starts loading once the port listens."""
+    server = uvicorn_server(settings, service)
+    threading.Thread(
+        target=_load_once_listening, args=(server, service), name="load-once-listening", daemon=True
+    ).start()
+    server.run()
+
+
+def _load_once_listening(server: uvicorn.Server, service: ModelService) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    service.start_loading()
 
 
 class AppServer(uvicorn.Server):

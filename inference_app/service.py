@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from inference_app.engine.types import (
@@ -45,6 +45,7 @@ __all__ = [
     "PromptTooLongError",
     "SamplingParams",
     "TokenLogprob",
+    "UnknownModelError",
     "encode_prompt",
     "plain_template_prompt",
 ]
@@ -70,6 +71,10 @@ class CapacityExceededError(RuntimeError):
     """All generation slots are busy (the API answers 429 with Retry-After)."""
 
 
+class UnknownModelError(LookupError):
+    """The request names a model this server does not serve (the API answers 404 model_not_found)."""
+
+
 class ModelNotReadyError(RuntimeError):
     """The model is not loaded; the message says why."""
 
@@ -85,8 +90,10 @@ class ModelFailedError(ModelNotReadyError):
 class ModelService:
     """Owns loading in the background and generation; the only object the web layers talk to."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, prepare: Callable[[], None] | None = None) -> None:
+        """`prepare` runs first on the loading thread (the demo builds its model there)."""
         self.settings = settings
+        self._prepare = prepare
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.failure_reason: str | None = None
         self.load_timings: dict[str, float] = {}  # seconds per loading phase, for logs and the cold-start bench
@@ -111,6 +118,8 @@ class ModelService:
         from inference_app.engine.model_loading import ModelLoadError, load_model
 
         try:
+            if self._prepare is not None:
+                self._prepare()
             loaded = load_model(self.settings)
             started = time.perf_counter()
             engine = BatchingEngine(
@@ -164,20 +173,37 @@ class ModelService:
     def info(self) -> dict[str, Any]:
         loaded = self._require_loaded()
         return {
-            "model_id": loaded.model_id,
-            "adapter_id": loaded.adapter_id,
+            "model_id": loaded.model_ids[0],
+            "adapter_ids": list(loaded.model_ids[1:]),
             "device": loaded.device,
             "dtype": loaded.dtype,
             "context_length": loaded.context_length,
         }
 
     def served_model_id(self) -> str:
-        """The adapter's folder name, or the base model's in base-only mode (known before loading)."""
+        """The model of a request that names none: the first adapter, or the base model in base-only mode (known
+        before loading, as are the others)."""
         return self.settings.served_model_id
 
     def vocab_size(self) -> int:
         """Token ids run from 0 to vocab_size - 1 (what logit_bias may name)."""
         return self._require_engine().vocab_size
+
+    def model_ids(self) -> tuple[str, ...]:
+        """Every model served: the base model, then each adapter."""
+        return self.settings.model_ids
+
+    def resolve_model(self, model_id: str | None) -> str:
+        """The served model a request runs: the one it names, or the default; UnknownModelError naming the
+        choices for a name not served."""
+        if model_id is None:
+            return self.served_model_id()
+        if model_id not in self.model_ids():
+            raise UnknownModelError(
+                f"the model {model_id!r} does not exist here: choose one of {', '.join(self.model_ids())} "
+                f"(GET /v1/models lists them)"
+            )
+        return model_id
 
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self._prompt_ids(messages))
@@ -189,15 +215,17 @@ class ModelService:
     # ---- generation ----
 
     async def stream_chat(
-        self, messages: list[Message], params: SamplingParams, *, wait: bool
+        self, messages: list[Message], params: SamplingParams, *, wait: bool, model: str | None = None
     ) -> AsyncGenerator[GenerationChunk, None]:
-        """Streams the reply to `messages`; the last chunk has a finish_reason.
+        """Streams the reply of `model` (a served model's id; None: the default) to `messages`; the last chunk has a
+        finish_reason.
 
         Every check of a request is made here, for the API and the UI alike. Raises (at the first iteration, before
-        generating) ModelNotReadyError, InvalidRequestError naming the field at fault (a bad message, top_k beyond
-        the vocabulary), PromptTooLongError, and CapacityExceededError when all slots are busy and wait is False.
-        Closing the iterator (client gone, task cancelled) stops the generation and frees its slot.
+        generating) UnknownModelError, ModelNotReadyError, InvalidRequestError naming the field at fault (a bad
+        message, top_k beyond the vocabulary), PromptTooLongError, and CapacityExceededError when all slots are busy
+        and wait is False. Closing the iterator (client gone, task cancelled) stops the generation and frees its slot.
         """
+        model_index = self.model_ids().index(self.resolve_model(model))
         engine = self._require_engine()
         concurrency = self._concurrency
         assert concurrency is not None  # set with the engine
@@ -225,7 +253,7 @@ class ModelService:
                 except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
                     request.cancel()
 
-            request = engine.submit(prompt_ids, params, max_new_tokens, deliver, grammar)
+            request = engine.submit(prompt_ids, params, max_new_tokens, deliver, grammar, model=model_index)
             try:
                 while True:
                     item = await chunks.get()

@@ -22,12 +22,40 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Seconds the platform waits after SIGTERM before it kills the container: the Pulumi program sets the container
 # app's terminationGracePeriodSeconds to this, and the server ends its streams in time (inference_app.server).
 CONTAINER_TERMINATION_GRACE_S = 30
+DEFAULT_ADAPTER_SUFFIX = "-ft"  # a bare --adapter PATH is served as <base model's name>-ft
+_MODEL_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass(frozen=True)
+class AdapterOption:
+    """One --adapter: NAME=PATH, or a bare PATH (name None: the default name, see Settings.adapter_names)."""
+
+    name: str | None
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path) if self.name is None else f"{self.name}={self.path}"
+
+
+def parse_adapter(text: str) -> AdapterOption:
+    """NAME=PATH or PATH; raises argparse.ArgumentTypeError for a name a client could not send as its model."""
+    name, separator, path = text.partition("=")
+    if not separator:
+        return AdapterOption(None, Path(text))
+    if not name or not set(name) <= _MODEL_NAME_CHARACTERS or not path:
+        raise argparse.ArgumentTypeError(
+            f"has {text!r}: give NAME=PATH with a name of letters, digits, '.', '_' or '-', e.g. run2=/mount/run2"
+        )
+    return AdapterOption(name, Path(path))
+
+
+_DEFAULT_ADAPTER = AdapterOption(None, Path("/mount/models/qlora/qlora/gpu_model/adapter"))
 
 
 @dataclass(frozen=True)
 class Settings:
     model_path: Path = Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
-    adapter_path: Path = Path("/mount/models/qlora/qlora/gpu_model/adapter")
+    adapters: tuple[AdapterOption, ...] = (_DEFAULT_ADAPTER,)  # the first is the default model of a request
     base_only: bool = False
     host: str = "127.0.0.1"  # this machine only; the image sets INFERENCE_HOST=0.0.0.0 for its ingress
     port: int = 7860
@@ -63,14 +91,33 @@ class Settings:
         return self.model_path.name
 
     @property
-    def adapter_id(self) -> str | None:
-        """The adapter's name (its folder's name), or None in base-only mode."""
-        return None if self.base_only else self.adapter_path.name
+    def served_adapters(self) -> tuple[tuple[str, Path], ...]:
+        """Each adapter served, by name: a bare path is named <base model>-ft; none in base-only mode."""
+        if self.base_only:
+            return ()
+        return tuple(
+            (adapter.name or self.model_id + DEFAULT_ADAPTER_SUFFIX, adapter.path) for adapter in self.adapters
+        )
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """The ids clients choose from: the base model's, then each adapter's."""
+        return (self.model_id, *(name for name, _ in self.served_adapters))
 
     @property
     def served_model_id(self) -> str:
-        """The id clients use: the adapter's name, or the base model's in base-only mode."""
-        return self.adapter_id or self.model_id
+        """The id of a request that names no model: the first adapter's, or the base model's in base-only mode."""
+        return self.model_ids[1] if self.served_adapters else self.model_id
+
+    def check_model_ids(self) -> None:
+        """Raises ValueError naming the fix when two served models would share an id."""
+        ids = self.model_ids
+        duplicates = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+        if duplicates:
+            raise ValueError(
+                f"two served models are named {duplicates[0]!r} (the base model's folder name or an adapter's): "
+                f"name each adapter once with --adapter NAME=PATH"
+            )
 
 
 def _positive_int(text: str) -> int:
@@ -132,6 +179,7 @@ def parse_origins(text: str) -> tuple[str, ...]:
 
 
 _positive_int.__name__ = "positive integer"
+parse_adapter.__name__ = "adapter, NAME=PATH or PATH"
 _port.__name__ = "port (1-65535)"
 _prompt_template.__name__ = "template with exactly one {} for the user's message"
 parse_origins.__name__ = "comma-separated list of origins"
@@ -145,16 +193,28 @@ class _Option:
     type: Callable[[str], Any] | None = None  # None: a boolean switch
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    repeatable: bool = False  # the flag may be given several times; its variable holds comma-separated values
+    env_name: str | None = None  # None: named after the flag
 
     @property
     def env_var(self) -> str:
         """The environment variable named after the flag, e.g. --max-batch-size -> INFERENCE_MAX_BATCH_SIZE."""
-        return ENV_PREFIX + self.flags[0].removeprefix("--").replace("-", "_").upper()
+        return ENV_PREFIX + (self.env_name or self.flags[0].removeprefix("--").replace("-", "_").upper())
 
 
 _OPTIONS = (
     _Option("model_path", ("--model",), "base model folder (config, weights, tokenizer)", Path, metavar="PATH"),
-    _Option("adapter_path", ("--adapter",), "LoRA adapter folder saved by peft", Path, metavar="PATH"),
+    _Option(
+        "adapters",
+        ("--adapter",),
+        "LoRA adapter folder saved by peft, as NAME=PATH (the model id clients use) or PATH (named after the base"
+        f" model, with {DEFAULT_ADAPTER_SUFFIX}); repeat it to serve several adapters beside the base model, the"
+        " first being the default (env: comma-separated)",
+        parse_adapter,
+        metavar="[NAME=]PATH",
+        repeatable=True,
+        env_name="ADAPTERS",
+    ),
     _Option("base_only", ("--base-only",), "serve the base model without the adapter"),
     _Option("host", ("--host",), "address to listen on", str),
     _Option("port", ("--port",), "port for the UI and the API", _port),
@@ -295,6 +355,7 @@ _OPTIONS = (
     ),
 )
 
+_RENAMED_ADAPTER_VARIABLE = ENV_PREFIX + "ADAPTER"  # before several adapters were served
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -310,7 +371,8 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         name = option.env_var
         default = getattr(defaults, option.field)
         env_value = environ.get(name)
-        help_text = f"{option.help} (env {name}" + ("" if default is None else f"; default: {default}") + ")"
+        shown = ",".join(map(str, default)) if option.repeatable else default
+        help_text = f"{option.help} (env {name}" + ("" if default is None else f"; default: {shown}") + ")"
         if option.type is None:
             if env_value is not None:
                 default = _parse_bool(parser, name, env_value)
@@ -318,6 +380,19 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             parser.add_argument(
                 *option.flags, dest=option.field, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif option.repeatable:
+            if env_value is not None:
+                default = tuple(_parse_value(parser, name, item, option) for item in _comma_separated(env_value))
+            # Given on the command line, the flag's values replace the environment's (and the default).
+            parser.add_argument(
+                *option.flags,
+                dest=option.field,
+                action="append",
+                type=option.type,
+                metavar=option.metavar,
+                help=help_text,
+            )
+            parser.set_defaults(**{_repeatable_default(option): default})
         else:
             if env_value is not None:
                 default = _parse_value(parser, name, env_value, option)
@@ -331,6 +406,15 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                 help=help_text,
             )
     return parser
+
+
+def _comma_separated(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _repeatable_default(option: _Option) -> str:
+    """Where the parser keeps a repeatable option's default: apart, since argparse would append to it."""
+    return f"{option.field}_default"
 
 
 def _parse_bool(parser: argparse.ArgumentParser, name: str, value: str) -> bool:
@@ -362,8 +446,23 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     """
     environ = os.environ if environ is None else environ
     parser = _build_parser(environ)
+    if _RENAMED_ADAPTER_VARIABLE in environ:  # silently ignored, it would serve the default folder instead
+        parser.error(f"{_RENAMED_ADAPTER_VARIABLE} is now {env_var('adapters')} (NAME=PATH or PATH, comma-separated)")
     namespace = parser.parse_args(argv)
-    return Settings(**{field.name: getattr(namespace, field.name) for field in fields(Settings)})
+    for option in _OPTIONS:
+        if option.repeatable:
+            given = getattr(namespace, option.field)
+            setattr(
+                namespace,
+                option.field,
+                getattr(namespace, _repeatable_default(option)) if given is None else tuple(given),
+            )
+    settings = Settings(**{field.name: getattr(namespace, field.name) for field in fields(Settings)})
+    try:
+        settings.check_model_ids()
+    except ValueError as error:
+        parser.error(str(error))
+    return settings
 
 
 _OPTION_BY_FIELD = {option.field: option for option in _OPTIONS}

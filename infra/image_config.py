@@ -10,7 +10,7 @@ import pulumi
 import pulumi_docker_build as docker_build
 from pulumi_azure_native import app
 
-from inference_app.settings import DTYPES, env_var, parse_origins
+from inference_app.settings import DTYPES, env_var, parse_adapter, parse_origins
 from infra.config_source import ConfigSource
 from infra.errors import ConfigError
 
@@ -22,7 +22,7 @@ class InferenceSettings:
     """App settings from Pulumi config; None leaves the app's own default (inference_app/settings.py)."""
 
     model_path: str | None = None
-    adapter_path: str | None = None
+    adapters: tuple[str, ...] | None = None  # NAME=PATH or a bare PATH each, as the app's --adapter takes them
     base_only: bool | None = None
     quantize_4bit: bool | None = None
     dtype: str | None = None
@@ -73,6 +73,29 @@ def _dtype(source: ConfigSource) -> str | None:
     return value
 
 
+def _adapters(source: ConfigSource) -> tuple[str, ...] | None:
+    """`adapters` (NAME=PATH items: Pulumi.yaml cannot declare a map's type), else the one `adapterPath`; each item as
+    the app's own --adapter parser reads it, with an absolute path in the container."""
+    example = "run2=/mount/models/run2/adapter"
+    items = source.string_list("adapters", example, non_empty=True)
+    if items is None:
+        path = _container_path(source, "adapterPath")
+        return None if path is None else (path,)
+    if source.raw("adapterPath") is not None:
+        raise ConfigError("adapterPath and adapters are both set: list every adapter in adapters, remove adapterPath")
+    for item in items:
+        try:
+            adapter = parse_adapter(item)
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"adapters {error}") from None
+        if adapter.name is None or not str(adapter.path).startswith("/") or "," in item:
+            raise ConfigError(
+                f"adapters: {item!r} is not NAME=PATH with an absolute path in the container, e.g. "
+                f"`pulumi config set --path 'adapters[1]' {example}`"
+            )
+    return items
+
+
 def _allowed_origins(source: ConfigSource) -> tuple[str, ...] | None:
     """Each item must be one origin as the app's own parser reads it, so that a value the app would refuse at start
     is refused here instead; an empty list is the app's default."""
@@ -105,7 +128,7 @@ def read_image_config(source: ConfigSource) -> ImageConfig:
         build_platform=platform,
         settings=InferenceSettings(
             model_path=_container_path(source, "modelPath"),
-            adapter_path=_container_path(source, "adapterPath"),
+            adapters=_adapters(source),
             base_only=source.boolean("baseOnly", None),
             quantize_4bit=source.boolean("quantize4bit", None),
             dtype=_dtype(source),

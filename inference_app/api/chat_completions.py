@@ -76,6 +76,7 @@ class ChatCompletionServing:
         _require_json_body(request)
         # Parsed on a worker thread: a large body does not hold up the event loop.
         completion_request = await asyncio.to_thread(_parse_request, await request.body())
+        model = service.resolve_model(completion_request.model)
         messages = prompt_messages(completion_request)
         grammar = await asyncio.to_thread(reply_grammar, completion_request)
         params = _sampling_params(completion_request, self._settings, grammar, service.vocab_size())
@@ -83,11 +84,12 @@ class ChatCompletionServing:
         # The n choices start together, so their prompts are prefilled in one forward pass; each counts against the
         # client's limit.
         choices = [
-            self._client_limit.limited(client, service.stream_chat(messages, _choice_params(params, index), wait=False))
+            self._client_limit.limited(
+                client, service.stream_chat(messages, _choice_params(params, index), wait=False, model=model)
+            )
             for index in range(completion_request.n)
         ]
         firsts = await _first_chunks(choices)  # ModelService and the per-client limit refuse a request here
-        model = service.served_model_id()
         if completion_request.stream:
             events = _stream_events(completion_request, model, firsts, choices, self._stopping)
             return _ClosingStreamingResponse(events, choices)

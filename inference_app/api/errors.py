@@ -18,6 +18,7 @@ from inference_app.service import (
     ModelFailedError,
     ModelLoadingError,
     PromptTooLongError,
+    UnknownModelError,
 )
 
 # Seconds a client should wait before retrying: a slot frees when any running reply ends; loading takes longer.
@@ -49,6 +50,7 @@ class ApiError(Exception):
 
 # ModelService's refusals, as the API answers them (a subclass before its base: the first match wins).
 SERVICE_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
+    UnknownModelError: lambda error: ApiError(404, str(error), param="model", code="model_not_found"),
     PromptTooLongError: lambda error: ApiError(400, str(error), param=error.param, code="context_length_exceeded"),
     InvalidRequestError: lambda error: ApiError(400, str(error), param=error.param, code="invalid_value"),
     CapacityExceededError: lambda error: ApiError(

@@ -151,7 +151,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    # A single model is served: any name is accepted and the reply names the served model (like llama.cpp's server).
+    # One of GET /v1/models' ids; None: the default model (the first adapter). The reply names the model that ran.
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)

@@ -5,10 +5,12 @@ inference_app.api.errors' ApiError, credentials are checked by inference_app.web
 from __future__ import annotations
 
 import asyncio
+from importlib.resources import files
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from inference_app.api.chat_completions import ChatCompletionServing
 from inference_app.api.errors import ApiError, add_api_error_handlers
@@ -78,7 +80,7 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     router = APIRouter()
     started_at = now()
 
-    def served_model() -> ModelCard:
+    def require_served() -> None:
         if service.status == "failed":  # nothing is served
             raise ApiError(
                 503,
@@ -86,18 +88,19 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
                 type="service_unavailable",
                 code="model_failed",
             )
-        return ModelCard(id=service.served_model_id(), created=started_at)
 
     @router.api_route("/v1/models", methods=READ, tags=["openai"])
     def list_models() -> ModelList:
-        return ModelList(data=[served_model()])
+        require_served()
+        # The default model (a request naming none runs it) first: clients that take the first id get it.
+        default = service.served_model_id()
+        ids = [default, *(model_id for model_id in service.model_ids() if model_id != default)]
+        return ModelList(data=[ModelCard(id=model_id, created=started_at) for model_id in ids])
 
     @router.api_route("/v1/models/{model_id:path}", methods=READ, tags=["openai"])
     def retrieve_model(model_id: str) -> ModelCard:
-        if model_id != service.served_model_id():
-            message = f"the model '{model_id}' does not exist: this server serves '{service.served_model_id()}'"
-            raise ApiError(404, message, param="model", code="model_not_found")
-        return served_model()
+        require_served()
+        return ModelCard(id=service.resolve_model(model_id), created=started_at)
 
     @router.post(
         "/v1/chat/completions",
@@ -129,8 +132,14 @@ def _openai_router(chat: ChatCompletionServing, service: ModelService) -> APIRou
     return router
 
 
+# Swagger UI's files, from the fastapi-offline package: FastAPI's default page loads them from a CDN, which leaves
+# /docs blank offline.
+_DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
+_DOCS_ASSET_NAMES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+
+
 def _docs_router(app: FastAPI) -> APIRouter:
-    """The OpenAPI schema and its Swagger UI page, as FastAPI serves them by default."""
+    """The OpenAPI schema and its Swagger UI page, with the page's scripts and styles served by the app itself."""
     router = APIRouter(include_in_schema=False)
 
     @router.api_route("/openapi.json", methods=READ)
@@ -139,7 +148,19 @@ def _docs_router(app: FastAPI) -> APIRouter:
 
     @router.api_route("/docs", methods=READ)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
+
+    @router.get("/docs/assets/{name}")
+    def docs_asset(name: str) -> Response:
+        if name not in _DOCS_ASSET_NAMES:
+            return ApiError(404, f"no docs asset {name!r}", code="unknown_url").response()
+        return FileResponse(_DOCS_ASSETS / name)
 
     _refuse_other_methods(router, "/openapi.json", READ)
     _refuse_other_methods(router, "/docs", READ)

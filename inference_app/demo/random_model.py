@@ -1,10 +1,7 @@
 """Builds random-weight Phi-3-family models, a local tokenizer (Phi-3's chat template) and a LoRA adapter on disk.
 
-The folders follow the AI Toolkit's layout on the Azure Files share, so the app loads them through the
-same code path as in Azure:
-
-    <root>/model-cache/microsoft/<name>            base model + tokenizer
-    <root>/models/qlora/qlora/gpu_model/adapter     LoRA adapter (peft)
+The folders follow the AI Toolkit's layout on the Azure Files share (inference_app.demo.share_layout), so the app
+loads them through the same code path as in Azure.
 
 Nothing is downloaded: the tokenizer is trained with `tokenizers` on a small built-in corpus and the weights
 are random (fixed seed), so every build is identical. Used by `python -m inference_app --demo` (size "small"),
@@ -24,7 +21,8 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
-BASE_MODEL_NAME = "Phi-3-mini-4k-instruct"
+from inference_app.demo.share_layout import BASE_MODEL_NAME, ModelFolders, adapter_folder, model_folder
+
 # The AI Toolkit's LoRA settings for Phi-3 (rank 64 on the fused attention projections).
 LORA_TARGET_MODULES = ("qkv_proj", "o_proj")
 
@@ -103,21 +101,6 @@ SIZES: dict[str, ModelSize] = {
         sliding_window=2047,
     ),
 }
-
-
-@dataclass(frozen=True)
-class ModelFolders:
-    root: Path
-    model_path: Path
-    adapter_path: Path
-
-
-def model_folder(root: Path, name: str = BASE_MODEL_NAME) -> Path:
-    return root / "model-cache" / "microsoft" / name
-
-
-def adapter_folder(root: Path) -> Path:
-    return root / "models" / "qlora" / "qlora" / "gpu_model" / "adapter"
 
 
 def build_tokenizer(path: Path, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
@@ -274,7 +257,7 @@ def cached_model_folders(root: Path, size: str, dtype: torch.dtype = torch.float
 
     Built beside `root` and renamed into it, so an interrupted build never looks complete; only `root` and that
     build folder are ever replaced."""
-    folders = ModelFolders(root=root, model_path=model_folder(root), adapter_path=adapter_folder(root))
+    folders = ModelFolders.under(root)
     if (root / BUILT_MARK).is_file():
         return folders, False
     building = root.with_name(f"{root.name}.building")

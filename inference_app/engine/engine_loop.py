@@ -58,6 +58,8 @@ class BatchingEngine:
 
     def __init__(self, loaded: LoadedModel, options: EngineOptions) -> None:
         self._model = loaded.model
+        self._row_models = loaded.row_models
+        self._default_model = loaded.default_model
         self._device = torch.device(loaded.device)
         # The engine streams text on its own thread: a private copy avoids sharing the Rust tokenizer across threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
@@ -111,7 +113,7 @@ class BatchingEngine:
     def start(self) -> None:
         """Captures the CUDA graphs (on CUDA) and starts the engine and output threads."""
         options = self._options
-        self._runner = ModelRunner(self._model, self._cache, self._device, options.cuda_graphs)
+        self._runner = ModelRunner(self._model, self._cache, self._device, options.cuda_graphs, self._row_models)
         logger.info("generation engine: %s", self.describe()["summary"])
         self._output.start()
         self._thread.start()
@@ -151,10 +153,12 @@ class BatchingEngine:
         max_new_tokens: int,
         deliver: Callable[[GenerationChunk | BaseException], None],
         grammar: GrammarMatcher | None = None,
+        model: int | None = None,
     ) -> EngineRequest:
-        """Queues a generation; `deliver` gets its chunks (and an error, if any) on the output thread. The caller
-        keeps prompt + max_new_tokens within `sequence_tokens` (ModelService refuses longer prompts with the fix),
-        and passes grammar_matcher(params.grammar) when the request has a grammar."""
+        """Queues a generation of `model` (an index into LoadedModel.model_ids; None: the default model); `deliver`
+        gets its chunks (and an error, if any) on the output thread. The caller keeps prompt + max_new_tokens within
+        `sequence_tokens` (ModelService refuses longer prompts with the fix), and passes grammar_matcher(params.grammar)
+        when the request has a grammar."""
         if (grammar is None) != (params.grammar is None):
             raise ValueError("a request with a grammar needs its matcher (grammar_matcher), and only such a request")
         if len(prompt_ids) + max_new_tokens > self.sequence_tokens:
@@ -172,6 +176,7 @@ class BatchingEngine:
             stop_matcher=StopMatcher(params.stop),
             seed=random.getrandbits(63) if params.seed is None else params.seed % 2**63,
             grammar=grammar,
+            model=self._default_model if model is None else model,
         )
         self._scheduler.add(request)
         return request

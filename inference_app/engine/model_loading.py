@@ -19,12 +19,13 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from inference_app.engine.row_adapters import RowModels, serve_adapters
 from inference_app.settings import Settings, option_name
 
 logger = logging.getLogger(__name__)
 
 MODEL_OPTION = option_name("model_path")
-ADAPTER_OPTION = option_name("adapter_path")
+ADAPTER_OPTION = option_name("adapters")
 QUANTIZE_OPTION = option_name("quantize_4bit")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # safetensors' own limit on a file's JSON header; a larger length field means the file is something else.
@@ -38,10 +39,11 @@ class ModelLoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers causal LM, possibly wrapped in a peft PeftModel (when not merged)
+    model: Any  # a transformers causal LM; with adapters, its LoRA layers are RowLoraLinear
     tokenizer: PreTrainedTokenizerBase
-    model_id: str
-    adapter_id: str | None
+    model_ids: tuple[str, ...]  # the served models: the base model, then each adapter (row_adapters.RowModels' order)
+    default_model: int  # the one a request naming none runs: the first adapter, or the base model without adapters
+    row_models: RowModels | None  # which model each row runs; None when only the base model is served
     device: str
     dtype: str
     context_length: int
@@ -54,8 +56,9 @@ class LoadedModel:
 
 def load_model(settings: Settings) -> LoadedModel:
     _check_model_folder(settings.model_path)
-    if not settings.base_only:
-        _check_adapter_folder(settings.adapter_path, settings.model_path)
+    adapters = settings.served_adapters
+    for _, adapter_path in adapters:
+        _check_adapter_folder(adapter_path, settings.model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(settings.dtype, device)
     timings: dict[str, float] = {}
@@ -65,20 +68,24 @@ def load_model(settings: Settings) -> LoadedModel:
     model = _load_base_model(settings, device, dtype)
     timings["weights"] = time.perf_counter() - started
 
-    if not settings.base_only:
+    row_models = None
+    if adapters:
         started = time.perf_counter()
-        model = _load_adapter(model, settings.adapter_path, settings.model_path)
+        # peft's own names for them: a served name may hold a "." (module names cannot).
+        peft_names = [f"adapter_{index}" for index in range(len(adapters))]
+        for peft_name, (_, adapter_path) in zip(peft_names, adapters, strict=True):
+            model = _load_adapter(model, peft_name, adapter_path, settings.model_path)
         timings["adapter"] = time.perf_counter() - started
-        if settings.should_merge_adapter:
-            started = time.perf_counter()
-            model = model.merge_and_unload()
-            timings["merge"] = time.perf_counter() - started
+        started = time.perf_counter()
+        model, row_models = serve_adapters(model, peft_names, settings.should_merge_adapter)
+        timings["merge"] = time.perf_counter() - started
     model.eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        model_id=settings.model_id,
-        adapter_id=settings.adapter_id,
+        model_ids=settings.model_ids,
+        default_model=settings.model_ids.index(settings.served_model_id),
+        row_models=row_models,
         device=device,
         dtype="4-bit (nf4)" if settings.quantize_4bit else str(dtype).removeprefix("torch."),
         context_length=int(model.config.max_position_embeddings),
@@ -229,11 +236,18 @@ def _four_bit_config(device: str, dtype: torch.dtype) -> Any:
     )
 
 
-def _load_adapter(model: Any, adapter_path: Path, model_path: Path) -> Any:
+def _load_adapter(model: Any, name: str, adapter_path: Path, model_path: Path) -> Any:
+    """`model` (the base, or a PeftModel holding the adapters loaded before) with this adapter too."""
     try:
-        # peft upcasts the adapter to float32 by default (autocast_adapter_dtype); unmerged (4-bit), every LoRA
-        # module would then compute in float32 beside bf16/fp16 activations. Keep it in the compute dtype.
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=False, autocast_adapter_dtype=False)
+        # peft upcasts an adapter to float32 by default (autocast_adapter_dtype); unmerged (4-bit, or a served
+        # adapter beside the merged one), every LoRA module would then compute in float32 beside bf16/fp16
+        # activations. Keep it in the compute dtype.
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter_path, adapter_name=name, is_trainable=False, autocast_adapter_dtype=False)
+            return model
+        return PeftModel.from_pretrained(
+            model, adapter_path, adapter_name=name, is_trainable=False, autocast_adapter_dtype=False
+        )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise ModelLoadError(
             f"adapter {adapter_path} does not fit base model {model_path} ({_first_line(error)}): "

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, make_decoder
+from inference_app.engine.cuda_graphs import SHORTEST_LENGTH_BUCKET, DecodeRunner, GraphDecoder, make_decoder
 from inference_app.engine.kv_cache import KVCache
 from inference_app.engine.request import EngineRequest
+from inference_app.engine.row_adapters import RowModels
 from inference_app.engine.sampler import BatchSampler, SampledTokens
 from inference_app.engine.types import TokenLogprobs
 
@@ -91,7 +92,14 @@ class DecodeBatch:
 class ModelRunner:
     """Runs the model for the engine loop: prefill of joining requests, one decode step over the batch."""
 
-    def __init__(self, model: Any, cache: KVCache, device: torch.device, cuda_graphs: bool):
+    def __init__(
+        self,
+        model: Any,
+        cache: KVCache,
+        device: torch.device,
+        cuda_graphs: bool,
+        row_models: RowModels | None = None,
+    ):
         self._model = model
         self.cache = cache
         self._device = device
@@ -99,8 +107,19 @@ class ModelRunner:
         self.batch = DecodeBatch(slots, device)
         self._sampler = BatchSampler(slots, int(model.config.vocab_size), device)
         self._slot_index = torch.arange(slots, device=device)  # 0..slots-1
+        # Several served models: which one each row runs (row_adapters); decode steps whose rows all run the merged
+        # weights take `decoder`, the others `correcting_decoder`, which computes the per-row LoRA corrections.
+        self._row_models = row_models
+        if row_models is not None:
+            row_models.allocate(slots, device, model.dtype)
+        use_graphs = cuda_graphs and cuda_graphs_supported(device)
         with torch.inference_mode():
-            self.decoder = self._make_decoder(cuda_graphs and cuda_graphs_supported(device))
+            self.decoder = self._make_decoder(use_graphs, correcting=False)
+            # Graphs for the corrections only when the plain step's were captured (one fallback, one log line).
+            graphs_captured = isinstance(self.decoder, GraphDecoder)
+            self.correcting_decoder = (
+                None if row_models is None else self._make_decoder(graphs_captured, correcting=True)
+            )
 
     def prefill(self, requests: list[EngineRequest]) -> StepTokens:
         """Runs the prompts together (right-padded) into their slots and samples each first token; the rows join the
@@ -120,6 +139,7 @@ class ModelRunner:
             self._take_slots([slot], [request])
         end = start + length
         mask = self.cache.prepare_chunk(slot, start, length)
+        self._select_models([slot], [request])
         logits = self._model(
             input_ids=torch.tensor([request.prompt_ids[start:end]], device=self._device),
             position_ids=torch.arange(start, end, device=self._device)[None],
@@ -136,6 +156,11 @@ class ModelRunner:
         )
         self._join_batch([slot], [request], first.tokens)
         return list(first.tokens.tolist()), first.logprobs
+
+    def _select_models(self, slots: list[int], requests: list[EngineRequest]) -> None:
+        """With several served models: the prefill rows (in this order) run their requests' models."""
+        if self._row_models is not None:
+            self._row_models.for_prefill(slots, [request.model for request in requests])
 
     def _take_slots(self, slots: list[int], requests: list[EngineRequest]) -> None:
         """Before a request's first prefill: its slot's blocks and sampling settings."""
@@ -157,7 +182,13 @@ class ModelRunner:
         by slot (up to the batch's width)."""
         # A row keeps slot_tokens places (fewer than its positions in a sliding window's ring buffer).
         width, length = self.batch.width, min(self.batch.length, self.cache.plan.slot_tokens)
-        logits = self.decoder.run(width, length)[:width]
+        decoder = self.decoder
+        if self._row_models is not None:
+            self._row_models.for_decode()
+            if self._row_models.correcting:
+                assert self.correcting_decoder is not None  # made with the row models
+                decoder = self.correcting_decoder
+        logits = decoder.run(width, length)[:width]
         positions = self.batch.positions[:width]
         new = self._sampler.sample(
             logits, self._slot_index[:width], positions, self.batch.any_sampled, list(range(width))
@@ -169,6 +200,8 @@ class ModelRunner:
         """The rows of finished requests leave the batch; a paged slot's table points at scratch again."""
         self.batch.remove(slots)
         self._sampler.remove_rows(slots)
+        if self._row_models is not None:
+            self._row_models.release(slots)
         for slot in slots:
             self.cache.clear_blocks(slot)
 
@@ -196,6 +229,7 @@ class ModelRunner:
         # Only the logits of each prompt's last token: the distinct last positions, then each row's own.
         last_positions = sorted(set(lengths))
         keep = torch.tensor([length - 1 for length in last_positions], device=self._device)
+        self._select_models(slots, requests)
         logits = self._model(
             input_ids=input_ids,
             position_ids=torch.arange(longest, device=self._device).expand(len(requests), longest),
@@ -209,8 +243,12 @@ class ModelRunner:
         any_sampled = any(not request.params.greedy for request in requests)
         return self._sampler.sample(row_logits, slot_index, length_tensor - 1, any_sampled, slots)
 
-    def _make_decoder(self, use_graphs: bool) -> DecodeRunner:
+    def _make_decoder(self, use_graphs: bool, correcting: bool) -> DecodeRunner:
+        """The decode step's runner; `correcting`: with the per-row LoRA corrections (captured with them on)."""
         slots, slot_tokens = self.cache.plan.slots, self.cache.plan.slot_tokens
+        if self._row_models is not None:
+            self._row_models.for_decode()
+            self._row_models.correcting = correcting
         # Capture and its check run on a pattern of tokens and positions (free slots, no request's keys are touched),
         # the positions within the shortest attention length the check uses.
         self.batch.tokens.copy_(torch.arange(slots) % int(self._model.config.vocab_size))

@@ -24,6 +24,7 @@ class EngineRequest:
     stop_matcher: StopMatcher
     seed: int  # the sampling noise's seed (random when the caller gave none)
     grammar: GrammarMatcher | None = None  # where the reply is in params.grammar (engine thread)
+    model: int = 0  # the served model it runs (LoadedModel.model_ids' index)
     generated: int = 0  # tokens the engine sampled, end-of-reply token excluded (engine thread)
     completion_tokens: int = 0  # tokens turned into text (text thread)
     logprobs_held: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not delivered yet

@@ -11,17 +11,18 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fastapi import Request
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
 from inference_app.api.errors import ApiError
-from inference_app.settings import Settings, env_var
+from inference_app.settings import Settings, env_var, option_name
 
 # The brake on guessing (GuessingBrake): this many failed sign-ins from one address within the window pause it.
 MAX_FAILED_SIGN_INS = 10
@@ -32,12 +33,28 @@ INVALID_CREDENTIALS_MESSAGE = (
     "Missing or invalid credentials: send 'Authorization: Bearer <password>'"
     " (pulumi stack output --show-secrets accessPassword) or HTTP basic auth."
 )
-# Shown as HTML above Gradio's login form.
-LOGIN_MESSAGE = (
-    "Sign in with this deployment's username and password: <code>pulumi stack output accessUsername</code> and"
-    " <code>pulumi stack output --show-secrets accessPassword</code>. After"
-    f" {MAX_FAILED_SIGN_INS} failed attempts, sign-in pauses for up to {FAILED_SIGN_IN_WINDOW_S:.0f} seconds."
-)
+# Azure Container Apps sets it in every container it runs: the app is deployed, so `pulumi stack output` knows the
+# credentials (learn.microsoft.com/azure/container-apps/environment-variables, built-in variables).
+DEPLOYED_MARKER = "CONTAINER_APP_NAME"
+
+
+def login_message(settings: Settings, environ: Mapping[str, str] = os.environ) -> str:
+    """The HTML above Gradio's login form: where this server's username and password come from."""
+    if DEPLOYED_MARKER in environ:
+        where = (
+            "Sign in with this deployment's username and password: <code>pulumi stack output accessUsername</code> and"
+            " <code>pulumi stack output --show-secrets accessPassword</code>."
+        )
+    else:
+        where = (
+            "Sign in with the username and password this server was started with"
+            f" (<code>{option_name('auth_username')}</code>, <code>{option_name('auth_password')}</code>)."
+        )
+    # The default name is no secret (the docs print it); a name someone chose is not shown to anonymous visitors.
+    if settings.auth_username == Settings.auth_username:
+        where += f" The username is <code>{Settings.auth_username}</code>."
+    brake = f"After {MAX_FAILED_SIGN_INS} failed attempts, sign-in pauses for up to {FAILED_SIGN_IN_WINDOW_S:.0f} s."
+    return f"{where} {brake}"
 
 
 class PasswordCheck:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import gradio as gr
 from starlette.requests import HTTPConnection
 
-from inference_app.api.protocol import flatten_text_content
 from inference_app.client_limit import ClientLimitExceededError, PerClientLimit
 from inference_app.service import (
     InvalidRequestError,
@@ -27,7 +26,10 @@ from inference_app.service import (
 )
 from inference_app.settings import Settings
 from inference_app.web.auth import client_address
+from inference_app.web.chat_history import NOT_ANSWERED, conversation
+from inference_app.web.compare import COMPARE_TAB, build_compare_tab
 
+CHAT_TAB = "Chat"
 CHAT_API_NAME = "chat"  # gradio_client: Client(url).predict(message, system_prompt, ..., api_name="/chat")
 EXAMPLES = [
     ["Write a haiku about the sea."],
@@ -36,10 +38,20 @@ EXAMPLES = [
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
-NOT_ANSWERED = "⚠️ Not answered: "
 STATUS_REFRESH_S = 2.0  # how often the page asks for the model's status until it is ready or failed
 TRIM_BUTTON = "Drop the oldest exchange"
+DEMO_NOTICE = (
+    "**This is a demo** (`--demo`): a small model with random weights and a random LoRA adapter, so the replies"
+    " are gibberish. It shows the app, not a model; serve your own with `--model` and `--adapter`."
+)
+# The page's theme (given where the page is mounted): the system's own fonts only. Gradio's default theme loads its
+# fonts from Google, and offline the fallback drew "LoRA" with a small-capital A.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+)
 SIGN_OUT_BUTTON = "Sign out"
+_SHOW_WHEN_NOT_EMPTY_JS = "(history) => ({__type__: 'update', visible: history.length > 0})"
 # POST, from this page only: a link on another site cannot sign anyone out (see inference_app.web.sign_in).
 _SIGN_OUT_JS = "async () => { await fetch('./logout', {method: 'POST'}); window.location.reload(); }"
 
@@ -85,47 +97,62 @@ def build_ui(
         except ClientLimitExceededError as error:
             yield f"{NOT_ANSWERED}{error}."
 
-    title = f"Chat with {settings.model_id}" + ("" if settings.adapter_id is None else " + LoRA adapter")
+    title = f"Chat with {settings.model_id}" + (" + LoRA adapter" if settings.served_adapters else "")
     # The page's title is also served to anyone (the login page's tab, /manifest.json): in password mode, no model.
     page_title = "Chat" if sign_out else title
     with gr.Blocks(
         title=page_title, analytics_enabled=False
     ) as page:  # analytics off: offline in tests, never phones home
+        if settings.demo:
+            gr.Markdown(DEMO_NOTICE)
         status = gr.Markdown(_status_notice(service))
-        chat = gr.ChatInterface(
-            respond,
-            title=title,
-            description=_header(settings),
-            # render=False: the chat places them (in its accordion), not the page they are created in.
-            additional_inputs=[
-                gr.Textbox(
-                    label="System prompt", lines=2, placeholder="Optional instructions for the model", render=False
-                ),
-                gr.Slider(
-                    1,
-                    settings.max_new_tokens_cap,
-                    value=min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_cap),
-                    step=1,
-                    label="Max new tokens",
-                    render=False,
-                ),
-                gr.Slider(
-                    0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0: greedy)", render=False
-                ),
-                gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", render=False),
-                gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", render=False),
-            ],
-            additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
-            examples=EXAMPLES,
-            api_name=CHAT_API_NAME,
-            analytics_enabled=False,
-        )
-        with gr.Row():
-            trim = gr.Button(TRIM_BUTTON, size="sm", variant="secondary")
-            if sign_out:
-                gr.Button(SIGN_OUT_BUTTON, size="sm", variant="secondary").click(None, js=_SIGN_OUT_JS)
-        # Through the chat's own value: the chat then hands the shortened history to the next reply.
-        trim.click(drop_oldest_exchange, chat.chatbot, chat.chatbot_value, api_visibility="undocumented")
+        with gr.Tabs():
+            with gr.Tab(CHAT_TAB):
+                chat = gr.ChatInterface(
+                    respond,
+                    title=title,
+                    description=_header(settings),
+                    # render=False: the chat places them (in its accordion), not the page they are created in.
+                    additional_inputs=[
+                        gr.Textbox(
+                            label="System prompt",
+                            lines=2,
+                            placeholder="Optional instructions for the model",
+                            render=False,
+                        ),
+                        gr.Slider(
+                            1,
+                            settings.max_new_tokens_cap,
+                            value=min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_cap),
+                            step=1,
+                            label="Max new tokens",
+                            render=False,
+                        ),
+                        gr.Slider(
+                            0.0,
+                            2.0,
+                            value=DEFAULT_TEMPERATURE,
+                            step=0.05,
+                            label="Temperature (0: greedy)",
+                            render=False,
+                        ),
+                        gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", render=False),
+                        gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", render=False),
+                    ],
+                    additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
+                    examples=EXAMPLES,
+                    api_name=CHAT_API_NAME,
+                    analytics_enabled=False,
+                )
+                trim = gr.Button(TRIM_BUTTON, size="sm", variant="secondary", visible=False)  # once there is one
+                # Through the chat's own value: the chat then hands the shortened history to the next reply.
+                trim.click(drop_oldest_exchange, chat.chatbot, chat.chatbot_value, api_visibility="undocumented")
+                # In the browser alone (no request per streamed token): the button shows once the chat has a message.
+                chat.chatbot.change(None, chat.chatbot, trim, js=_SHOW_WHEN_NOT_EMPTY_JS)
+            with gr.Tab(COMPARE_TAB):
+                build_compare_tab(settings, service)
+        if sign_out:
+            gr.Button(SIGN_OUT_BUTTON, size="sm", variant="secondary").click(None, js=_SIGN_OUT_JS)
 
         timer = gr.Timer(STATUS_REFRESH_S, active=service.status == "loading")
 
@@ -135,21 +162,6 @@ def build_ui(
         timer.tick(refresh_status, None, [status, timer], api_visibility="undocumented", queue=False)
         page.load(refresh_status, None, [status, timer], api_visibility="undocumented", queue=False)
     return page.queue(default_concurrency_limit=settings.max_concurrent_generations)
-
-
-def conversation(message: str, history: Sequence[Mapping[str, Any]], system_prompt: str | None) -> list[dict[str, str]]:
-    """The messages to template: system prompt, earlier turns, the new message.
-
-    Gradio 6 sends each earlier turn's content as a list of {"type": "text", "text": ...} blocks; the chat
-    template needs a string. Errors shown in the chat (NOT_ANSWERED) are not the model's words: left out.
-    """
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
-    for turn in history:
-        content = flatten_text_content(turn["content"])
-        if turn["role"] in ("user", "assistant") and not content.startswith(NOT_ANSWERED):
-            messages.append({"role": turn["role"], "content": content})
-    messages.append({"role": "user", "content": message})
-    return messages
 
 
 def drop_oldest_exchange(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,7 +192,12 @@ def _status_notice(service: ModelService) -> str:
 
 
 def _header(settings: Settings) -> str:
+    """What is served, by name: folder paths say nothing to a visitor and tell too much about the server."""
     served = f"API model id `{settings.served_model_id}` at `/v1/chat/completions`."
-    if settings.adapter_id is None:
-        return f"Base model `{settings.model_path}` without an adapter (`--base-only`). {served}"
-    return f"Base model `{settings.model_path}` with the LoRA adapter `{settings.adapter_path}`. {served}"
+    if not settings.served_adapters:
+        return f"Base model `{settings.model_id}` without an adapter (`--base-only`). {served}"
+    others = [f"`{model_id}`" for model_id in settings.model_ids if model_id != settings.served_model_id]
+    return (
+        f"Base model `{settings.model_id}` with the LoRA adapter `{settings.served_model_id}`. {served}"
+        f" Also served: {', '.join(others)}."
+    )

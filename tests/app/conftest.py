@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inference_app.service import GenerationChunk, ModelService, SamplingParams
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from tests.app.browser_harness import browser, page  # noqa: F401 (fixtures for every test module)
 from tests.app.service_harness import collect_chunks
 from tests.model_factory import ModelFolders, build_model_folders
@@ -31,7 +31,7 @@ def tiny_settings(model_folders: ModelFolders) -> Settings:
     """Settings that serve the tiny model and adapter on 127.0.0.1 (tests choose the port)."""
     return Settings(
         model_path=model_folders.model_path,
-        adapter_path=model_folders.adapter_path,
+        adapters=(AdapterOption(None, model_folders.adapter_path),),
         host="127.0.0.1",
     )
 

@@ -32,7 +32,7 @@ PROCESS_READY_TIMEOUT_S = 120  # a fresh interpreter imports the whole stack bef
 # What /ready details for the tests' tiny model and adapter (conftest's tiny_settings) on the CPU.
 TINY_MODEL_INFO = {
     "model_id": "Phi-3-mini-4k-instruct",
-    "adapter_id": "adapter",
+    "adapter_ids": ["Phi-3-mini-4k-instruct-ft"],
     "device": "cpu",
     "dtype": "float32",
     "context_length": 512,

@@ -48,11 +48,16 @@ def greedy_reply(server: RunningServer, messages: list[dict[str, str]], max_new_
 
 
 def test_openai_lists_the_served_model(openai_client: openai.OpenAI) -> None:
-    assert [model.id for model in openai_client.models.list()] == ["adapter"]
+    assert [model.id for model in openai_client.models.list()] == [
+        "Phi-3-mini-4k-instruct-ft",
+        "Phi-3-mini-4k-instruct",
+    ]
 
 
 def test_openai_chat_completion(openai_client: openai.OpenAI, server: RunningServer) -> None:
-    completion = openai_client.chat.completions.create(model="adapter", messages=MESSAGES, max_tokens=16, temperature=0)
+    completion = openai_client.chat.completions.create(
+        model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=16, temperature=0
+    )
     [choice] = completion.choices
     assert choice.message.role == "assistant"
     assert choice.message.content == greedy_reply(server, MESSAGES, 16)
@@ -64,7 +69,7 @@ def test_openai_chat_completion(openai_client: openai.OpenAI, server: RunningSer
 
 def test_openai_streamed_chat_completion(openai_client: openai.OpenAI, server: RunningServer) -> None:
     stream = openai_client.chat.completions.create(
-        model="adapter",
+        model="Phi-3-mini-4k-instruct-ft",
         messages=MESSAGES,
         max_tokens=16,
         temperature=0,
@@ -83,7 +88,7 @@ def test_openai_stop_sequence(openai_client: openai.OpenAI, server: RunningServe
     full = greedy_reply(server, MESSAGES, 30)
     stop = full[8:11]
     completion = openai_client.chat.completions.create(
-        model="adapter", messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop]
+        model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop]
     )
     assert completion.choices[0].message.content == full[: full.index(stop)]
     assert completion.choices[0].finish_reason == "stop"
@@ -91,7 +96,7 @@ def test_openai_stop_sequence(openai_client: openai.OpenAI, server: RunningServe
 
 def test_openai_sees_a_bad_request_as_such(openai_client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        openai_client.chat.completions.create(model="adapter", messages=MESSAGES, temperature=3)
+        openai_client.chat.completions.create(model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, temperature=3)
     assert raised.value.status_code == 400
     assert raised.value.param == "temperature"
     assert raised.value.code == "invalid_value"

@@ -26,7 +26,7 @@ from inference_app.service import (
     SamplingParams,
     plain_template_prompt,
 )
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from tests.model_factory import SIZES, ModelFolders
 from tests.server_process import wait_for
 
@@ -259,7 +259,9 @@ def test_stop_string_ends_the_reply_and_is_never_emitted(start_service: StartSer
 def test_end_of_reply_token_finishes_with_stop(model_folders: ModelFolders, tmp_path: Path, reply: Reply) -> None:
     # Make the base model's 3rd greedy token its end-of-reply token (as <|end|> is for Phi-3).
     model_path = Path(shutil.copytree(model_folders.model_path, tmp_path / "Phi-3-mini-4k-instruct"))
-    settings = Settings(model_path=model_path, adapter_path=model_folders.adapter_path, base_only=True)
+    settings = Settings(
+        model_path=model_path, adapters=(AdapterOption(None, model_folders.adapter_path),), base_only=True
+    )
     loaded = load_model(settings)
     inputs: Any = loaded.tokenizer.apply_chat_template(
         user(PROMPT), add_generation_prompt=True, return_dict=True, return_tensors="pt"

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from inference_app.settings import Settings, environment_variables, parse_settings
+from inference_app.settings import AdapterOption, Settings, environment_variables, parse_settings
 
 
 def test_defaults_follow_the_toolkit_share_layout() -> None:
     settings = parse_settings([], environ={})
     assert settings == Settings()
     assert settings.model_path == Path("/mount/model-cache/microsoft/Phi-3-mini-4k-instruct")
-    assert settings.adapter_path == Path("/mount/models/qlora/qlora/gpu_model/adapter")
+    assert settings.adapters == (AdapterOption(None, Path("/mount/models/qlora/qlora/gpu_model/adapter")),)
+    assert settings.model_ids == ("Phi-3-mini-4k-instruct", "Phi-3-mini-4k-instruct-ft")
     assert (settings.host, settings.port, settings.dtype) == ("127.0.0.1", 7860, "auto")
     assert settings.base_only is False and settings.quantize_4bit is False
     assert settings.merge_adapter is None and settings.should_merge_adapter is True
@@ -25,7 +26,7 @@ def test_defaults_follow_the_toolkit_share_layout() -> None:
 def test_every_flag_has_an_environment_variable() -> None:
     names = environment_variables()
     assert names["--model"] == "INFERENCE_MODEL"
-    assert names["--adapter"] == "INFERENCE_ADAPTER"
+    assert names["--adapter"] == "INFERENCE_ADAPTERS"
     assert names["--max-new-tokens-cap"] == "INFERENCE_MAX_NEW_TOKENS_CAP"
     assert len(names) == len(Settings.__dataclass_fields__)
 
@@ -33,7 +34,7 @@ def test_every_flag_has_an_environment_variable() -> None:
 def test_environment_sets_options_and_command_line_wins() -> None:
     environ = {
         "INFERENCE_MODEL": "/share/base",
-        "INFERENCE_ADAPTER": "/share/adapter",
+        "INFERENCE_ADAPTERS": "/share/adapter",
         "INFERENCE_BASE_ONLY": "true",
         "INFERENCE_PORT": "8000",
         "INFERENCE_DTYPE": "float16",
@@ -46,7 +47,7 @@ def test_environment_sets_options_and_command_line_wins() -> None:
     }
     settings = parse_settings(["--port", "9000", "--no-base-only"], environ=environ)
     assert settings.model_path == Path("/share/base")
-    assert settings.adapter_path == Path("/share/adapter")
+    assert settings.adapters == (AdapterOption(None, Path("/share/adapter")),)
     assert settings.base_only is False
     assert settings.port == 9000
     assert settings.dtype == "float16"
@@ -56,6 +57,41 @@ def test_environment_sets_options_and_command_line_wins() -> None:
     assert settings.prompt_template == "### Question: {}\n### Answer:"
     assert settings.max_batch_size == 2
     assert settings.kv_cache_tokens == 8192
+
+
+def test_several_adapters_by_name_from_the_command_line_or_the_environment() -> None:
+    environ = {"INFERENCE_MODEL": "/share/base", "INFERENCE_ADAPTERS": "run1=/share/run1, run2=/share/run2"}
+    settings = parse_settings([], environ=environ)
+    assert settings.served_adapters == (("run1", Path("/share/run1")), ("run2", Path("/share/run2")))
+    assert settings.model_ids == ("base", "run1", "run2") and settings.served_model_id == "run1"
+    # The flags replace the variable's list; a bare path is named after the base model.
+    settings = parse_settings(["--adapter", "/share/a", "--adapter", "b.v2=/share/b"], environ=environ)
+    assert settings.model_ids == ("base", "base-ft", "b.v2")
+    assert parse_settings(["--base-only"], environ=environ).model_ids == ("base",)
+
+
+def test_the_old_adapter_variable_is_refused_with_its_new_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"INFERENCE_ADAPTER": "/share/adapter"})
+    assert "INFERENCE_ADAPTER is now INFERENCE_ADAPTERS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--adapter", "/a", "--adapter", "/b"], "two served models are named 'Phi-3-mini-4k-instruct-ft'"),
+        (["--adapter", "x=/a", "--adapter", "x=/b"], "two served models are named 'x'"),
+        (["--adapter", "Phi-3-mini-4k-instruct=/a"], "two served models are named 'Phi-3-mini-4k-instruct'"),
+        (["--adapter", "my run=/a"], "give NAME=PATH with a name of letters"),
+        (["--adapter", "=/a"], "give NAME=PATH"),
+    ],
+)
+def test_adapter_names_clients_could_not_tell_apart_are_refused(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(arguments, environ={})
+    assert message in capsys.readouterr().err
 
 
 def test_authentication_is_off_unless_a_password_is_set() -> None:
@@ -169,7 +205,7 @@ def test_command_help_runs_without_loading_anything() -> None:
         [sys.executable, "-m", "inference_app", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "INFERENCE_ADAPTER" in result.stdout
+    assert "INFERENCE_ADAPTERS" in result.stdout
 
 
 def test_web_facing_modules_do_not_import_torch() -> None:

@@ -451,6 +451,7 @@ def test_pulumi_yaml_declares_every_key_with_the_programs_defaults(tmp_path: Pat
         "registrySku",
         "modelPath",
         "adapterPath",
+        "adapters",
         "baseOnly",
         "quantize4bit",
         "dtype",

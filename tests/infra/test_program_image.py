@@ -278,7 +278,7 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
     )
     assert app_settings(azure) == {
         "INFERENCE_MODEL": "/mount/models/phi-3-mini",
-        "INFERENCE_ADAPTER": "/mount/models/run7/adapter",
+        "INFERENCE_ADAPTERS": "/mount/models/run7/adapter",
         "INFERENCE_BASE_ONLY": "false",
         "INFERENCE_QUANTIZE_4BIT": "true",
         "INFERENCE_DTYPE": "float16",
@@ -304,6 +304,16 @@ def test_app_settings_reach_the_container_as_environment_variables(in_scratch_di
             {"allowed_origins": ("https://chat.example.com", "http://localhost:3000", "https://[::1]:8443")},
         ),
         ({"allowedOrigins": []}, {}, {"allowed_origins": ()}),  # none besides the app's own: the app's default
+        (
+            {"adapters": ["run1=/mount/models/run1/adapter", "run2=/mount/models/run2/adapter"]},
+            {"INFERENCE_ADAPTERS": "run1=/mount/models/run1/adapter,run2=/mount/models/run2/adapter"},
+            {"model_ids": ("Phi-3-mini-4k-instruct", "run1", "run2")},
+        ),
+        (
+            {"adapterPath": "/mount/models/run7/adapter"},
+            {"INFERENCE_ADAPTERS": "/mount/models/run7/adapter"},
+            {"served_adapters": (("Phi-3-mini-4k-instruct-ft", Path("/mount/models/run7/adapter")),)},
+        ),
     ],
 )
 def test_http_settings_reach_the_container_as_the_app_reads_them(
@@ -372,6 +382,11 @@ def test_preview_declares_the_build_without_building(in_scratch_dir: Path) -> No
         ({"registrySku": "Free"}, "registrySku: must be one of Basic, Standard, Premium"),
         ({"modelPath": "models/phi3"}, "modelPath: must be an absolute path inside the container"),
         ({"adapterPath": "adapter"}, "adapterPath: must be an absolute path inside the container"),
+        ({"adapters": ["/mount/a"]}, "adapters: '/mount/a' is not NAME=PATH with an absolute path"),
+        ({"adapters": ["run1=models/a"]}, "adapters: 'run1=models/a' is not NAME=PATH with an absolute path"),
+        ({"adapters": ["my run=/mount/a"]}, "adapters has 'my run=/mount/a': give NAME=PATH"),
+        ({"adapters": []}, "adapters: must be a non-empty list of strings"),
+        ({"adapters": ["a=/mount/a"], "adapterPath": "/mount/b"}, "adapterPath and adapters are both set"),
         ({"baseOnly": "yes"}, "baseOnly: must be true or false"),
         ({"quantize4bit": "2"}, "quantize4bit: must be true or false"),
         ({"dtype": "fp16"}, "dtype: must be one of auto, bfloat16, float16, float32, got 'fp16'"),

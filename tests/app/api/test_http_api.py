@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import httpx
 import pytest
 
 from inference_app.service import MAX_CHARS_PER_TOKEN, ModelService, SamplingParams
-from inference_app.settings import Settings
-from inference_app.web.ui import CHAT_API_NAME, NOT_ANSWERED
+from inference_app.settings import AdapterOption, Settings
+from inference_app.web.chat_history import NOT_ANSWERED
+from inference_app.web.ui import CHAT_API_NAME
 from tests.app.server_harness import (
     TINY_MODEL_INFO,
     RunningServer,
@@ -121,7 +123,7 @@ def test_health_answers_while_loading_and_ready_turns_green_when_loaded(tiny_set
 def test_ready_stays_red_with_the_reason_when_loading_fails(tiny_settings: Settings, tmp_path: Path) -> None:
     missing_adapter = tmp_path / "no-such-adapter"
     with running_server(
-        dataclasses.replace(tiny_settings, adapter_path=missing_adapter), start_loading=False
+        dataclasses.replace(tiny_settings, adapters=(AdapterOption(None, missing_adapter),)), start_loading=False
     ) as server:
         server.service.start_loading()
         wait_for(lambda: server.service.status == "failed", 30, "loading to fail")
@@ -143,7 +145,7 @@ def test_python_m_inference_app_serves_the_ui_and_the_api(model_folders: ModelFo
     arguments = ["--model", str(model_folders.model_path), "--adapter", str(model_folders.adapter_path)]
     with app_process([*arguments, "--host", "127.0.0.1"], tmp_path / "server.log") as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "adapter"
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "Phi-3-mini-4k-instruct-ft"
         body = {"messages": CONVERSATION, "max_tokens": 5, "temperature": 0}  # greedy: longer than 5 tokens
         completion = httpx.post(f"{url}/v1/chat/completions", json=body)
         assert completion.json()["usage"]["completion_tokens"] == 5
@@ -156,8 +158,36 @@ def test_models_lists_the_adapter_as_the_served_model(client: httpx.Client) -> N
     assert response.status_code == 200
     models = response.json()
     assert models["object"] == "list"
-    assert [(model["id"], model["object"]) for model in models["data"]] == [("adapter", "model")]
+    assert [(model["id"], model["object"]) for model in models["data"]] == [
+        ("Phi-3-mini-4k-instruct-ft", "model"),
+        ("Phi-3-mini-4k-instruct", "model"),
+    ]
     assert isinstance(models["data"][0]["created"], int)
+
+
+def test_model_picks_the_base_or_the_adapter_and_an_unknown_one_gets_404(client: httpx.Client) -> None:
+    replies = {}
+    for model in ("Phi-3-mini-4k-instruct", "Phi-3-mini-4k-instruct-ft"):
+        completion = chat(client, model=model, max_tokens=8, temperature=0)
+        assert completion.status_code == 200 and completion.json()["model"] == model
+        replies[model] = completion.json()["choices"][0]["message"]["content"]
+    assert len(set(replies.values())) == 2  # two different models answered
+    unknown = chat(client, model="adapter", max_tokens=8)
+    assert_error(unknown, 404, "invalid_request_error", "model", "model_not_found")
+    assert "Phi-3-mini-4k-instruct, Phi-3-mini-4k-instruct-ft" in unknown.json()["error"]["message"]
+
+
+def test_docs_page_loads_swagger_ui_from_the_app_itself(client: httpx.Client) -> None:
+    """Offline, a page whose scripts come from a CDN is blank: every asset the page names is served here."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(assets) == 3, assets
+    for asset in assets:
+        assert asset.startswith("/docs/assets/"), f"{asset} is not served by the app"
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert client.get("/docs/assets/other.js").status_code == 404
 
 
 # ---- completions ----
@@ -169,7 +199,7 @@ def test_completion_templates_the_whole_conversation(client: httpx.Client, serve
     completion = response.json()
     assert completion["object"] == "chat.completion"
     assert completion["id"].startswith("chatcmpl-")
-    assert completion["model"] == "adapter"
+    assert completion["model"] == "Phi-3-mini-4k-instruct-ft"
     [choice] = completion["choices"]
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == direct_reply(server.service, CONVERSATION, max_new_tokens=12, temperature=0)
@@ -252,10 +282,10 @@ def test_seed_makes_sampling_repeatable(client: httpx.Client) -> None:
 
 def test_top_p_zero_is_greedy_and_unknown_fields_are_ignored(client: httpx.Client) -> None:
     greedy = chat(client, max_tokens=10, temperature=0).json()
-    response = chat(client, max_tokens=10, top_p=0, model="any-name", user="someone", presence_penalty=0)
+    response = chat(client, max_tokens=10, top_p=0, user="someone", presence_penalty=0)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"] == greedy["choices"][0]["message"]
-    assert response.json()["model"] == "adapter"
+    assert response.json()["model"] == "Phi-3-mini-4k-instruct-ft"
 
 
 def test_openai_content_parts_and_developer_role_are_accepted(client: httpx.Client) -> None:

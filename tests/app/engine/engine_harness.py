@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference_app.engine.cache_plan import CacheShape
 from inference_app.engine.model_loading import LoadedModel
@@ -87,7 +88,7 @@ def sliding_window_model(folder: Path, window: int, context: int = 512, device: 
     torch.manual_seed(0)
     model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa").eval().to(device)
     model.generation_config = generation_config(tokenizer, config)
-    return LoadedModel(model, tokenizer, "windowed", None, device, "float32", context, {})
+    return LoadedModel(model, tokenizer, ("windowed",), 0, None, device, "float32", context, {})
 
 
 def greedy(max_new_tokens: int = NEW_TOKENS) -> SamplingParams:
@@ -95,3 +96,31 @@ def greedy(max_new_tokens: int = NEW_TOKENS) -> SamplingParams:
 
 
 TINY_SHAPE = CacheShape(layers=2, kv_heads=4, head_dim=16, dtype=torch.float32, sliding_window=None)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the operations run under it (to find what a CUDA graph could not hold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.add(str(func))
+        indices = args[1] if str(func).startswith(("aten.index.", "aten.index_put")) else ()
+        if any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices):
+            self.ops.add("indexing with a boolean mask")  # its size depends on the mask's values: a sync
+        return func(*args, **(kwargs or {}))
+
+
+# Operations a CUDA graph cannot hold: they wait for the device (a value read back on the host) or copy host data in.
+CAPTURE_BREAKERS = {
+    "aten.item.default",
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.lift_fresh.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
+    "aten.masked_select.default",
+    "indexing with a boolean mask",
+}

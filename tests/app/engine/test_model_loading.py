@@ -14,7 +14,7 @@ import torch
 
 from inference_app.engine.model_loading import ModelLoadError, load_model, resolve_dtype
 from inference_app.service import GenerationChunk, ModelNotReadyError, ModelService
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from tests.model_factory import (
     LORA_TARGET_MODULES,
     SIZES,
@@ -55,12 +55,12 @@ def test_loads_model_and_adapter_with_info(start_service: Callable[..., ModelSer
     assert service.status == "ready" and service.failure_reason is None
     assert service.info() == {
         "model_id": "Phi-3-mini-4k-instruct",
-        "adapter_id": "adapter",
+        "adapter_ids": ["Phi-3-mini-4k-instruct-ft"],
         "device": "cpu",
         "dtype": "float32",
         "context_length": SIZES["tiny"].context_length,
     }
-    assert service.served_model_id() == "adapter"
+    assert service.served_model_id() == "Phi-3-mini-4k-instruct-ft"
     assert set(service.load_timings) == {"weights", "adapter", "merge", "kv_cache_and_graphs", "warmup"}
 
 
@@ -76,7 +76,7 @@ def test_merged_and_unmerged_adapter_give_the_same_greedy_reply(
 def test_base_only_differs_from_adapted(start_service: Callable[..., ModelService], reply: Reply) -> None:
     base = start_service(base_only=True)
     assert base.served_model_id() == "Phi-3-mini-4k-instruct"
-    assert base.info()["adapter_id"] is None
+    assert base.info()["adapter_ids"] == []
     assert text_of(reply(base, PROMPT, max_new_tokens=30)) != text_of(reply(start_service(), PROMPT, max_new_tokens=30))
 
 
@@ -120,7 +120,8 @@ def test_auto_dtype_is_float16_on_gpus_without_bfloat16(
 def test_an_unmerged_adapter_stays_in_the_compute_dtype(tiny_settings: Settings) -> None:
     """As with --quantize-4bit (unmerged): peft's default would upcast the LoRA weights to float32."""
     loaded = load_model(dataclasses.replace(tiny_settings, dtype="bfloat16", merge_adapter=False))
-    lora = {parameter.dtype for name, parameter in loaded.model.named_parameters() if "lora_" in name}
+    # The adapter's A and B, as the served model's LoRA layers hold them (row_adapters.RowLoraLinear).
+    lora = {buffer.dtype for name, buffer in loaded.model.named_buffers() if name.endswith((".down", ".up"))}
     assert lora == {torch.bfloat16}
 
 
@@ -167,7 +168,7 @@ def test_bad_model_path_names_path_and_option(
     case: str, message: str, model_folders: ModelFolders, tmp_path: Path
 ) -> None:
     path = _bad_model_folder(case, model_folders, tmp_path)
-    settings = Settings(model_path=path, adapter_path=model_folders.adapter_path)
+    settings = Settings(model_path=path, adapters=(AdapterOption(None, model_folders.adapter_path),))
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
     _assert_one_clear_line(str(error.value), str(path), message, "--model / INFERENCE_MODEL")
@@ -190,10 +191,10 @@ def test_bad_adapter_path_names_path_and_option(
         (path / "adapter_config.json").unlink()
     else:
         path = _bad_model_folder(case, model_folders, tmp_path)
-    settings = Settings(model_path=model_folders.model_path, adapter_path=path)
+    settings = Settings(model_path=model_folders.model_path, adapters=(AdapterOption(None, path),))
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
-    _assert_one_clear_line(str(error.value), str(path), message, "--adapter / INFERENCE_ADAPTER")
+    _assert_one_clear_line(str(error.value), str(path), message, "--adapter / INFERENCE_ADAPTERS")
 
 
 def test_adapter_for_another_base_model_is_refused(model_folders: ModelFolders, tmp_path: Path) -> None:
@@ -203,7 +204,7 @@ def test_adapter_for_another_base_model_is_refused(model_folders: ModelFolders, 
     config["base_model_name_or_path"] = "microsoft/Phi-3-medium-4k-instruct"
     config_file.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError) as error:
-        load_model(Settings(model_path=model_folders.model_path, adapter_path=adapter))
+        load_model(Settings(model_path=model_folders.model_path, adapters=(AdapterOption(None, adapter),)))
     _assert_one_clear_line(str(error.value), str(adapter), "'microsoft/Phi-3-medium-4k-instruct'", "--model")
 
 
@@ -212,9 +213,9 @@ def test_adapter_whose_shapes_do_not_fit_is_refused(model_folders: ModelFolders,
     wider_base = model_folder(tmp_path)
     build_base_model(wider_base, size=dataclasses.replace(SIZES["tiny"], hidden_size=96))
     with pytest.raises(ModelLoadError) as error:
-        load_model(Settings(model_path=wider_base, adapter_path=model_folders.adapter_path))
+        load_model(Settings(model_path=wider_base, adapters=(AdapterOption(None, model_folders.adapter_path),)))
     _assert_one_clear_line(
-        str(error.value), str(model_folders.adapter_path), "size mismatch", "--adapter / INFERENCE_ADAPTER"
+        str(error.value), str(model_folders.adapter_path), "size mismatch", "--adapter / INFERENCE_ADAPTERS"
     )
 
 
@@ -269,7 +270,7 @@ def test_a_damaged_file_is_named_with_the_fix(
     }
     folder, name = file.split("/")
     damage(folders[folder] / name)
-    service = ModelService(Settings(model_path=folders["model"], adapter_path=folders["adapter"]))
+    service = ModelService(Settings(model_path=folders["model"], adapters=(AdapterOption(None, folders["adapter"]),)))
     service.start_loading()
     assert service.wait_until_loaded(30) == "failed"
     assert service.failure_reason is not None
@@ -278,14 +279,20 @@ def test_a_damaged_file_is_named_with_the_fix(
 
 
 def test_base_only_does_not_need_an_adapter(model_folders: ModelFolders, tmp_path: Path) -> None:
-    loaded = load_model(Settings(model_path=model_folders.model_path, adapter_path=tmp_path / "none", base_only=True))
-    assert loaded.adapter_id is None
+    loaded = load_model(
+        Settings(
+            model_path=model_folders.model_path, adapters=(AdapterOption(None, tmp_path / "none"),), base_only=True
+        )
+    )
+    assert loaded.model_ids == ("Phi-3-mini-4k-instruct",) and loaded.row_models is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_four_bit_without_cuda_is_refused(model_folders: ModelFolders) -> None:
     settings = Settings(
-        model_path=model_folders.model_path, adapter_path=model_folders.adapter_path, quantize_4bit=True
+        model_path=model_folders.model_path,
+        adapters=(AdapterOption(None, model_folders.adapter_path),),
+        quantize_4bit=True,
     )
     with pytest.raises(ModelLoadError) as error:
         load_model(settings)
@@ -294,7 +301,7 @@ def test_four_bit_without_cuda_is_refused(model_folders: ModelFolders) -> None:
 
 def test_service_reports_the_failure_and_never_becomes_ready(tmp_path: Path, model_folders: ModelFolders) -> None:
     missing = tmp_path / "not-mounted"
-    service = ModelService(Settings(model_path=missing, adapter_path=model_folders.adapter_path))
+    service = ModelService(Settings(model_path=missing, adapters=(AdapterOption(None, model_folders.adapter_path),)))
     assert service.status == "loading"
     with pytest.raises(ModelNotReadyError, match="still loading"):
         service.info()
@@ -304,7 +311,7 @@ def test_service_reports_the_failure_and_never_becomes_ready(tmp_path: Path, mod
     _assert_one_clear_line(service.failure_reason, str(missing), "does not exist", "INFERENCE_MODEL")
     with pytest.raises(ModelNotReadyError, match="does not exist"):
         service.info()
-    assert service.served_model_id() == "adapter"
+    assert service.served_model_id() == "not-mounted-ft"  # known before loading: named after the base's folder
 
 
 def _assert_one_clear_line(message: str, path: str, problem: str, option: str) -> None:

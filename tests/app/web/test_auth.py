@@ -23,9 +23,9 @@ from playwright.sync_api import Browser, Page, expect
 
 from inference_app.server import build_app
 from inference_app.service import ModelService
-from inference_app.settings import Settings
-from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake
-from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON, TRIM_BUTTON
+from inference_app.settings import AdapterOption, Settings
+from inference_app.web.auth import INVALID_CREDENTIALS_MESSAGE, GuessingBrake, login_message
+from inference_app.web.ui import CHAT_API_NAME, SIGN_OUT_BUTTON
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send
 from tests.app.server_harness import TINY_MODEL_INFO, RunningServer, app_process, running_server
 from tests.model_factory import ModelFolders
@@ -101,7 +101,7 @@ def test_openai_client_without_the_password_is_refused(
     with openai_client(server, api_key) as client:
         with pytest.raises(openai.AuthenticationError) as error_info:
             client.chat.completions.create(
-                model="adapter", messages=MESSAGES, max_tokens=4, extra_headers=request_headers
+                model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=4, extra_headers=request_headers
             )
         with pytest.raises(openai.AuthenticationError):
             client.models.list(extra_headers=request_headers)
@@ -112,13 +112,15 @@ def test_openai_client_without_the_password_is_refused(
 
 def test_openai_client_with_the_password_chats(server: RunningServer) -> None:
     with openai_client(server, PASSWORD) as client:
-        assert [model.id for model in client.models.list()] == ["adapter"]
-        completion = client.chat.completions.create(model="adapter", messages=MESSAGES, max_tokens=8, temperature=0)
+        assert [model.id for model in client.models.list()] == ["Phi-3-mini-4k-instruct-ft", "Phi-3-mini-4k-instruct"]
+        completion = client.chat.completions.create(
+            model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=8, temperature=0
+        )
         assert completion.choices[0].message.content
         assert completion.usage is not None and completion.usage.completion_tokens == 8
 
         stream = client.chat.completions.create(
-            model="adapter", messages=MESSAGES, max_tokens=8, temperature=0, stream=True
+            model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=8, temperature=0, stream=True
         )
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == completion.choices[0].message.content
@@ -197,7 +199,7 @@ def test_bearer_and_basic_credentials_open_the_api_and_its_docs(server: RunningS
     headers = {"Authorization": authorization}
     models = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
     assert models.status_code == 200
-    assert [model["id"] for model in models.json()["data"]] == ["adapter"]
+    assert [model["id"] for model in models.json()["data"]] == ["Phi-3-mini-4k-instruct-ft", "Phi-3-mini-4k-instruct"]
     reply = httpx.post(
         f"{server.url}/v1/chat/completions",
         headers=headers,
@@ -233,7 +235,7 @@ def test_a_failed_load_is_explained_to_authenticated_callers_and_the_log_only(
     auth_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing_adapter = tmp_path / "no-such-adapter"
-    failing_settings = dataclasses.replace(auth_settings, adapter_path=missing_adapter)
+    failing_settings = dataclasses.replace(auth_settings, adapters=(AdapterOption(None, missing_adapter),))
     with running_server(failing_settings, start_loading=False) as failing:
         loading = httpx.get(f"{failing.url}/ready", timeout=10)
         assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
@@ -357,6 +359,16 @@ def test_the_brake_costs_the_same_and_stays_bounded_with_many_recent_addresses()
     for _ in range(GuessingBrake.MAX_FAILURES):  # a guesser is still braked with the bound reached
         brake.record_failure("198.51.100.1")
     assert brake.retry_after("198.51.100.1") is not None
+
+
+def test_the_login_message_says_where_the_credentials_come_from(auth_settings: Settings) -> None:
+    local = login_message(auth_settings, environ={})
+    assert "--auth-password / INFERENCE_AUTH_PASSWORD" in local and "pulumi" not in local
+    assert "The username is <code>admin</code>" in local
+    deployed = login_message(auth_settings, environ={"CONTAINER_APP_NAME": "ca-phi3"})
+    assert "pulumi stack output --show-secrets accessPassword" in deployed
+    chosen_name = login_message(dataclasses.replace(auth_settings, auth_username="maria"), environ={})
+    assert "maria" not in chosen_name and "The username is" not in chosen_name
 
 
 # --- the same rules on every path ----------------------------------------------------------------------------------
@@ -524,7 +536,7 @@ def test_the_command_takes_the_password_from_its_environment_and_never_logs_it(
     uvicorn's access log on; refused and accepted requests of every kind leave no trace of the password."""
     environ = {
         "INFERENCE_MODEL": str(model_folders.model_path),
-        "INFERENCE_ADAPTER": str(model_folders.adapter_path),
+        "INFERENCE_ADAPTERS": str(model_folders.adapter_path),
         "INFERENCE_AUTH_USERNAME": USERNAME,
         "INFERENCE_AUTH_PASSWORD": PASSWORD,
     }
@@ -556,7 +568,8 @@ def log_in(page: Page, username: str, password: str) -> None:
 @pytest.mark.browser
 def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
     chat_heading = page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")
-    expect(page.get_by_text("pulumi stack output --show-secrets accessPassword")).to_be_visible()  # auth_message
+    expect(page.get_by_text("--auth-password / INFERENCE_AUTH_PASSWORD")).to_be_visible()  # auth_message, local
+    expect(page.get_by_text("The username is admin")).to_be_visible()
     expect(page.get_by_role("button", name="Login")).to_be_visible()
     expect(chat_heading).to_have_count(0)
 
@@ -583,5 +596,5 @@ def test_ui_asks_for_the_password_and_chats_once_signed_in(page: Page) -> None:
 @pytest.mark.browser
 def test_the_ui_has_no_sign_out_without_password_mode(tiny_settings: Settings, browser: Browser) -> None:
     with running_server(tiny_settings, start_loading=False) as open_server, open_page(browser, open_server.url) as page:
-        expect(page.get_by_role("button", name=TRIM_BUTTON)).to_be_visible()
+        expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
         expect(page.get_by_role("button", name=SIGN_OUT_BUTTON)).to_have_count(0)

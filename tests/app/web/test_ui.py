@@ -11,7 +11,7 @@ import gradio as gr
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from inference_app.settings import Settings
+from inference_app.settings import AdapterOption, Settings
 from inference_app.web.ui import NOT_ANSWERED, TRIM_BUTTON, conversation, drop_oldest_exchange
 from tests.app.browser_harness import bot_messages, choose_greedy_decoding, message_box, open_page, send, stop_button
 from tests.app.server_harness import RunningServer, engine_is_idle, running_server
@@ -64,7 +64,7 @@ def server(tiny_settings: Settings) -> Iterator[RunningServer]:
 @pytest.mark.browser
 def test_chat_streams_replies_in_a_multi_turn_conversation(page: Page) -> None:
     expect(page.get_by_role("heading", name="Chat with Phi-3-mini-4k-instruct + LoRA adapter")).to_be_visible()
-    expect(page.get_by_text("/models/qlora/qlora/gpu_model/adapter")).to_be_visible()
+    expect(page.get_by_text("with the LoRA adapter Phi-3-mini-4k-instruct-ft")).to_be_visible()
     expect(page.get_by_text("Write a haiku about the sea.")).to_be_visible()  # an example
     choose_greedy_decoding(page)
     page.get_by_label("number input for Max new tokens").fill("200")
@@ -115,6 +115,7 @@ def test_stop_button_stops_the_generation(page: Page, server: RunningServer) -> 
 @pytest.mark.slow
 @pytest.mark.browser
 def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page: Page) -> None:
+    expect(page.get_by_role("button", name=TRIM_BUTTON)).to_have_count(0)  # nothing to drop in an empty chat
     send(page, "Hello")
     expect(bot_messages(page)).to_have_count(1)
     expect(message_box(page)).to_be_editable()
@@ -132,6 +133,7 @@ def test_a_conversation_too_long_is_answered_in_the_chat_and_can_be_trimmed(page
     expect(bot_messages(page).first).to_contain_text(NOT_ANSWERED.strip())
     page.get_by_role("button", name=TRIM_BUTTON).click()
     expect(bot_messages(page)).to_have_count(0)
+    expect(page.get_by_role("button", name=TRIM_BUTTON)).to_have_count(0)
 
     send(page, "Tell me a story about a cat.")
     expect(bot_messages(page)).to_have_count(1)
@@ -183,7 +185,7 @@ def test_the_page_says_while_the_model_loads_and_answers_once_it_is_ready(
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_page_says_when_the_model_failed_to_load(tiny_settings: Settings, browser: Browser, tmp_path: Path) -> None:
-    settings = dataclasses.replace(tiny_settings, adapter_path=tmp_path / "no-such-adapter")
+    settings = dataclasses.replace(tiny_settings, adapters=(AdapterOption(None, tmp_path / "no-such-adapter"),))
     with running_server(settings, start_loading=False) as failing:
         failing.service.start_loading()
         wait_for(lambda: failing.service.status == "failed", 30, "loading to fail")
