@@ -199,19 +199,22 @@ async def _complete(
     )
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     stopped = asyncio.ensure_future(stopping.wait())
+    finished = False
     try:
-        first_done: set[asyncio.Future[Any]] = {collecting, disconnected, stopped}
-        await asyncio.wait(first_done, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {collecting, disconnected, stopped}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finished = collecting.done()
     finally:
         disconnected.cancel()
         stopped.cancel()
-        if not collecting.done():
+        if not finished:
             collecting.cancel()  # closes the generations: their slots are freed
         await asyncio.gather(collecting, disconnected, stopped, return_exceptions=True)
-    if collecting.cancelled() and stopping.is_set():
+    # Not by collecting.cancelled(): a gather cancelled this way ends with a CancelledError as its exception.
+    if not finished:
         await _close_all(choices)
-        return _shutting_down().response()
-    if collecting.cancelled():
+        if stopping.is_set():
+            return _shutting_down().response()
         return Response(status_code=499)  # nobody is listening any more (nginx's "client closed request")
     try:
         replies = collecting.result()

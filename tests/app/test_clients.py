@@ -21,6 +21,8 @@ from inference_app.web.ui import CHAT_API_NAME, NOT_ANSWERED
 from tests.app.server_harness import RunningServer, running_server
 from tests.app.service_harness import collect_chunks
 
+SERVED_MODEL = "Phi-3-mini-4k-instruct-ft"  # the tiny model's adapter, as a bare --adapter PATH is named
+
 pytestmark = pytest.mark.slow
 
 MESSAGES: list[Any] = [  # Any: the openai package wants its own TypedDicts
@@ -49,14 +51,14 @@ def greedy_reply(server: RunningServer, messages: list[dict[str, str]], max_new_
 
 def test_openai_lists_the_served_model(openai_client: openai.OpenAI) -> None:
     assert [model.id for model in openai_client.models.list()] == [
-        "Phi-3-mini-4k-instruct-ft",
+        SERVED_MODEL,
         "Phi-3-mini-4k-instruct",
     ]
 
 
 def test_openai_chat_completion(openai_client: openai.OpenAI, server: RunningServer) -> None:
     completion = openai_client.chat.completions.create(
-        model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=16, temperature=0
+        model=SERVED_MODEL, messages=MESSAGES, max_tokens=16, temperature=0
     )
     [choice] = completion.choices
     assert choice.message.role == "assistant"
@@ -69,7 +71,7 @@ def test_openai_chat_completion(openai_client: openai.OpenAI, server: RunningSer
 
 def test_openai_streamed_chat_completion(openai_client: openai.OpenAI, server: RunningServer) -> None:
     stream = openai_client.chat.completions.create(
-        model="Phi-3-mini-4k-instruct-ft",
+        model=SERVED_MODEL,
         messages=MESSAGES,
         max_tokens=16,
         temperature=0,
@@ -88,7 +90,7 @@ def test_openai_stop_sequence(openai_client: openai.OpenAI, server: RunningServe
     full = greedy_reply(server, MESSAGES, 30)
     stop = full[8:11]
     completion = openai_client.chat.completions.create(
-        model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop]
+        model=SERVED_MODEL, messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop]
     )
     assert completion.choices[0].message.content == full[: full.index(stop)]
     assert completion.choices[0].finish_reason == "stop"
@@ -96,7 +98,7 @@ def test_openai_stop_sequence(openai_client: openai.OpenAI, server: RunningServe
 
 def test_openai_sees_a_bad_request_as_such(openai_client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        openai_client.chat.completions.create(model="Phi-3-mini-4k-instruct-ft", messages=MESSAGES, temperature=3)
+        openai_client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, temperature=3)
     assert raised.value.status_code == 400
     assert raised.value.param == "temperature"
     assert raised.value.code == "invalid_value"
@@ -179,7 +181,7 @@ USER: list[Any] = [{"role": "user", "content": "Hi"}]
 @pytest.fixture
 def langchain_model(server: RunningServer) -> ChatOpenAI:
     return ChatOpenAI(
-        base_url=f"{server.url}/v1", api_key=SecretStr("unused"), model="adapter", max_retries=0, timeout=30
+        base_url=f"{server.url}/v1", api_key=SecretStr("unused"), model=SERVED_MODEL, max_retries=0, timeout=30
     )
 
 
@@ -193,7 +195,7 @@ def assert_weather_call(call: Any) -> None:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_openai_parse_returns_the_schemas_object(openai_client: openai.OpenAI, temperature: float) -> None:
     completion = openai_client.chat.completions.parse(
-        model="adapter", messages=USER, response_format=Person, max_tokens=60, temperature=temperature, seed=1
+        model=SERVED_MODEL, messages=USER, response_format=Person, max_tokens=60, temperature=temperature, seed=1
     )
     [choice] = completion.choices
     assert isinstance(choice.message.parsed, Person)
@@ -202,7 +204,7 @@ def test_openai_parse_returns_the_schemas_object(openai_client: openai.OpenAI, t
 
 def test_openai_streamed_json_mode_is_one_json_object(openai_client: openai.OpenAI) -> None:
     stream = openai_client.chat.completions.create(
-        model="adapter", messages=USER, response_format={"type": "json_object"}, max_tokens=80, stream=True
+        model=SERVED_MODEL, messages=USER, response_format={"type": "json_object"}, max_tokens=80, stream=True
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert isinstance(json.loads(text), dict)
@@ -212,7 +214,7 @@ def test_openai_refuses_a_schema_feature_the_engine_cannot_enforce(openai_client
     schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
     response_format: Any = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema}}
     with pytest.raises(openai.BadRequestError) as raised:
-        openai_client.chat.completions.create(model="adapter", messages=USER, response_format=response_format)
+        openai_client.chat.completions.create(model=SERVED_MODEL, messages=USER, response_format=response_format)
     assert raised.value.param == "response_format.json_schema.schema"
     assert "uniqueItems" in str(raised.value.message)
 
@@ -220,7 +222,7 @@ def test_openai_refuses_a_schema_feature_the_engine_cannot_enforce(openai_client
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_openai_forced_tool_call(openai_client: openai.OpenAI, tool_choice: Any) -> None:
     completion = openai_client.chat.completions.create(
-        model="adapter", messages=USER, tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=60
+        model=SERVED_MODEL, messages=USER, tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=60
     )
     [choice] = completion.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -232,7 +234,7 @@ def test_openai_streamed_tool_call_and_the_conversation_that_follows(
     openai_client: openai.OpenAI, server: RunningServer
 ) -> None:
     stream = openai_client.chat.completions.create(
-        model="adapter", messages=USER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True
+        model=SERVED_MODEL, messages=USER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True
     )
     chunks = [chunk for chunk in stream if chunk.choices]
     deltas = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
@@ -246,7 +248,7 @@ def test_openai_streamed_tool_call_and_the_conversation_that_follows(
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
     ]
     reply = openai_client.chat.completions.create(
-        model="adapter", messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8
+        model=SERVED_MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8
     )
     assert reply.choices[0].message.tool_calls is None
     assert call.function is not None and call.function.arguments is not None
@@ -267,12 +269,12 @@ def test_openai_auto_tool_choice_calls_when_the_reply_starts_as_a_call(
     """ "auto" lets the reply be text or a call; a bias towards "{" makes the random model start a call."""
     brace = AutoTokenizer.from_pretrained(tiny_settings.model_path).convert_tokens_to_ids("{")
     called = openai_client.chat.completions.create(
-        model="adapter", messages=USER, tools=[WEATHER_TOOL], max_tokens=60, logit_bias={str(brace): 100}
+        model=SERVED_MODEL, messages=USER, tools=[WEATHER_TOOL], max_tokens=60, logit_bias={str(brace): 100}
     )
     assert called.choices[0].finish_reason == "tool_calls"
     assert_weather_call((called.choices[0].message.tool_calls or [])[0])
     text = openai_client.chat.completions.create(
-        model="adapter", messages=USER, tools=[WEATHER_TOOL], max_tokens=8, logit_bias={str(brace): -100}
+        model=SERVED_MODEL, messages=USER, tools=[WEATHER_TOOL], max_tokens=8, logit_bias={str(brace): -100}
     )
     assert text.choices[0].message.tool_calls is None and text.choices[0].message.content
 
@@ -280,7 +282,7 @@ def test_openai_auto_tool_choice_calls_when_the_reply_starts_as_a_call(
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_logprobs_and_several_choices(openai_client: openai.OpenAI, stream: bool) -> None:
     request: Any = {
-        "model": "adapter",
+        "model": SERVED_MODEL,
         "messages": MESSAGES,
         "max_tokens": 6,
         "temperature": 0.8,
@@ -314,7 +316,7 @@ def test_openai_logprobs_and_several_choices(openai_client: openai.OpenAI, strea
 
 
 def test_openai_retrieves_the_served_model(openai_client: openai.OpenAI) -> None:
-    assert openai_client.models.retrieve("adapter").id == "adapter"
+    assert openai_client.models.retrieve(SERVED_MODEL).id == SERVED_MODEL
     with pytest.raises(openai.NotFoundError):
         openai_client.models.retrieve("gpt-4o")
 
@@ -325,8 +327,20 @@ def test_langchain_structured_output(langchain_model: ChatOpenAI, method: str) -
     assert isinstance(structured.invoke("Describe a person."), Person)
 
 
-def test_langchain_structured_output_json_mode(langchain_model: ChatOpenAI) -> None:
-    structured = langchain_model.bind(max_tokens=80).with_structured_output(None, method="json_mode")
+def test_langchain_structured_output_json_mode(server: RunningServer, tiny_settings: Settings) -> None:
+    """JSON mode guarantees an object, not its length: a bias towards "}" lets the random model close it in time
+    (with_structured_output drops what .bind() added, so the settings are the model's own)."""
+    close = AutoTokenizer.from_pretrained(tiny_settings.model_path).convert_tokens_to_ids("}")
+    model = ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=SecretStr("unused"),
+        model=SERVED_MODEL,
+        max_retries=0,
+        timeout=30,
+        max_completion_tokens=80,
+        logit_bias={close: 100},
+    )
+    structured = model.with_structured_output(None, method="json_mode")
     assert isinstance(structured.invoke("Reply in JSON."), dict)
 
 
