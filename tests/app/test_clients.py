@@ -331,6 +331,7 @@ def test_langchain_structured_output_json_mode(server: RunningServer, tiny_setti
     """JSON mode guarantees an object, not its length: a bias towards "}" lets the random model close it in time
     (with_structured_output drops what .bind() added, so the settings are the model's own)."""
     close = AutoTokenizer.from_pretrained(tiny_settings.model_path).convert_tokens_to_ids("}")
+    assert isinstance(close, int)
     model = ChatOpenAI(
         base_url=f"{server.url}/v1",
         api_key=SecretStr("unused"),
