@@ -46,8 +46,9 @@ def test_demo_builds_its_model_once_and_serves_it_on_localhost(tmp_path: Path) -
         )
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] == 5
-        # Without max_tokens the random model (which never ends a reply) stops after the demo's short default.
-        hi = {"messages": [{"role": "user", "content": "Hi"}]}
+        # Without max_tokens the random model stops after the demo's short default. Greedy: a sampled reply of the
+        # random model can draw its end token early.
+        hi = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
         unbounded = httpx.post(f"{url}/v1/chat/completions", json=hi, timeout=60)
         assert unbounded.json()["usage"]["completion_tokens"] == DEMO_MAX_NEW_TOKENS
         assert httpx.get(f"{url}/", timeout=10).status_code == 200
