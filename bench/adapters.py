@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any
 
 from bench.common import describe_machine, format_table, machine_facts, ratio, write_results
-from bench.engine import EngineWay, Run, add_engine_arguments, build_models, loaded_model, summarize
+from bench.engine import EngineWay, add_engine_arguments, build_models, loaded_model, measure_levels
 
 WAYS = ("merged alone", "adapter, base served too", "base + adapter mixed")
 
@@ -47,23 +46,7 @@ def main() -> None:
     ways[WAYS[2]] = EngineWay(models, args, both, request_models=(BASE_MODEL, None))
     print(f"engine: {ways[WAYS[1]].engine.describe()['summary']}", flush=True)
 
-    results: dict[int, dict[str, dict[str, Any]]] = {}
-    try:
-        for way in ways.values():
-            way.run(min(levels))  # warm-up
-        for clients in levels:
-            runs: dict[str, list[Run]] = {name: [] for name in ways}
-            for _ in range(args.runs):
-                for name, way in ways.items():
-                    runs[name].append(way.run(clients))
-            results[clients] = {name: summarize(way_runs) for name, way_runs in runs.items()}
-            print(
-                f"{clients:>3} requests: "
-                + ", ".join(f"{n} {r['tokens_per_s']:.1f}" for n, r in results[clients].items())
-            )
-    finally:
-        for way in ways.values():
-            way.close()
+    results = measure_levels(ways, levels, args.runs)
 
     rows = []
     for clients, by_way in results.items():

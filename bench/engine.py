@@ -309,6 +309,36 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     }
 
 
+def measure_levels(
+    ways: dict[str, Any], levels: list[int], runs: int, measured_before: dict[int, dict[str, Any]] | None = None
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """Each level's numbers per way (best of `runs`, after one warm-up run of each way), then closes the ways. The
+    ways take turns (round-robin), so that load from other processes on a shared machine spreads over them all.
+    `measured_before`: a way's numbers per level taken earlier (the toolkit's), reported with the others."""
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    try:
+        for way in ways.values():  # warm-up: lazy initialisation, allocator caches
+            way.run(min(levels))
+        for clients in levels:
+            by_way: dict[str, list[Run]] = {name: [] for name in ways}
+            for _ in range(runs):
+                for name, way in ways.items():
+                    by_way[name].append(way.run(clients))
+            results[clients] = {name: summarize(way_runs) for name, way_runs in by_way.items()}
+            if measured_before and clients in measured_before:
+                results[clients]["toolkit"] = measured_before[clients]
+            print(
+                f"{clients:>3} requests: "
+                + ", ".join(f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items())
+                + " tokens/s",
+                flush=True,
+            )
+    finally:
+        for way in ways.values():
+            way.close()
+    return results
+
+
 def main() -> None:
     args = parse_arguments()
     levels = [int(text) for text in args.levels.split(",")]
@@ -327,28 +357,7 @@ def main() -> None:
     engine_facts = engine.engine.describe()
     print(f"engine ready in {engine.start_s:.1f} s: {engine_facts['summary']}", flush=True)
 
-    results: dict[int, dict[str, dict[str, Any]]] = {}
-    try:
-        for way in ways.values():  # warm-up: lazy initialisation, allocator caches
-            way.run(min(levels))
-        for clients in levels:
-            runs: dict[str, list[Run]] = {name: [] for name in ways}
-            # Round-robin, so that load from other processes on a shared machine spreads over both ways.
-            for _ in range(args.runs):
-                for name, way in ways.items():
-                    runs[name].append(way.run(clients))
-            results[clients] = {name: summarize(way_runs) for name, way_runs in runs.items()}
-            if clients in toolkit_results:
-                results[clients]["toolkit"] = toolkit_results[clients]
-            print(
-                f"{clients:>3} requests: "
-                + ", ".join(f"{name} {numbers['tokens_per_s']:.1f}" for name, numbers in results[clients].items())
-                + " tokens/s",
-                flush=True,
-            )
-    finally:
-        for way in ways.values():
-            way.close()
+    results = measure_levels(ways, levels, args.runs, toolkit_results)
 
     rows = []
     for clients, by_way in results.items():
