@@ -60,7 +60,9 @@ def test_compare_two_models_side_by_side_choose_and_download(page: Page, server:
     page.get_by_text("Settings (both models)").click()
     expect(page.get_by_label("number input for Temperature, 0 = greedy")).to_have_value("0")
     expect(page.get_by_label("Seed")).to_have_value("0")
-    page.get_by_label("number input for Reply length in tokens").fill(str(REPLY_TOKENS))
+    reply_length = page.get_by_label("number input for Reply length in tokens")
+    reply_length.fill(str(REPLY_TOKENS))
+    reply_length.press("Tab")  # the slider takes a typed number when its box loses focus, not at each keystroke
 
     hello = [{"role": "user", "content": "Hello, world!"}]
     first = {"a": greedy_reply(server, BASE, hello), "b": greedy_reply(server, ADAPTER, hello)}
